@@ -1,0 +1,28 @@
+// Schemas of the t2t_kernels ops. Importing t2t_kernels._C runs these registrations;
+// the CPU kernels (csrc/cpu) and CUDA kernels (csrc/cuda) register implementations under them.
+// Fake (meta) kernels and autograd are registered from Python (t2t_kernels/ops/<op>/__init__.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A module with no methods: `import t2t_kernels._C` only loads the library and runs the static registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(t2t_kernels, m) {
+  // x (B, C, H, W), any strides -> (B, L, C*kh*kw) contiguous == F.unfold(x, k, padding=p, stride=s).transpose(1, 2)
+  m.def("soft_split(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+  // the fold of grad_out (B, L, C*kh*kw) back into a contiguous (B, C, H, W), computed as a gather
+  m.def(
+      "soft_split_backward(Tensor grad_out, SymInt[4] input_size, int[2] kernel_size, int[2] stride, "
+      "int[2] padding) -> Tensor");
+  // q, k, v (..., T, E), w (m, E) -> y (..., T, E) and the fp32 state kept for backward:
+  // kv_state = phi(k)^T v (..., m, E) and k_sum = sum_t phi(k) (..., m)
+  m.def("performer_attention(Tensor q, Tensor k, Tensor v, Tensor w, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "performer_attention_backward(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor w, Tensor kv_state, "
+      "Tensor k_sum, float eps) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,11 @@
+"""The two fused ops of the T2T module. Each lives in its own folder: reference.py (eager, the truth),
+triton.py (kernels), __init__.py (custom ops, fake kernels, autograd, backend dispatch)."""
+from .._extension import EXTENSION_ERROR, EXTENSION_LOADED
+from ._backends import BACKENDS
+from .performer_attention import BACKENDS as PERFORMER_BACKENDS
+from .performer_attention import performer_attention
+from .soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
+from .soft_split import soft_split
+
+__all__ = ["soft_split", "performer_attention", "BACKENDS", "EXTENSION_LOADED", "EXTENSION_ERROR",
+           "SOFT_SPLIT_BACKENDS", "PERFORMER_BACKENDS"]

@@ -1,0 +1,81 @@
+"""Backend selection shared by the ops: which implementations exist, which one "auto" picks, clear errors."""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .._extension import EXTENSION_ERROR, EXTENSION_LOADED, has_kernel
+
+BACKENDS = ("eager", "cpp", "cuda", "triton")
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as err:  # a broken triton install raises more than ImportError
+        return f"triton is not importable ({type(err).__name__}: {err})"
+    return None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class OpBackends:
+    """What one op offers: its compiled op's name and the dtypes each backend takes."""
+
+    name: str  # e.g. "soft_split"; the compiled op is t2t_kernels::<name>
+    dtypes: dict = field(default_factory=dict)  # backend -> tuple of dtypes; eager takes every floating dtype
+    auto_order: dict = field(default_factory=dict)  # device type -> backends "auto" tries in order
+
+    def unavailable_reason(self, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+        """None when `backend` can run this op on tensors of `device` and `dtype`, else why not."""
+        if backend != "eager" and dtype not in self.dtypes.get(backend, ()):
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes.get(backend, ())) or "none"
+            return f"dtype {dtype} is not supported by backend {backend!r} (supported: {names})"
+        if backend in ("cpp", "cuda"):
+            wanted = "cpu" if backend == "cpp" else "cuda"
+            if device.type != wanted:
+                return f"backend {backend!r} runs on {wanted} tensors, got a {device.type} tensor"
+            if not EXTENSION_LOADED:
+                return f"the compiled extension t2t_kernels._C is {EXTENSION_ERROR}"
+            if not has_kernel(f"t2t_kernels::{self.name}", "CPU" if backend == "cpp" else "CUDA"):
+                return f"the extension was built without {wanted.upper()} kernels for {self.name}"
+        if backend == "triton":
+            if triton_import_error():
+                return triton_import_error()
+            if device.type == "cuda":
+                return None
+            if device.type == "cpu" and triton_interpreting():
+                return None
+            return f"triton runs on cuda tensors (or cpu tensors under TRITON_INTERPRET=1), got {device.type}"
+        return None
+
+    def resolve(self, backend: str | None, x: torch.Tensor) -> str:
+        """The backend to run: the requested one (checked), or for None/"auto" the first available in auto_order."""
+        if backend is None or backend == "auto":
+            for candidate in self.auto_order.get(x.device.type, ()):
+                if self.unavailable_reason(candidate, x.device, x.dtype) is None:
+                    return candidate
+            return "eager"
+        if backend not in BACKENDS:
+            raise ValueError(f"{self.name}: backend must be one of {BACKENDS + ('auto', None)}, got {backend!r}")
+        reason = self.unavailable_reason(backend, x.device, x.dtype)
+        if reason is not None:
+            raise RuntimeError(f"{self.name}: backend={backend!r} is not available: {reason}")
+        return backend
+
+    def available(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:
+        device = torch.device(device)
+        return [b for b in BACKENDS if self.unavailable_reason(b, device, dtype) is None]
+
+
+def check_backend_arg(backend) -> None:
+    """Fails early (at module construction) on a misspelt backend name."""
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto', None)}, got {backend!r}")

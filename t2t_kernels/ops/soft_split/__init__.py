@@ -1,0 +1,113 @@
+"""soft_split: reshape + unfold + transpose in one pass (DESIGN §4), with its fold-as-gather backward.
+
+Backends: "eager" (reference.py), "cpp" and "cuda" (the compiled op t2t_kernels::soft_split, csrc/), "triton"
+(the op t2t_kernels::soft_split_triton, triton.py). All compiled ops share the fake kernels and autograd below.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .._backends import OpBackends
+from .._registry import op_exists, to_pair
+from . import reference
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = OpBackends(
+    name="soft_split",
+    dtypes={"cpp": _FLOATS + (torch.float64,), "cuda": _FLOATS, "triton": _FLOATS},
+    auto_order={"cuda": ("triton", "cuda"), "cpu": ("cpp",)},
+)
+
+
+def check_soft_split_args(x: Tensor, kernel_size, stride, padding) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"soft_split: x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"soft_split: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"soft_split: x must be a floating-point tensor, got dtype {x.dtype}")
+    if min(kernel_size) < 1:
+        raise ValueError(f"soft_split: kernel_size must be positive, got {tuple(kernel_size)}")
+    if min(stride) < 1:
+        raise ValueError(f"soft_split: stride must be positive, got {tuple(stride)}")
+    if min(padding) < 0:
+        raise ValueError(f"soft_split: padding must be non-negative, got {tuple(padding)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"soft_split: x must have at least one channel, got shape {tuple(x.shape)}")
+    for n, k, p, name in zip(x.shape[2:], kernel_size, padding, ("height", "width")):
+        if n + 2 * p < k:
+            raise ValueError(
+                f"soft_split: kernel_size {tuple(kernel_size)} is larger than the padded input {name} "
+                f"{n} + 2*{p} = {n + 2 * p} (x shape {tuple(x.shape)})"
+            )
+
+
+def soft_split(x: Tensor, kernel_size, stride, padding=0, backend: str | None = None) -> Tensor:
+    """``F.unfold(x, kernel_size, padding=padding, stride=stride).transpose(1, 2)`` as one contiguous tensor.
+
+    x is (B, C, H, W) with any strides: a contiguous or channels_last image, or tokens (B, N, C) seen as an image
+    through the free view ``t.transpose(1, 2).view(B, C, h, w)``. Returns (B, L, C*kh*kw).
+    backend: "eager", "cpp", "cuda", "triton", or None/"auto" for the best one available for x.
+    """
+    k, s, p = to_pair(kernel_size, "kernel_size"), to_pair(stride, "stride"), to_pair(padding, "padding")
+    check_soft_split_args(x, k, s, p)
+    name = BACKENDS.resolve(backend, x)
+    if name == "eager":
+        return reference.soft_split(x, k, s, p)
+    op = torch.ops.t2t_kernels.soft_split_triton if name == "triton" else torch.ops.t2t_kernels.soft_split
+    return op(x, k, s, p)
+
+
+@torch.library.custom_op("t2t_kernels::soft_split_triton", mutates_args=())
+def _soft_split_triton(
+    x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int]
+) -> Tensor:
+    from .triton import soft_split_forward
+
+    return soft_split_forward(x, kernel_size, stride, padding)
+
+
+@torch.library.custom_op("t2t_kernels::soft_split_triton_backward", mutates_args=())
+def _soft_split_triton_backward(
+    grad_out: Tensor, input_size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
+    padding: Sequence[int],
+) -> Tensor:
+    from .triton import soft_split_backward
+
+    return soft_split_backward(grad_out, input_size, kernel_size, stride, padding)
+
+
+def _fake_forward(x, kernel_size, stride, padding):
+    B, C, H, W = x.shape
+    h, w = reference.output_grid((H, W), kernel_size, stride, padding)
+    return x.new_empty((B, h * w, C * kernel_size[0] * kernel_size[1]))
+
+
+def _fake_backward(grad_out, input_size, kernel_size, stride, padding):
+    return grad_out.new_empty(input_size)
+
+
+def _register(suffix: str) -> None:
+    forward, backward = f"t2t_kernels::soft_split{suffix}", f"t2t_kernels::soft_split{suffix}_backward"
+    if not op_exists(forward):
+        return
+    backward_op = torch.ops.t2t_kernels.soft_split_triton_backward if suffix else torch.ops.t2t_kernels.soft_split_backward
+    torch.library.register_fake(forward)(_fake_forward)
+    torch.library.register_fake(backward)(_fake_backward)
+
+    def setup_context(ctx, inputs, output):
+        x, ctx.kernel_size, ctx.stride, ctx.padding = inputs
+        ctx.input_size = list(x.shape)
+
+    def grad(ctx, grad_out):
+        grad_x = backward_op(grad_out.contiguous(), ctx.input_size, ctx.kernel_size, ctx.stride, ctx.padding)
+        return grad_x, None, None, None
+
+    torch.library.register_autograd(forward, grad, setup_context=setup_context)
+
+
+_register("")
+_register("_triton")
