@@ -1,0 +1,102 @@
+"""Command line: `python -m t2t_kernels [info] --model t2t_vit_14 --img-size 224` prints the model's parameters,
+GMACs (counted with torch.utils.flop_counter), the available backends and a short throughput measurement."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _img_size(text: str):
+    parts = [int(p) for p in text.lower().replace("x", ",").split(",") if p]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def count_macs(model, images) -> float:
+    """Multiply-accumulates of one eval forward, from torch's flop counter (2 flops per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(images)
+    return counter.get_total_flops() / 2
+
+
+def backend_report(device: torch.device) -> dict[str, list[str]]:
+    from .ops import PERFORMER_BACKENDS, SOFT_SPLIT_BACKENDS
+
+    return {op.name: op.available(device) for op in (SOFT_SPLIT_BACKENDS, PERFORMER_BACKENDS)}
+
+
+def measure_throughput(model, images, steps: int, progress: bool = True) -> float:
+    """Images per second of eval forwards (after one warm-up), with a progress bar."""
+    from tqdm import tqdm
+
+    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        model(images)
+        sync()
+        start = time.perf_counter()
+        for _ in tqdm(range(steps), desc="throughput", disable=not progress, leave=False):
+            model(images)
+        sync()
+    return steps * images.shape[0] / (time.perf_counter() - start)
+
+
+def cmd_info(args) -> int:
+    from . import EXTENSION_LOADED_TEXT, create_model
+    from .ops._backends import triton_import_error
+
+    device = torch.device(args.device)
+    model = create_model(args.model, img_size=args.img_size, backend="eager").eval()
+    images = torch.randn(1, 3, *model.img_size)
+    params = sum(p.numel() for p in model.parameters())
+    rows = [
+        ("model", f"{args.model}  img_size {model.img_size}  tokens {model.tokens_to_token.num_patches}"),
+        ("parameters", f"{params / 1e6:.2f} M (incl. the fixed pos_embed and Performer w)"),
+        ("GMACs", f"{count_macs(model, images) / 1e9:.2f} per image (torch.utils.flop_counter)"),
+        ("extension", EXTENSION_LOADED_TEXT),
+        ("CUDA", torch.cuda.get_device_name() if torch.cuda.is_available() else "not available"),
+        ("triton", triton_import_error() or "importable"),
+    ] + [(f"{op} backends", f"{', '.join(names)}  (on {device})") for op, names in backend_report(device).items()]
+    for label, value in rows:
+        print(f"{label:<30}{value}")
+    if args.steps > 0:
+        model = model.to(device)
+        model.set_backend(args.backend)
+        batch = torch.randn(args.batch, 3, *model.img_size, device=device)
+        ips = measure_throughput(model, batch, args.steps, progress=not args.no_progress)
+        print(f"{'throughput':<30}{ips:.1f} images/s  (eval, batch {args.batch}, backend {args.backend}, {device})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import list_models
+
+    parser = argparse.ArgumentParser(prog="python -m t2t_kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    info = sub.add_parser("info", help="parameters, GMACs, backends and a short throughput measurement")
+    for p in (parser, info):  # `info` is the default command, so its options also work without the word
+        p.add_argument("--model", default="t2t_vit_14", choices=list_models())
+        p.add_argument("--img-size", type=_img_size, default=224, help="224 or 224,320 (H,W); multiples of 16")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--backend", default="auto", choices=["auto", "eager", "cpp", "cuda", "triton"])
+        p.add_argument("--batch", type=int, default=8)
+        p.add_argument("--steps", type=int, default=5, help="timed forwards (0: skip the measurement)")
+        p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_info(args)
+    except (ValueError, RuntimeError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

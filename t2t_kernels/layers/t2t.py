@@ -1,0 +1,150 @@
+"""The Tokens-to-Token module of the official code (models/token_performer.py, token_transformer.py,
+t2t_vit.py), with its soft splits and Performer attention on the fused ops."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops import performer_attention, soft_split
+from ..ops._backends import check_backend_arg
+from .common import DropPath, Mlp, maybe_checkpoint, multihead_attention
+
+
+class SoftSplit(nn.Module):
+    """nn.Unfold + transpose as one op: (B, C, H, W) with any strides -> (B, L, C*k*k). Has no weights (no keys)."""
+
+    def __init__(self, kernel_size, stride, padding, backend: str | None = "auto"):
+        super().__init__()
+        check_backend_arg(backend)
+        self.kernel_size, self.stride, self.padding, self.backend = kernel_size, stride, padding, backend
+
+    def forward(self, x):
+        return soft_split(x, self.kernel_size, self.stride, self.padding, backend=self.backend)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, backend={self.backend!r}"
+
+
+class Token_performer(nn.Module):  # noqa: N801  (official class name)
+    """Performer layer of the T2T module: x = v + dp(proj(attn(norm1(x)))); x = x + mlp(norm2(x)).
+
+    Keys as official: kqv, proj, norm1, norm2, mlp.0, mlp.2, w. The Dropouts are the official hard-coded 0.1.
+    """
+
+    def __init__(self, dim, in_dim, head_cnt=1, kernel_ratio=0.5, dp1=0.1, dp2=0.1, backend: str | None = "auto"):
+        super().__init__()
+        check_backend_arg(backend)
+        self.emb = in_dim * head_cnt
+        self.kqv = nn.Linear(dim, 3 * self.emb)
+        self.dp = nn.Dropout(dp1)
+        self.proj = nn.Linear(self.emb, self.emb)
+        self.head_cnt = head_cnt
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(self.emb)
+        self.epsilon = 1e-8  # keeps the division finite
+        self.mlp = nn.Sequential(
+            nn.Linear(self.emb, self.emb), nn.GELU(), nn.Linear(self.emb, self.emb), nn.Dropout(dp2)
+        )
+        self.m = int(self.emb * kernel_ratio)
+        # fixed orthogonal random features, in the state dict (official checkpoints carry them) but never trained
+        self.w = nn.Parameter(nn.init.orthogonal_(torch.randn(self.m, self.emb)) * math.sqrt(self.m),
+                              requires_grad=False)
+        self.backend = backend
+
+    def single_attn(self, x):
+        k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)  # the official split order: k, q, v
+        y = performer_attention(q, k, v, self.w, eps=self.epsilon, backend=self.backend)
+        return v + self.dp(self.proj(y))  # skip from v: the input width differs from emb
+
+    def forward(self, x):
+        x = self.single_attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenAttention(nn.Module):
+    """Token_transformer's attention (key prefix `attn.`): softmax attention from width dim to in_dim, skip from v.
+
+    The scale is dim ** -0.5 with dim the INPUT width (147 or 576), not in_dim: the official quirk, kept because
+    the released t-variant weights were trained with it.
+    """
+
+    def __init__(self, dim, in_dim, num_heads=1, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if in_dim % num_heads:
+            raise ValueError(f"TokenAttention: in_dim {in_dim} must be divisible by num_heads {num_heads}")
+        self.num_heads, self.in_dim = num_heads, in_dim
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, in_dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(in_dim, in_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        drop = self.attn_drop if self.training else 0.0
+        out, v = multihead_attention(self.qkv(x), self.num_heads, self.in_dim // self.num_heads, self.scale, drop)
+        v = v.transpose(1, 2).reshape(out.shape)  # official: v.squeeze(1) (one head)
+        return v + self.proj_drop(self.proj(out))
+
+
+class Token_transformer(nn.Module):  # noqa: N801  (official class name)
+    def __init__(self, dim, in_dim, num_heads=1, mlp_ratio=1.0, qkv_bias=False, qk_scale=None, drop=0.0,
+                 attn_drop=0.0, drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = TokenAttention(dim, in_dim=in_dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                                   attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(in_dim)
+        self.mlp = Mlp(in_features=in_dim, hidden_features=int(in_dim * mlp_ratio), out_features=in_dim,
+                       act_layer=act_layer, drop=drop)
+
+    def forward(self, x):
+        x = self.attn(self.norm1(x))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+TOKENS_TYPES = ("performer", "transformer")
+
+
+def tokens_as_image(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Tokens (B, N, C) as the image (B, C, h, w): the official transpose + reshape, a free view for contiguous
+    tokens; soft_split reads the strides, so no copy is made."""
+    B, N, C = x.shape
+    return x.transpose(1, 2).reshape(B, C, *hw)
+
+
+class T2T_module(nn.Module):  # noqa: N801  (official class name)
+    """Tokens-to-Token: soft split (7, 4, 2), attention, soft split (3, 2, 1), attention, soft split (3, 2, 1),
+    project. Tracks the token grid (h, w) itself, so any image whose sides are multiples of 16 works."""
+
+    def __init__(self, img_size=(224, 224), tokens_type="performer", in_chans=3, embed_dim=768, token_dim=64,
+                 backend: str | None = "auto"):
+        super().__init__()
+        if tokens_type not in TOKENS_TYPES:
+            raise ValueError(f"tokens_type must be one of {TOKENS_TYPES}, got {tokens_type!r}")
+        self.img_size = tuple(img_size)
+        self.in_chans = in_chans
+        self.soft_split0 = SoftSplit(7, 4, 2, backend=backend)
+        self.soft_split1 = SoftSplit(3, 2, 1, backend=backend)
+        self.soft_split2 = SoftSplit(3, 2, 1, backend=backend)
+        if tokens_type == "transformer":
+            self.attention1 = Token_transformer(dim=in_chans * 7 * 7, in_dim=token_dim, num_heads=1, mlp_ratio=1.0)
+            self.attention2 = Token_transformer(dim=token_dim * 3 * 3, in_dim=token_dim, num_heads=1, mlp_ratio=1.0)
+        else:
+            self.attention1 = Token_performer(dim=in_chans * 7 * 7, in_dim=token_dim, kernel_ratio=0.5,
+                                              backend=backend)
+            self.attention2 = Token_performer(dim=token_dim * 3 * 3, in_dim=token_dim, kernel_ratio=0.5,
+                                              backend=backend)
+        self.project = nn.Linear(token_dim * 3 * 3, embed_dim)
+        self.grid_size = (self.img_size[0] // 16, self.img_size[1] // 16)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.grad_checkpointing = False
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        x = maybe_checkpoint(self.grad_checkpointing, self.attention1, self.soft_split0(x))
+        x = self.soft_split1(tokens_as_image(x, (H // 4, W // 4)))
+        x = maybe_checkpoint(self.grad_checkpointing, self.attention2, x)
+        return self.project(self.soft_split2(tokens_as_image(x, (H // 8, W // 8))))

@@ -1,0 +1,254 @@
+"""T2T-ViT (Yuan et al., ICCV 2021) as the official code builds it (yitu-opensource/T2T-ViT, models/t2t_vit.py):
+same state-dict keys, shapes, init and eval-mode forward, so its checkpoints load with strict=True.
+
+Beyond the official code: any image size whose sides are multiples of 16 (square or not), the T2T module on
+fused kernels (``backend``), timm-style helpers, and a checkpoint loader that never runs code from the file.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..layers import Block, T2T_module
+from ..layers.common import maybe_checkpoint
+from ..ops._backends import check_backend_arg
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def _trunc_normal_(tensor, std=0.02):
+    # timm's trunc_normal_ as the official code uses it: cut at +-2 (absolute), not +-2 std
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0, b=2.0)
+
+
+def get_sinusoid_encoding(n_position: int, d_hid: int) -> torch.Tensor:
+    """The fixed sinusoid table (1, n_position, d_hid): angle = pos / 10000**(2*(j//2)/d), sin on even j, cos on odd.
+    Computed in float64 like the official numpy code, then stored as float32."""
+    pos = torch.arange(n_position, dtype=torch.float64).unsqueeze(1)
+    j = torch.arange(d_hid, dtype=torch.float64)
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / d_hid)
+    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float().unsqueeze(0)
+
+
+def to_img_size(img_size) -> tuple[int, int]:
+    """int or (H, W) -> (H, W), both positive multiples of 16 (the T2T module downsamples by 4, 2, 2)."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size) if isinstance(
+        img_size, (tuple, list)) else None
+    if size is None or len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
+        raise TypeError(f"img_size must be an int or a pair of ints (H, W), got {img_size!r}")
+    if any(s < 16 or s % 16 for s in size):
+        raise ValueError(f"img_size sides must be positive multiples of 16, got img_size={img_size!r}")
+    return size
+
+
+def _cfg(**kwargs):
+    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "tokens_to_token.soft_split0", "classifier": "head", **kwargs}
+
+
+class T2TViT(nn.Module):
+    """T2T-ViT: the Tokens-to-Token module, a class token and fixed sinusoid positions, then ViT blocks.
+
+    The official constructor plus ``backend`` ("auto", "eager", "cpp", "cuda", "triton": which implementation of
+    the soft split and the Performer attention the T2T module uses). ``img_size`` may be an int or (H, W).
+    ``qk_scale`` stays explicit: None means head_dim ** -0.5, the scale the released checkpoints were trained with.
+    """
+
+    def __init__(self, img_size=224, tokens_type="performer", in_chans=3, num_classes=1000, embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop_rate=0.0,
+                 attn_drop_rate=0.0, drop_path_rate=0.0, norm_layer=nn.LayerNorm, token_dim=64,
+                 backend: str | None = "auto"):
+        super().__init__()
+        check_backend_arg(backend)
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+        if not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+        self.img_size = to_img_size(img_size)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.backend = backend
+        self.grad_checkpointing = False
+        self.tokens_to_token = T2T_module(img_size=self.img_size, tokens_type=tokens_type, in_chans=in_chans,
+                                          embed_dim=embed_dim, token_dim=token_dim, backend=backend)
+        num_patches = self.tokens_to_token.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(get_sinusoid_encoding(num_patches + 1, embed_dim), requires_grad=False)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.ModuleList([
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(depth)
+        ])
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.default_cfg = _cfg(input_size=(in_chans, *self.img_size), num_classes=num_classes)
+        _trunc_normal_(self.cls_token)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        # applied after construction, so it also re-initialises the Performer's Linears (as the official code does)
+        if isinstance(m, nn.Linear):
+            _trunc_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.zeros_(m.bias)
+            nn.init.ones_(m.weight)
+
+    # ---- timm-style helpers -------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"cls_token"}
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str = ""):
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+        self.num_classes = num_classes
+        ref = self.norm.weight
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
+        self.default_cfg = {**self.default_cfg, "num_classes": num_classes}
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute the T2T layers and the blocks in backward instead of keeping their activations."""
+        self.grad_checkpointing = self.tokens_to_token.grad_checkpointing = bool(enable)
+
+    def set_backend(self, backend: str | None):
+        """Switch the implementation of the fused ops in every layer that has one."""
+        check_backend_arg(backend)
+        self.backend = backend
+        for module in self.modules():
+            if hasattr(module, "backend"):
+                module.backend = backend
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"T2TViT expects images (B, C, H, W), got {shape}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"T2TViT was built for in_chans={self.in_chans}, got images with shape {tuple(x.shape)}")
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"T2TViT was built for img_size={self.img_size} but got images of size {tuple(x.shape[-2:])}; "
+                "build the model with that img_size (load_pretrained resizes pos_embed)"
+            )
+
+    def forward_tokens(self, x):
+        """All tokens after the final norm: (B, 1 + N, E)."""
+        self._check_input(x)
+        x = self.tokens_to_token(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for blk in self.blocks:
+            x = maybe_checkpoint(self.grad_checkpointing, blk, x)
+        return self.norm(x)
+
+    def forward_features(self, x):
+        """The normed class token (B, E), as the official forward_features."""
+        return self.forward_tokens(x)[:, 0]
+
+    def forward_head(self, x, pre_logits: bool = False):
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+T2T_ViT = T2TViT  # the official class name
+
+# name -> (tokens_type, embed_dim, depth, num_heads, mlp_ratio)
+VARIANTS = {
+    "t2t_vit_7": ("performer", 256, 7, 4, 2.0),
+    "t2t_vit_10": ("performer", 256, 10, 4, 2.0),
+    "t2t_vit_12": ("performer", 256, 12, 4, 2.0),
+    "t2t_vit_14": ("performer", 384, 14, 6, 3.0),
+    "t2t_vit_19": ("performer", 448, 19, 7, 3.0),
+    "t2t_vit_24": ("performer", 512, 24, 8, 3.0),
+    "t2t_vit_t_14": ("transformer", 384, 14, 6, 3.0),
+    "t2t_vit_t_19": ("transformer", 448, 19, 7, 3.0),
+    "t2t_vit_t_24": ("transformer", 512, 24, 8, 3.0),
+    "t2t_vit_14_resnext": ("performer", 384, 14, 32, 3.0),
+    "t2t_vit_14_wide": ("performer", 768, 4, 12, 3.0),
+}
+
+
+def list_models() -> list[str]:
+    return list(VARIANTS)
+
+
+def create_model(name: str, pretrained=False, **kwargs) -> T2TViT:
+    """Build a variant by name; ``pretrained`` is False or the path of a local checkpoint (official .pth.tar,
+    a plain state dict, or .safetensors). Other keyword arguments go to T2TViT.
+
+    Unlike the official factories, loading weights does NOT set qk_scale = embed_dim ** -0.5: that branch never ran
+    (its download URLs are empty), and the released checkpoints were trained and evaluated with the default
+    head_dim ** -0.5 (official issue #62). Pass qk_scale explicitly to get the official factory's value.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(VARIANTS)}")
+    tokens_type, embed_dim, depth, num_heads, mlp_ratio = VARIANTS[name]
+    config = dict(tokens_type=tokens_type, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                  mlp_ratio=mlp_ratio)
+    model = T2TViT(**{**config, **kwargs})
+    if pretrained is True:
+        raise ValueError("pretrained=True: there is nothing to download; pass the path of a local checkpoint")
+    if pretrained:
+        from .checkpoint import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model
+
+
+def _factory(name: str):
+    def factory(pretrained=False, **kwargs) -> T2TViT:
+        return create_model(name, pretrained=pretrained, **kwargs)
+
+    tokens_type, embed_dim, depth, num_heads, mlp_ratio = VARIANTS[name]
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = (f"{name}: {tokens_type} T2T module, embed_dim {embed_dim}, depth {depth}, {num_heads} heads, "
+                       f"mlp_ratio {mlp_ratio}. pretrained: False or a local checkpoint path (see create_model).")
+    return factory
+
+
+t2t_vit_7 = _factory("t2t_vit_7")
+t2t_vit_10 = _factory("t2t_vit_10")
+t2t_vit_12 = _factory("t2t_vit_12")
+t2t_vit_14 = _factory("t2t_vit_14")
+t2t_vit_19 = _factory("t2t_vit_19")
+t2t_vit_24 = _factory("t2t_vit_24")
+t2t_vit_t_14 = _factory("t2t_vit_t_14")
+t2t_vit_t_19 = _factory("t2t_vit_t_19")
+t2t_vit_t_24 = _factory("t2t_vit_t_24")
+t2t_vit_14_resnext = _factory("t2t_vit_14_resnext")
+t2t_vit_14_wide = _factory("t2t_vit_14_wide")
+
+
+def register_with_timm() -> bool:
+    """Adds the variants to timm's model registry when timm is installed (timm is not a dependency)."""
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None or os.environ.get("T2T_KERNELS_NO_TIMM") == "1":
+        return False
+    try:
+        from timm.models import register_model
+        from timm.models._registry import is_model
+
+        for name in VARIANTS:
+            if not is_model(name):
+                register_model(globals()[name])
+    except Exception:  # a timm whose registry API differs must not break this package
+        return False
+    return True
