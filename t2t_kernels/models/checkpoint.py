@@ -1,6 +1,7 @@
 """Loading official T2T-ViT checkpoints (and plain or safetensors state dicts) without running code from them."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import pickle
@@ -34,7 +35,10 @@ def read_checkpoint(path) -> dict:
         except Exception as err:
             raise CheckpointError(f"could not read safetensors checkpoint {path!r}: {err}") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # timm's CheckpointSaver (which wrote the official files) stores the training args as an argparse.Namespace:
+        # a plain attribute holder, safe to rebuild, so it is the one class allowed beyond tensors and containers
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"refused to load {path!r}: it holds objects other than tensors and plain containers, and loading "

@@ -1,0 +1,204 @@
+import math
+
+import pytest
+import torch
+from official_forward import official_forward
+
+import t2t_kernels
+from t2t_kernels import T2TViT, create_model, list_models
+from t2t_kernels.models.t2t_vit import VARIANTS, get_sinusoid_encoding
+
+# DESIGN §3: total parameters (incl. pos_embed and Performer w) at 224, in millions
+PARAM_TOTALS_M = {
+    "t2t_vit_7": 4.31, "t2t_vit_10": 5.89, "t2t_vit_12": 6.94, "t2t_vit_14": 21.55, "t2t_vit_19": 39.18,
+    "t2t_vit_24": 64.11, "t2t_vit_t_14": 21.54, "t2t_vit_t_19": 39.17, "t2t_vit_t_24": 64.10,
+    "t2t_vit_14_resnext": 21.55, "t2t_vit_14_wide": 25.16,
+}
+
+
+def expected_shapes(name, img=224, num_classes=1000):
+    """The official state-dict keys and shapes, written out from the architecture description (DESIGN §3)."""
+    tokens_type, E, depth, heads, mlp_ratio = VARIANTS[name]
+    n = (img // 16) ** 2
+    shapes = {"cls_token": (1, 1, E), "pos_embed": (1, n + 1, E), "tokens_to_token.project.weight": (E, 576),
+              "tokens_to_token.project.bias": (E,), "norm.weight": (E,), "norm.bias": (E,),
+              "head.weight": (num_classes, E), "head.bias": (num_classes,)}
+    for i, dim in ((1, 147), (2, 576)):
+        p = f"tokens_to_token.attention{i}"
+        if tokens_type == "performer":
+            layer = {"kqv.weight": (192, dim), "kqv.bias": (192,), "proj.weight": (64, 64), "proj.bias": (64,),
+                     "norm1.weight": (dim,), "norm1.bias": (dim,), "norm2.weight": (64,), "norm2.bias": (64,),
+                     "mlp.0.weight": (64, 64), "mlp.0.bias": (64,), "mlp.2.weight": (64, 64), "mlp.2.bias": (64,),
+                     "w": (32, 64)}
+        else:
+            layer = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (192, dim),
+                     "attn.proj.weight": (64, 64), "attn.proj.bias": (64,), "norm2.weight": (64,),
+                     "norm2.bias": (64,), "mlp.fc1.weight": (64, 64), "mlp.fc1.bias": (64,),
+                     "mlp.fc2.weight": (64, 64), "mlp.fc2.bias": (64,)}
+        shapes.update({f"{p}.{k}": v for k, v in layer.items()})
+    hidden = int(E * mlp_ratio)
+    for b in range(depth):
+        block = {"norm1.weight": (E,), "norm1.bias": (E,), "attn.qkv.weight": (3 * E, E),
+                 "attn.proj.weight": (E, E), "attn.proj.bias": (E,), "norm2.weight": (E,), "norm2.bias": (E,),
+                 "mlp.fc1.weight": (hidden, E), "mlp.fc1.bias": (hidden,), "mlp.fc2.weight": (E, hidden),
+                 "mlp.fc2.bias": (E,)}
+        shapes.update({f"blocks.{b}.{k}": v for k, v in block.items()})
+    return shapes
+
+
+@pytest.mark.parametrize("name", list(PARAM_TOTALS_M))
+def test_parameter_totals_and_state_dict_layout(name):
+    model = create_model(name)
+    total = sum(p.numel() for p in model.parameters())
+    assert round(total / 1e6, 2) == PARAM_TOTALS_M[name]
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected_shapes(name)
+
+
+def test_list_models_and_factories():
+    assert list_models() == list(PARAM_TOTALS_M)
+    for name in list_models():
+        assert getattr(t2t_kernels, name).__name__ == name
+
+
+def test_fixed_parameters_and_init():
+    model = t2t_kernels.t2t_vit_7()
+    assert not model.pos_embed.requires_grad
+    torch.testing.assert_close(model.pos_embed, get_sinusoid_encoding(197, 256), rtol=0, atol=0)
+    pos = model.pos_embed[0]
+    assert pos[3, 4] == pytest.approx(math.sin(3 / 10000 ** (4 / 256)), abs=1e-6)
+    assert pos[3, 5] == pytest.approx(math.cos(3 / 10000 ** (4 / 256)), abs=1e-6)
+    for layer in (model.tokens_to_token.attention1, model.tokens_to_token.attention2):
+        assert not layer.w.requires_grad
+        m = layer.w.shape[0]
+        # orthogonal rows scaled by sqrt(m): w w^T = m I
+        torch.testing.assert_close(layer.w @ layer.w.T, m * torch.eye(m), atol=1e-4, rtol=0)
+        # the model-level init re-initialises the Performer's Linears: std .02, zero bias
+        assert layer.kqv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        assert torch.count_nonzero(layer.kqv.bias) == 0
+    assert model.norm.weight.eq(1).all() and model.norm.bias.eq(0).all()
+    assert model.cls_token.std().item() == pytest.approx(0.02, rel=0.3)
+
+
+def test_qk_scales():
+    t = t2t_kernels.t2t_vit_t_14()
+    # Token_transformer scales by the input width (147, 576), not by in_dim = 64
+    assert t.tokens_to_token.attention1.attn.scale == 147**-0.5
+    assert t.tokens_to_token.attention2.attn.scale == 576**-0.5
+    assert t.blocks[0].attn.scale == (384 // 6) ** -0.5
+    assert t2t_kernels.t2t_vit_14(qk_scale=384**-0.5).blocks[0].attn.scale == 384**-0.5
+
+
+def _with_random_state(model):
+    """Non-trivial weights everywhere (init leaves biases zero and LayerNorms identity)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in ("pos_embed",) and not name.endswith(".w"):
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("name,img", [("t2t_vit_7", 64), ("t2t_vit_t_14", 64), ("t2t_vit_14_resnext", 48),
+                                      ("t2t_vit_7", (48, 80)), ("t2t_vit_12", 224)])
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_matches_official_forward(name, img, backend):
+    model = _with_random_state(create_model(name, img_size=img, backend=backend)).eval()
+    size = (img, img) if isinstance(img, int) else img
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ours = model(x)
+        ref = official_forward(model.state_dict(), x, VARIANTS[name][0], VARIANTS[name][3])
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("img,tokens", [(224, 196), (384, 576), ((224, 320), 280)])
+def test_forward_shapes(img, tokens):
+    model = t2t_kernels.t2t_vit_7(img_size=img, num_classes=10).eval()
+    size = (img, img) if isinstance(img, int) else img
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        assert model.forward_tokens(x).shape == (1, tokens + 1, 256)
+        assert model.forward_features(x).shape == (1, 256)
+        assert model(x).shape == (1, 10)
+
+
+def test_eval_is_deterministic_and_train_uses_dropout():
+    model = t2t_kernels.t2t_vit_7(img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()  # the Performer's hard-coded Dropout(0.1) is active in training
+        assert not torch.equal(model(x), model(x))
+
+
+def test_timm_style_helpers():
+    model = t2t_kernels.t2t_vit_7(img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    assert model.get_classifier() is model.head
+    assert model.no_weight_decay() == {"cls_token"}
+    assert model.default_cfg["input_size"] == (3, 32, 32) and model.default_cfg["classifier"] == "head"
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5) and model.default_cfg["num_classes"] == 5
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 256)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = _with_random_state(t2t_kernels.t2t_vit_7(img_size=32)).eval()  # eval: no dropout randomness
+    x = torch.randn(2, 3, 32, 32)
+
+    def grads():
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_set_backend_reaches_every_layer():
+    model = t2t_kernels.t2t_vit_7(img_size=32)
+    model.set_backend("eager")
+    assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"eager"}
+    with pytest.raises(ValueError, match="backend"):
+        model.set_backend("cudnn")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(img_size=100), "multiples of 16"),
+    (dict(img_size=(224, 200)), "multiples of 16"),
+    (dict(img_size="224"), "img_size"),
+    (dict(tokens_type="convolution"), "tokens_type"),
+    (dict(backend="fast"), "backend"),
+    (dict(num_classes=-1), "num_classes"),
+    (dict(embed_dim=250, num_heads=4), "divisible"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        T2TViT(**{"embed_dim": 64, "depth": 1, "num_heads": 4, **kwargs})
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="unknown model 't2t_vit_99'.*t2t_vit_14"):
+        create_model("t2t_vit_99")
+    with pytest.raises(ValueError, match="local checkpoint"):
+        create_model("t2t_vit_7", pretrained=True)
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((3, 32, 32), r"\(B, C, H, W\)"),
+    ((1, 1, 32, 32), "in_chans=3"),
+    ((1, 3, 48, 48), r"img_size=\(32, 32\)"),
+])
+def test_bad_forward_inputs(shape, match):
+    model = t2t_kernels.t2t_vit_7(img_size=32)
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(*shape))

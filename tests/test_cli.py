@@ -1,0 +1,59 @@
+import os
+import subprocess
+import sys
+
+import torch
+
+import t2t_kernels
+from t2t_kernels.__main__ import main
+
+
+def test_info_prints_parameters_macs_and_backends(capsys):
+    assert main(["--model", "t2t_vit_7", "--img-size", "64", "--steps", "1", "--batch", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    params = sum(p.numel() for p in t2t_kernels.t2t_vit_7(img_size=64).parameters())
+    assert f"parameters                    {params / 1e6:.2f} M" in out
+    macs_line = next(line for line in out.splitlines() if line.startswith("GMACs"))
+    assert float(macs_line.split()[1]) > 0
+    assert "soft_split backends" in out and "eager" in out
+    assert "images/s" in out
+
+
+def test_info_macs_scale_with_image_size(capsys):
+    def macs(img):
+        main(["info", "--model", "t2t_vit_7", "--img-size", img, "--steps", "0"])
+        line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("GMACs"))
+        return float(line.split()[1])
+
+    assert macs("64,128") > 1.8 * macs("64")
+
+
+def test_info_bad_arguments(capsys):
+    assert main(["--model", "t2t_vit_7", "--img-size", "100", "--steps", "0"]) == 2
+    assert "multiples of 16" in capsys.readouterr().err
+
+
+def test_package_works_without_the_extension(tmp_path):
+    """With the extension off, the package warns once, runs on eager, and gives the same logits."""
+    import t2t_kernels
+
+    model = t2t_kernels.t2t_vit_7(img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.save({"state": model.state_dict(), "x": x}, tmp_path / "in.pt")
+    script = (
+        "import sys, warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import t2t_kernels\n"
+        "assert not t2t_kernels.ops.EXTENSION_LOADED\n"
+        "assert t2t_kernels.ops.SOFT_SPLIT_BACKENDS.available('cpu') in (['eager'], ['eager', 'triton'])\n"
+        f"data = torch.load(r'{tmp_path / 'in.pt'}')\n"
+        "model = t2t_kernels.t2t_vit_7(img_size=32).eval()\n"
+        "model.load_state_dict(data['state'])\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(model(data['x']), r'{tmp_path / 'out.pt'}')\n"
+    )
+    env = {**os.environ, "T2T_KERNELS_DISABLE_EXT": "1"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "out.pt"), model(x), rtol=1e-5, atol=1e-6)
