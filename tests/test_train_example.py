@@ -1,0 +1,37 @@
+import importlib.util
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    spec = importlib.util.spec_from_file_location("train_example", os.path.join(ROOT, "examples", "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_example_runs_saves_and_resumes(tmp_path, train_script, capsys):
+    ckpt = str(tmp_path / "ckpt.pt")
+    common = ["--img-size", "32", "--batch-size", "16", "--checkpoint", ckpt, "--no-progress", "--epochs", "2"]
+    accuracy = train_script.main(common + ["--max-steps", "3"])
+    assert 0.0 <= accuracy <= 1.0
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 3 and state["epoch"] == 0
+    train_script.main(common + ["--resume", ckpt, "--max-steps", "5"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "final val accuracy" in out
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
+
+
+def test_warmup_cosine_schedule(train_script):
+    f = train_script.warmup_cosine
+    assert f(0, 100, 10) == pytest.approx(0.1)
+    assert f(9, 100, 10) == pytest.approx(1.0)
+    assert f(10, 100, 10) == pytest.approx(1.0)
+    assert f(55, 100, 10) == pytest.approx(0.5)
+    assert f(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
