@@ -1,0 +1,95 @@
+"""DistributedDataParallel (and FSDP2) on CPU with gloo: two ranks on halves of a batch end with the same
+parameters as one process on the whole batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import t2t_kernels
+
+STEPS, BATCH, IMG = 3, 8, 32
+
+
+def _model():
+    torch.manual_seed(0)
+    model = t2t_kernels.t2t_vit_7(img_size=IMG, num_classes=10)
+    for m in model.modules():  # train mode with dropout off, so ranks and the reference see the same function
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(STEPS, BATCH, 3, IMG, IMG, generator=g), torch.randint(0, 10, (STEPS, BATCH), generator=g)
+
+
+def _train(model, images, labels, rank=0, world=1):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    share = BATCH // world
+    for step in range(STEPS):
+        x = images[step, rank * share:(rank + 1) * share]
+        y = labels[step, rank * share:(rank + 1) * share]
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _worker(rank, world, port, mode, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = _model()
+        if mode == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            wrapped = fully_shard(model)
+        _train(wrapped, *_data(), rank=rank, world=world)
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                 for k, v in model.state_dict().items()}
+        torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fsdp2_available():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp2", marks=pytest.mark.skipif(
+    not _fsdp2_available(), reason="torch.distributed.fsdp.fully_shard is not in this torch"))])
+def test_two_ranks_match_one_process(mode, tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_worker, args=(2, _free_port(), mode, str(tmp_path)), nprocs=2, join=True)
+    reference = _model()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks ran single-threaded: same reduction order in the kernels
+    try:
+        _train(reference, *_data())
+    finally:
+        torch.set_num_threads(threads)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, expected in reference.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
+        torch.testing.assert_close(ranks[0][name], expected, rtol=1e-4, atol=1e-5, msg=name)
