@@ -11,6 +11,9 @@ from .._extension import EXTENSION_ERROR, EXTENSION_LOADED, has_kernel
 
 BACKENDS = ("eager", "cpp", "cuda", "triton")
 
+# dynamo cannot trace the dispatcher query; the registrations do not change while a graph is traced
+_kernel_registered = torch.compiler.assume_constant_result(has_kernel)
+
 
 @functools.cache
 def triton_import_error() -> str | None:
@@ -44,7 +47,7 @@ class OpBackends:
                 return f"backend {backend!r} runs on {wanted} tensors, got a {device.type} tensor"
             if not EXTENSION_LOADED:
                 return f"the compiled extension t2t_kernels._C is {EXTENSION_ERROR}"
-            if not has_kernel(f"t2t_kernels::{self.name}", "CPU" if backend == "cpp" else "CUDA"):
+            if not _kernel_registered(f"t2t_kernels::{self.name}", "CPU" if backend == "cpp" else "CUDA"):
                 return f"the extension was built without {wanted.upper()} kernels for {self.name}"
         if backend == "triton":
             if triton_import_error():

@@ -1,0 +1,205 @@
+"""Triton kernels of performer_attention (DESIGN §4): two passes each way, grid (B, T-blocks).
+
+A program loads one block of rows, computes their features phi in registers (never a (B, T, m) tensor) and either
+writes its partial of a reduction over T, or its rows of the outputs. Partials (B, blocks, m, E) are summed with
+torch over the block dim, a fixed-order reduction, so outputs and gradients are bitwise reproducible.
+All math is fp32; every tl.dot uses input_precision="ieee" because an error in x w^T is a relative error in phi.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+IEEE = "ieee"
+
+
+@triton.jit
+def _load_rows(ptr, b, stride_b, stride_t, t_offs, e_offs, T, E):
+    """Rows t_offs of batch element b of a (B, T, E) tensor with unit last stride, as fp32 (zeros outside)."""
+    mask = (t_offs[:, None] < T) & (e_offs[None, :] < E)
+    ptrs = ptr + b * stride_b + t_offs[:, None] * stride_t + e_offs[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, value, b, T, E, t_offs, e_offs):
+    """Stores a block of rows into a contiguous (B, T, E) output, converting to its dtype."""
+    mask = (t_offs[:, None] < T) & (e_offs[None, :] < E)
+    ptrs = ptr + (b * T + t_offs[:, None]) * E + e_offs[None, :]
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_matrix(ptr, rows, cols, r_offs, c_offs):
+    """A contiguous (rows, cols) fp32 matrix padded with zeros to the block shape."""
+    mask = (r_offs[:, None] < rows) & (c_offs[None, :] < cols)
+    return tl.load(ptr + r_offs[:, None] * cols + c_offs[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _features(x, w, t_offs, m_offs, T, m, scale):
+    """phi(x) = exp(x w^T - |x|^2 / 2) * scale, zero on padded rows and features (they must not enter any sum)."""
+    xw = tl.dot(x, tl.trans(w), input_precision=IEEE)
+    half_sq = 0.5 * tl.sum(x * x, axis=1)
+    phi = tl.exp(xw - half_sq[:, None]) * scale
+    return tl.where((t_offs[:, None] < T) & (m_offs[None, :] < m), phi, 0.0)
+
+
+@triton.jit
+def _feature_grad(G, phi, w, x):
+    """Gradient through phi for upstream G: (G * phi) w - x * rowsum(G * phi)."""
+    gp = G * phi
+    return tl.dot(gp, w, input_precision=IEEE) - x * tl.sum(gp, axis=1)[:, None]
+
+
+@triton.jit
+def _store_partial(state_ptr, sum_ptr, state, total, b, blk, n_blocks, m, E, m_offs, e_offs):
+    """One block's partial of a (B, blocks, m, E) state and a (B, blocks, m) sum."""
+    base = b * n_blocks + blk
+    mask = (m_offs[:, None] < m) & (e_offs[None, :] < E)
+    tl.store(state_ptr + base * m * E + m_offs[:, None] * E + e_offs[None, :], state, mask=mask)
+    tl.store(sum_ptr + base * m + m_offs, total, mask=m_offs < m)
+
+
+@triton.jit
+def _performer_fwd_state_kernel(
+    k_ptr, v_ptr, w_ptr, part_kv_ptr, part_ksum_ptr,
+    T, E, m, scale, stride_kb, stride_kt, stride_vb, stride_vt,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    b, blk = tl.program_id(0), tl.program_id(1)
+    t_offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
+    w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
+    k = _load_rows(k_ptr, b, stride_kb, stride_kt, t_offs, e_offs, T, E)
+    v = _load_rows(v_ptr, b, stride_vb, stride_vt, t_offs, e_offs, T, E)
+    phi = _features(k, w, t_offs, m_offs, T, m, scale)
+    kv = tl.dot(tl.trans(phi), v, input_precision=IEEE)
+    _store_partial(part_kv_ptr, part_ksum_ptr, kv, tl.sum(phi, axis=0), b, blk, tl.num_programs(1), m, E,
+                   m_offs, e_offs)
+
+
+@triton.jit
+def _performer_fwd_output_kernel(
+    q_ptr, w_ptr, kv_ptr, ksum_ptr, y_ptr,
+    T, E, m, scale, eps, stride_qb, stride_qt,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    b, blk = tl.program_id(0), tl.program_id(1)
+    t_offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
+    w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
+    kv = _load_matrix(kv_ptr + b * m * E, m, E, m_offs, e_offs)
+    ksum = tl.load(ksum_ptr + b * m + m_offs, mask=m_offs < m, other=0.0)
+    q = _load_rows(q_ptr, b, stride_qb, stride_qt, t_offs, e_offs, T, E)
+    phi = _features(q, w, t_offs, m_offs, T, m, scale)
+    numerator = tl.dot(phi, kv, input_precision=IEEE)
+    denominator = tl.sum(phi * ksum[None, :], axis=1) + eps
+    _store_rows(y_ptr, numerator / denominator[:, None], b, T, E, t_offs, e_offs)
+
+
+@triton.jit
+def _performer_bwd_query_kernel(
+    g_ptr, q_ptr, w_ptr, kv_ptr, ksum_ptr, gq_ptr, part_gkv_ptr, part_gksum_ptr,
+    T, E, m, scale, eps, stride_gb, stride_gt, stride_qb, stride_qt,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """gq for a block of rows, and the block's partials of gA = phi(q)^T gn and gs = phi(q)^T gd."""
+    b, blk = tl.program_id(0), tl.program_id(1)
+    t_offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
+    w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
+    kv = _load_matrix(kv_ptr + b * m * E, m, E, m_offs, e_offs)
+    ksum = tl.load(ksum_ptr + b * m + m_offs, mask=m_offs < m, other=0.0)
+    q = _load_rows(q_ptr, b, stride_qb, stride_qt, t_offs, e_offs, T, E)
+    g = _load_rows(g_ptr, b, stride_gb, stride_gt, t_offs, e_offs, T, E)
+    phi = _features(q, w, t_offs, m_offs, T, m, scale)
+    inv_den = 1.0 / (tl.sum(phi * ksum[None, :], axis=1) + eps)
+    y = tl.dot(phi, kv, input_precision=IEEE) * inv_den[:, None]  # recomputed, not saved
+    g_num = g * inv_den[:, None]
+    g_den = -tl.sum(g * y, axis=1) * inv_den
+    g_phi = tl.dot(g_num, tl.trans(kv), input_precision=IEEE) + g_den[:, None] * ksum[None, :]
+    _store_rows(gq_ptr, _feature_grad(g_phi, phi, w, q), b, T, E, t_offs, e_offs)
+    g_kv = tl.dot(tl.trans(phi), g_num, input_precision=IEEE)
+    _store_partial(part_gkv_ptr, part_gksum_ptr, g_kv, tl.sum(phi * g_den[:, None], axis=0), b, blk,
+                   tl.num_programs(1), m, E, m_offs, e_offs)
+
+
+@triton.jit
+def _performer_bwd_key_value_kernel(
+    k_ptr, v_ptr, w_ptr, gkv_ptr, gksum_ptr, gk_ptr, gv_ptr,
+    T, E, m, scale, stride_kb, stride_kt, stride_vb, stride_vt,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """gk and gv for a block of rows: gK' = v gA^T + 1 gs^T, gv = phi(k) gA."""
+    b, blk = tl.program_id(0), tl.program_id(1)
+    t_offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
+    w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
+    g_kv = _load_matrix(gkv_ptr + b * m * E, m, E, m_offs, e_offs)
+    g_ksum = tl.load(gksum_ptr + b * m + m_offs, mask=m_offs < m, other=0.0)
+    k = _load_rows(k_ptr, b, stride_kb, stride_kt, t_offs, e_offs, T, E)
+    v = _load_rows(v_ptr, b, stride_vb, stride_vt, t_offs, e_offs, T, E)
+    phi = _features(k, w, t_offs, m_offs, T, m, scale)
+    g_phi = tl.dot(v, tl.trans(g_kv), input_precision=IEEE) + g_ksum[None, :]
+    _store_rows(gk_ptr, _feature_grad(g_phi, phi, w, k), b, T, E, t_offs, e_offs)
+    _store_rows(gv_ptr, tl.dot(phi, g_kv, input_precision=IEEE), b, T, E, t_offs, e_offs)
+
+
+def _launch_config(T: int, E: int, m: int):
+    """Block sizes from the shape: tl.dot needs every block dim >= 16; 64 rows keep the fp32 tiles in registers."""
+    block_e = max(16, triton.next_power_of_2(E))
+    block_m = max(16, triton.next_power_of_2(m))
+    block_t = max(16, min(64 if block_e <= 64 else 32, triton.next_power_of_2(max(T, 1))))
+    n_blocks = max(1, triton.cdiv(T, block_t))
+    meta = dict(BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_M=block_m, num_warps=4 if block_e <= 64 else 8)
+    return n_blocks, meta
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def performer_attention_forward(q, k, v, w, eps):
+    """(B, T, E) q, k, v and (m, E) w -> y (B, T, E) in q's dtype, kv_state (B, m, E) and k_sum (B, m) in fp32."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    B, T, E = q.shape
+    m = w.shape[0]
+    w32 = w.to(torch.float32).contiguous()
+    scale = 1.0 / math.sqrt(m)
+    n_blocks, meta = _launch_config(T, E, m)
+    part_kv = torch.empty((B, n_blocks, m, E), device=q.device, dtype=torch.float32)
+    part_ksum = torch.empty((B, n_blocks, m), device=q.device, dtype=torch.float32)
+    grid = (B, n_blocks)
+    _performer_fwd_state_kernel[grid](k, v, w32, part_kv, part_ksum, T, E, m, scale,
+                                      k.stride(0), k.stride(1), v.stride(0), v.stride(1), **meta)
+    kv_state, k_sum = part_kv.sum(1), part_ksum.sum(1)
+    y = torch.empty((B, T, E), device=q.device, dtype=q.dtype)
+    _performer_fwd_output_kernel[grid](q, w32, kv_state, k_sum, y, T, E, m, scale, eps,
+                                       q.stride(0), q.stride(1), **meta)
+    return y, kv_state, k_sum
+
+
+def performer_attention_backward(grad_y, q, k, v, w, kv_state, k_sum, eps):
+    """Gradients (gq, gk, gv), contiguous in q's dtype, from grad_y and the forward's fp32 state."""
+    grad_y, q, k, v = (_unit_last_stride(t) for t in (grad_y, q, k, v))
+    B, T, E = q.shape
+    m = w.shape[0]
+    w32 = w.to(torch.float32).contiguous()
+    kv_state, k_sum = kv_state.to(torch.float32).contiguous(), k_sum.to(torch.float32).contiguous()
+    scale = 1.0 / math.sqrt(m)
+    n_blocks, meta = _launch_config(T, E, m)
+    grid = (B, n_blocks)
+    gq, gk, gv = (torch.empty((B, T, E), device=q.device, dtype=q.dtype) for _ in range(3))
+    part_gkv = torch.empty((B, n_blocks, m, E), device=q.device, dtype=torch.float32)
+    part_gksum = torch.empty((B, n_blocks, m), device=q.device, dtype=torch.float32)
+    _performer_bwd_query_kernel[grid](grad_y, q, w32, kv_state, k_sum, gq, part_gkv, part_gksum,
+                                      T, E, m, scale, eps, grad_y.stride(0), grad_y.stride(1),
+                                      q.stride(0), q.stride(1), **meta)
+    g_kv, g_ksum = part_gkv.sum(1), part_gksum.sum(1)
+    _performer_bwd_key_value_kernel[grid](k, v, w32, g_kv, g_ksum, gk, gv, T, E, m, scale,
+                                          k.stride(0), k.stride(1), v.stride(0), v.stride(1), **meta)
+    return gq, gk, gv

@@ -1,0 +1,264 @@
+"""performer_attention against the float64 eager reference, for every backend that can run here.
+
+Triton runs on CPU tensors through its interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU),
+so its shapes stay small; the CUDA test at model shapes skips without a GPU.
+"""
+import pytest
+import torch
+
+from t2t_kernels.ops import performer_attention
+from t2t_kernels.ops.performer_attention import BACKENDS, reference
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+# (rtol, atol) per input dtype, against float64 math on the same (rounded) inputs; atol scales with the output's size
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+DTYPES = {
+    "eager": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+    "cpp": (torch.float64, torch.float32, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+# (leading dims, T, E, m): T = 1, 7, 63, ~200, E in {16, 64} plus an odd 24, m in {8, 32}
+SHAPES = [
+    ((2,), 1, 16, 8),
+    ((2,), 7, 64, 32),
+    ((2, 3), 63, 16, 8),
+    ((1,), 201, 64, 32),
+    ((2,), 33, 24, 8),
+]
+EPS = 1e-8
+
+
+def shape_id(shape):
+    lead, T, E, m = shape
+    return "x".join(map(str, lead)) + f"-T{T}-E{E}-m{m}"
+
+
+def skip_unless_available(backend, dtype=torch.float32, device="cpu"):
+    reason = BACKENDS.unavailable_reason(backend, torch.device(device), dtype)
+    if reason:
+        pytest.skip(reason)
+
+
+def make_inputs(lead, T, E, m, dtype, device="cpu", requires_grad=False):
+    """q, k, v as the non-contiguous thirds of one (..., T, 3E) tensor (as from the kqv Linear), and the model's w:
+    orthogonal rows scaled by sqrt(m). Inputs of norm ~ sqrt(E)/2 keep phi away from underflow, as LayerNorm does."""
+    x = (0.5 * torch.randn(*lead, T, 3 * E, device=device)).to(dtype).requires_grad_(requires_grad)
+    q, k, v = x.split(E, dim=-1)
+    w = torch.nn.init.orthogonal_(torch.empty(m, E)) * m**0.5
+    return x, (q, k, v), w.to(device)
+
+
+def reference_with_grads(q, k, v, w, grad):
+    """y and (gq, gk, gv) of the float64 eager reference on the same (already rounded) inputs."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    y = reference.performer_attention(*leaves, w.double(), EPS)
+    y.backward(grad.double())
+    return y.detach(), [t.grad for t in leaves]
+
+
+def assert_close(actual, expected, dtype):
+    rtol, atol = TOLERANCES[dtype]
+    scale = expected.abs().max().clamp_min(1.0).item()
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol * scale)
+
+
+def run_and_grads(backend, q, k, v, w):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    y = performer_attention(*leaves, w, eps=EPS, backend=backend)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    return y, [t.grad for t in leaves], grad
+
+
+def backend_dtype_params():
+    return [pytest.param(b, d, id=f"{b}-{str(d).removeprefix('torch.')}") for b in DTYPES for d in DTYPES[b]]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_matches_float64_reference(backend, dtype, shape):
+    skip_unless_available(backend, dtype)
+    _, (q, k, v), w = make_inputs(*shape, dtype)
+    y, grads, grad_y = run_and_grads(backend, q, k, v, w)
+    y_ref, grads_ref = reference_with_grads(q, k, v, w, grad_y)
+    assert y.dtype == dtype and y.shape == q.shape
+    assert_close(y, y_ref, dtype)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert g.dtype == dtype, name
+        assert_close(g, g_ref, dtype)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_gradcheck_float64(backend):
+    skip_unless_available(backend, torch.float64)
+    x, _, w = make_inputs((2,), 5, 6, 4, torch.float64, requires_grad=True)
+    w = w.double()
+
+    def fn(x):
+        return performer_attention(*x.split(6, dim=-1), w, eps=EPS, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("op_name", ["performer_attention", "performer_attention_triton"])
+def test_opcheck(op_name):
+    skip_unless_available("cpp" if op_name == "performer_attention" else "triton")
+    op = getattr(torch.ops.t2t_kernels, op_name)
+    backward = getattr(torch.ops.t2t_kernels, op_name + "_backward")
+    _, (q, k, v), w = make_inputs((2,), 7, 16, 8, torch.float32)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(op, (q, k, v, w, EPS))
+    y, kv_state, k_sum = op(q, k, v, w, EPS)
+    torch.library.opcheck(backward, (torch.randn_like(y), q.detach(), k.detach(), v.detach(), w, kv_state, k_sum, EPS))
+
+
+def test_compile_fullgraph_cpp():
+    skip_unless_available("cpp")
+    _, (q, k, v), w = make_inputs((2,), 20, 16, 8, torch.float32)
+
+    def attend(q, k, v):
+        return performer_attention(q, k, v, w, eps=EPS, backend="cpp").sin()
+
+    compiled = torch.compile(attend, fullgraph=True)
+    args = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    expected_args = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    compiled(*args).sum().backward()
+    attend(*expected_args).sum().backward()
+    for got, want in zip(args, expected_args):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_deterministic(backend):
+    """Two runs (for cpp with different thread counts) give bitwise the same output and gradients."""
+    skip_unless_available(backend)
+    _, (q, k, v), w = make_inputs((2,), 300, 16, 8, torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    for num_threads in (1, max(2, threads)):
+        torch.set_num_threads(num_threads)
+        try:
+            torch.manual_seed(0)
+            y, grads, _ = run_and_grads(backend, q, k, v, w)
+        finally:
+            torch.set_num_threads(threads)
+        results.append([y] + grads)
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_official_formula_overflows_in_fp16_but_ours_does_not():
+    """Rows of q, k close to rows of w put the exponent near its maximum |w_j|^2 / 2 = 16: phi ~ 1e6, beyond fp16.
+    The official formula under fp16 autocast runs its einsums in fp16 and returns NaN (its issues #19, #65, #69);
+    ours keeps the exponent and sums in fp32: finite and close to float64 for fp16 inputs (eager), and for fp32
+    under the same autocast and bf16 inputs (cpp, which has no fp16)."""
+    B, T, E, m = 2, 64, 64, 32
+    w = torch.nn.init.orthogonal_(torch.empty(m, E)) * m**0.5
+    q, k = (w[torch.randint(m, (B, T))] + 0.1 * torch.randn(B, T, E) for _ in range(2))
+    v = torch.randn(B, T, E)
+    with torch.autocast("cpu", dtype=torch.float16):
+        official = reference.performer_attention_official(q, k, v, w)
+    assert official.isnan().any()
+
+    def reference_on(*inputs):
+        return reference.performer_attention(*(t.double() for t in inputs), w.double(), EPS)
+
+    half = [t.half() for t in (q, k, v)]
+    y = performer_attention(*half, w, eps=EPS, backend="eager")
+    assert y.isfinite().all()
+    assert_close(y, reference_on(*half), torch.float16)
+    if BACKENDS.unavailable_reason("cpp", q.device, torch.float32) is None:
+        with torch.autocast("cpu", dtype=torch.float16):
+            y32 = performer_attention(q, k, v, w, eps=EPS, backend="cpp")
+        assert_close(y32, reference_on(q, k, v), torch.float32)
+        bf16 = [t.bfloat16() for t in (q, k, v)]
+        y_bf16 = performer_attention(*bf16, w, eps=EPS, backend="cpp")
+        assert y_bf16.isfinite().all()
+        assert_close(y_bf16, reference_on(*bf16), torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [784, 3136])
+def test_cuda_model_shapes(backend, dtype, T):
+    skip_unless_available(backend, dtype, "cuda")
+    _, (q, k, v), w = make_inputs((4,), T, 64, 32, dtype, device="cuda")
+    y, grads, grad_y = run_and_grads(backend, q, k, v, w)
+    y_ref, grads_ref = reference_with_grads(q, k, v, w, grad_y)
+    assert_close(y, y_ref, dtype)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, dtype)
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+def small_inputs(dtype=torch.float32):
+    _, (q, k, v), w = make_inputs((2,), 7, 16, 8, dtype)
+    return q, k, v, w
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda q, k, v, w: (q, k[:, :5], v, w, EPS), ValueError, "same shape"),
+        (lambda q, k, v, w: (q, k, v, w[:, :8], EPS), ValueError, r"w must be \(m, E\)"),
+        (lambda q, k, v, w: (q, k, v, w, 0.0), ValueError, "eps must be a positive"),
+        (lambda q, k, v, w: (q, k, v, w, -1e-8), ValueError, "eps must be a positive"),
+        (lambda q, k, v, w: (q.int(), k.int(), v.int(), w, EPS), TypeError, "must be floating point"),
+        (lambda q, k, v, w: (q, k.double(), v, w, EPS), TypeError, "share a dtype"),
+        (lambda q, k, v, w: (q, k, v, w.clone().requires_grad_(), EPS), RuntimeError, "no gradient"),
+    ],
+    ids=["shape", "w-width", "eps-zero", "eps-negative", "integer", "mixed-dtype", "w-requires-grad"],
+)
+def test_bad_input(change, error, match):
+    with pytest.raises(error, match=match):
+        performer_attention(*change(*small_inputs()))
+
+
+def test_unavailable_backend_is_a_clear_error():
+    q, k, v, w = small_inputs()
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+        performer_attention(q, k, v, w, backend="cuda")
+    with pytest.raises(RuntimeError, match="not supported by backend 'cpp'"):
+        performer_attention(q.half(), k.half(), v.half(), w, backend="cpp")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        performer_attention(q, k, v, w, backend="fast")
+
+
+@requires_cuda
+def test_mixed_devices():
+    q, k, v, w = small_inputs()
+    with pytest.raises(ValueError, match="one device"):
+        performer_attention(q, k.cuda(), v, w)
+
+
+def test_compiled_op_rejects_bad_input():
+    skip_unless_available("cpp")
+    q, k, v, w = small_inputs()
+    op, backward = torch.ops.t2t_kernels.performer_attention, torch.ops.t2t_kernels.performer_attention_backward
+    with pytest.raises(RuntimeError, match="q, k, v must have the same shape"):
+        op(q, k[:, :5], v, w, EPS)
+    with pytest.raises(RuntimeError, match=r"w must be \(m, E\)"):
+        op(q, k, v, w[:, :8], EPS)
+    with pytest.raises(RuntimeError, match="eps must be positive"):
+        op(q, k, v, w, 0.0)
+    with pytest.raises(RuntimeError, match="must be float32, float64 or bfloat16"):
+        op(q.half(), k.half(), v.half(), w, EPS)
+    with pytest.raises(RuntimeError, match=r"q must be \(B, T, E\)"):
+        op(q[0], k[0], v[0], w, EPS)
+    y, kv_state, k_sum = op(q, k, v, w, EPS)
+    with pytest.raises(RuntimeError, match=r"kv_state must be \(B, m, E\)"):
+        backward(y, q, k, v, w, kv_state[:, :4], k_sum, EPS)
+    with pytest.raises(RuntimeError, match=r"k_sum must be \(B, m\)"):
+        backward(y, q, k, v, w, kv_state, k_sum.double(), EPS)
+    with pytest.raises(RuntimeError, match="grad_y must be"):
+        backward(y[:, :3], q, k, v, w, kv_state, k_sum, EPS)
