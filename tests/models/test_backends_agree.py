@@ -47,3 +47,19 @@ def test_fused_backend_matches_eager(name, backend, mode):
     assert grads.keys() == ref_grads.keys()
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("backend", ["eager"] + _fused_backends())
+def test_channels_last_images(backend):
+    """A channels_last image goes through every backend (the soft split reads its strides) with the same result."""
+    model = t2t_kernels.t2t_vit_7(img_size=(32, 48), num_classes=10, backend=backend).eval()
+    x = torch.randn(2, 3, 32, 48)
+    x_cl = x.to(memory_format=torch.channels_last).requires_grad_()
+    assert not x_cl.is_contiguous()
+    out = model(x_cl)
+    out.sum().backward()
+    x_ref = x.clone().requires_grad_()
+    ref = model(x_ref)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_cl.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
