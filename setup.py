@@ -80,8 +80,11 @@ def extensions():
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-fopenmp-simd"]
+    # -fopenmp: ATen's parallel_for is an inline `#pragma omp parallel` (torch's backend is OpenMP); without the
+    # flag it compiles to a serial loop. The link flag resolves to the libgomp that torch already loaded.
+    cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-fopenmp"]
     extra = {"cxx": cxx_flags + ["-DPy_LIMITED_API=0x03090000"]}
+    link_args = ["-fopenmp"]
     ext_cls = cpp_extension.CppExtension
     define_macros = []
     if with_cuda:
@@ -103,6 +106,7 @@ def extensions():
         sources,
         extra_compile_args=extra,
         define_macros=define_macros,
+        extra_link_args=link_args,
         py_limited_api=True,
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension}

@@ -15,10 +15,11 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(t2t_kernels, m) {
   // x (B, C, H, W), any strides -> (B, L, C*kh*kw) contiguous == F.unfold(x, k, padding=p, stride=s).transpose(1, 2)
   m.def("soft_split(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
-  // the fold of grad_out (B, L, C*kh*kw) back into a contiguous (B, C, H, W), computed as a gather
+  // the fold of grad_out (B, L, C*kh*kw) back into a (B, C, H, W) computed as a gather; contiguous, or
+  // channels_last memory when channels_last (the layout of the token view, so its gradient is contiguous tokens)
   m.def(
       "soft_split_backward(Tensor grad_out, SymInt[4] input_size, int[2] kernel_size, int[2] stride, "
-      "int[2] padding) -> Tensor");
+      "int[2] padding, bool channels_last=False) -> Tensor");
   // q, k, v (..., T, E), w (m, E) -> y (..., T, E) and the fp32 state kept for backward:
   // kv_state = phi(k)^T v (..., m, E) and k_sum = sum_t phi(k) (..., m)
   m.def("performer_attention(Tensor q, Tensor k, Tensor v, Tensor w, float eps) -> (Tensor, Tensor, Tensor)");

@@ -73,11 +73,11 @@ def _soft_split_triton(
 @torch.library.custom_op("t2t_kernels::soft_split_triton_backward", mutates_args=())
 def _soft_split_triton_backward(
     grad_out: Tensor, input_size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
-    padding: Sequence[int],
+    padding: Sequence[int], channels_last: bool = False,
 ) -> Tensor:
     from .triton import soft_split_backward
 
-    return soft_split_backward(grad_out, input_size, kernel_size, stride, padding)
+    return soft_split_backward(grad_out, input_size, kernel_size, stride, padding, channels_last)
 
 
 def _fake_forward(x, kernel_size, stride, padding):
@@ -86,8 +86,15 @@ def _fake_forward(x, kernel_size, stride, padding):
     return x.new_empty((B, h * w, C * kernel_size[0] * kernel_size[1]))
 
 
-def _fake_backward(grad_out, input_size, kernel_size, stride, padding):
-    return grad_out.new_empty(input_size)
+def _fake_backward(grad_out, input_size, kernel_size, stride, padding, channels_last=False):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return grad_out.new_empty(input_size).contiguous(memory_format=fmt)
+
+
+def grad_is_channels_last(x: Tensor) -> bool:
+    """Whether x's gradient should be laid out channels_last: true for channels_last images and for the token view
+    (B, N, C) -> (B, C, h, w), so the gradient of the tokens comes out contiguous instead of transposed."""
+    return x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _register(suffix: str) -> None:
@@ -101,9 +108,11 @@ def _register(suffix: str) -> None:
     def setup_context(ctx, inputs, output):
         x, ctx.kernel_size, ctx.stride, ctx.padding = inputs
         ctx.input_size = list(x.shape)
+        ctx.channels_last = grad_is_channels_last(x)
 
     def grad(ctx, grad_out):
-        grad_x = backward_op(grad_out.contiguous(), ctx.input_size, ctx.kernel_size, ctx.stride, ctx.padding)
+        grad_x = backward_op(grad_out.contiguous(), ctx.input_size, ctx.kernel_size, ctx.stride, ctx.padding,
+                             ctx.channels_last)
         return grad_x, None, None, None
 
     torch.library.register_autograd(forward, grad, setup_context=setup_context)
