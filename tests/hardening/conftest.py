@@ -1,0 +1,35 @@
+"""Hypothesis profiles for the hardening tests.
+
+T2T_HYPOTHESIS_PROFILE picks one (default "t2t-full"):
+  t2t-full     the default: >= 500 generated cases per op (see EXAMPLES in hardening_utils.py), derandomized, so
+               every run explores the same cases and a failure reruns as it is.
+  t2t-ci       a quarter of the cases, for a quick check.
+  t2t-explore  ten times the cases with a fresh random seed per run: to hunt for new failures. Hypothesis prints the
+               failing example and an @reproduce_failure blob; each case carries its own tensor seed, so the printed
+               case reruns on its own (hardening_utils.check_* functions).
+Every profile prints the reproduce blob and keeps no example database (nothing is written to the tree).
+"""
+import os
+
+from hypothesis import HealthCheck, settings
+
+_COMMON = dict(deadline=None, print_blob=True, database=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# max_examples here is the scale of the per-backend budgets (hardening_utils.examples_for)
+settings.register_profile("t2t-full", max_examples=100, derandomize=True, **_COMMON)
+settings.register_profile("t2t-ci", max_examples=25, derandomize=True, **_COMMON)
+settings.register_profile("t2t-explore", max_examples=1000, derandomize=False, **_COMMON)
+settings.load_profile(os.environ.get("T2T_HYPOTHESIS_PROFILE", "t2t-full"))
+
+
+def pytest_report_header(config):
+    return f"hypothesis profile for tests/hardening: {settings.default!r}".replace("settings(", "(")[:300]
+
+
+def pytest_terminal_summary(terminalreporter):
+    from hardening_utils import CASE_COUNTS
+
+    if CASE_COUNTS:
+        terminalreporter.section("hypothesis cases run (incl. shrinking)")
+        for test_id, count in sorted(CASE_COUNTS.items()):
+            terminalreporter.write_line(f"{count:6d}  {test_id}")
