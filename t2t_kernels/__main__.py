@@ -1,5 +1,9 @@
-"""Command line: `python -m t2t_kernels [info] --model t2t_vit_14 --img-size 224` prints the model's parameters,
-GMACs (counted with torch.utils.flop_counter), the available backends and a short throughput measurement."""
+"""Command line.
+
+`python -m t2t_kernels [info] --model t2t_vit_14 --img-size 224` prints the model's parameters, GMACs (counted with
+torch.utils.flop_counter), the available backends and a short throughput measurement.
+`python -m t2t_kernels bench [--model NAME] [--batch N] [--device cpu|cuda] [--dtype ...] [--out DIR]` benchmarks
+the fused ops and the models against eager and torch.compile (see `python -m t2t_kernels bench --help`)."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m t2t_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     info = sub.add_parser("info", help="parameters, GMACs, backends and a short throughput measurement")
+    # listed here for --help; main() hands `bench ...` to its own parser (t2t_kernels/bench/cli.py)
+    sub.add_parser("bench", add_help=False,
+                   help="benchmark ops and models vs eager and torch.compile: table, JSON, PNG (bench --help)")
     for p in (parser, info):  # `info` is the default command, so its options also work without the word
         p.add_argument("--model", default="t2t_vit_14", choices=list_models())
         p.add_argument("--img-size", type=_img_size, default=224, help="224 or 224,320 (H,W); multiples of 16")
@@ -90,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .bench.cli import main as bench_main
+
+        try:
+            return bench_main(argv[1:])
+        except (ValueError, RuntimeError, TypeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return cmd_info(args)

@@ -1,0 +1,470 @@
+"""The benchmark cases, defined once: the CLI (`python -m t2t_kernels bench`) and the pytest-benchmark suites in
+benchmarks/ build their workloads from here, so both time exactly the same thing.
+
+A case is one thing to time (an op at one T2T stage and pass, or a model part and mode); its providers are the
+implementations compared: for an op the official eager formulation ("eager"), each compiled backend of the op that
+this device and dtype offer ("cpp", "cuda", "triton"), and torch.compile of the eager formulation ("compile"); for a
+model the eager model (backend="eager"), ours (backend="auto", "fused"), torch.compile of each, and in train steps
+the same with gradient checkpointing. ``Case.build(provider)`` returns a Workload: a zero-argument callable doing one
+call (forward, forward+backward, or a full optimizer step) without any device sync; the runner adds the sync.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import BACKENDS as BACKEND_NAMES
+from ..ops import performer_attention, soft_split
+from ..ops._backends import OpBackends
+from ..ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
+from ..ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
+
+FORWARD, FORWARD_BACKWARD, TRAIN_STEP = "forward", "forward+backward", "train step"
+
+# the official T2T module: soft split (kernel, stride, padding), input channels, downsampling of its input
+SOFT_SPLIT_STAGES = {
+    "stage0": dict(kernel=7, stride=4, padding=2, channels=None, down=1),  # channels None: the image's
+    "stage1": dict(kernel=3, stride=2, padding=1, channels=64, down=4),
+    "stage2": dict(kernel=3, stride=2, padding=1, channels=64, down=8),
+}
+PERFORMER_STAGES = {"stage1": 4, "stage2": 8}  # tokens of a (H/d, W/d) grid
+PERFORMER_E, PERFORMER_M, PERFORMER_EPS = 64, 32, 1e-8
+TIMM_REFERENCE = "vit_small_patch16_224"  # a plain ViT of T2T-ViT-14's size: the throughput to match on GPU
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run measures. ``dtype`` is the op input dtype and, for the models, the autocast dtype
+    (float32: no autocast; the weights stay fp32 either way)."""
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    batch: int = 8
+    img_size: tuple[int, int] = (224, 224)
+    models: tuple[str, ...] = ("t2t_vit_14",)
+    compile: bool = True
+    compile_backend: str = "inductor"
+    checkpointing: bool = True
+    timm: bool = False  # add timm's vit_small_patch16_224 (when timm imports)
+
+    @classmethod
+    def defaults(cls, device: str | torch.device | None = None, **overrides) -> "Settings":
+        """CPU: T2T-ViT-14, fp32, B=8, 224 (issue 5's CPU target; minutes on 2 cores). GPU: T2T-ViT-7/14/24 and
+        timm's ViT-S, bf16 autocast, B=128, 224."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        on_gpu = device.type == "cuda"
+        base = dict(device=device, dtype=torch.bfloat16 if on_gpu else torch.float32, batch=128 if on_gpu else 8,
+                    models=("t2t_vit_7", "t2t_vit_14", "t2t_vit_24") if on_gpu else ("t2t_vit_14",), timm=on_gpu)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(base.get("img_size"), int):
+            base["img_size"] = (base["img_size"], base["img_size"])
+        return cls(**base)
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "dtype": dtype_name(self.dtype), "batch": self.batch,
+                "img_size": list(self.img_size), "models": list(self.models), "compile": self.compile,
+                "compile_backend": self.compile_backend, "checkpointing": self.checkpointing, "timm": self.timm}
+
+
+@dataclass
+class Provider:
+    name: str
+    reason: str | None = None  # set: the provider is skipped, and this says why
+    note: str = ""
+
+
+@dataclass
+class Workload:
+    """One call of a provider on a case. ``probe`` (optional) runs only the forward of a call that has a backward and
+    returns what keeps its graph alive, so the runner can measure the activation memory held for backward.
+    ``state_bytes``: parameters + gradients + optimizer state of a train step (allocated before the step)."""
+
+    step: Callable[[], object]
+    probe: Callable[[], object] | None = None
+    state_bytes: Callable[[], int] | None = None
+
+    def __call__(self):
+        return self.step()
+
+
+def compiled(fn, settings: Settings):
+    # the benchmarks compile one function at many shapes (stages, passes, dtypes): allow the graphs
+    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+    # dynamic=False: every stage shape gets its own static graph (automatic dynamic shapes would otherwise switch
+    # the second shape to a symbolic-shape graph and time that instead)
+    return torch.compile(fn, backend=settings.compile_backend, dynamic=False)
+
+
+def _compile_reason(settings: Settings) -> str | None:
+    return None if settings.compile else "torch.compile providers are off (--no-compile)"
+
+
+def op_backend_reason(backends: OpBackends, name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why backend `name` of an op is not benchmarked here (None: it is)."""
+    reason = backends.unavailable_reason(name, device, dtype)
+    if reason is None and name == "triton" and device.type == "cpu":
+        return "triton on cpu is the TRITON_INTERPRET=1 interpreter, a correctness tool that is not worth timing"
+    return reason
+
+
+# ---- op cases --------------------------------------------------------------------------------------------------
+class Case:
+    kind = "op"
+    baseline = "eager"  # speedups are against this provider ...
+    compiled_baseline = "compile"  # ... and against this one
+
+    def __init__(self, settings: Settings, name: str, group: str):
+        self.settings, self.name, self.group = settings, name, group
+
+    items_per_call: int | None = None  # images per call: model cases report images/s
+
+    def providers(self) -> list[Provider]:
+        raise NotImplementedError
+
+    def build(self, provider: str) -> Workload:
+        raise NotImplementedError
+
+    def byte_floor(self) -> int | None:
+        """Bytes no implementation can avoid moving (read inputs once, write outputs once), or None."""
+        return None
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class OpCase(Case):
+    """One fused op at one T2T stage and pass; providers: official eager, each available backend, compile."""
+
+    backends: OpBackends
+
+    def __init__(self, settings, op, stage, pass_):
+        self.op, self.stage, self.pass_ = op, stage, pass_
+        super().__init__(settings, f"{op}/{stage}/{pass_}", f"{op} {stage} {self.shape_text()} {pass_}")
+
+    def providers(self):
+        s = self.settings
+        out = [Provider("eager", note="official formulation")]
+        for name in BACKEND_NAMES:
+            if name != "eager":
+                out.append(Provider(name, op_backend_reason(self.backends, name, s.device, s.dtype)))
+        out.append(Provider("compile", _compile_reason(s), note=f"torch.compile({s.compile_backend}) of eager"))
+        return out
+
+    def build(self, provider):
+        fn = self.official
+        if provider == "compile":
+            fn = compiled(self.official, self.settings)
+        elif provider != "eager":
+            fn = self.backend_fn(provider)
+        return self.workload(fn)
+
+    @property
+    def backward(self) -> bool:
+        return self.pass_ == FORWARD_BACKWARD
+
+    def workload(self, fn) -> Workload:
+        raise NotImplementedError
+
+
+class SoftSplitCase(OpCase):
+    """soft_split at a T2T stage: stage0 reads the image, stages 1-2 the tokens (B, N, 64) seen as an image through
+    the free transpose view (the model's input, not contiguous). Eager is the official F.unfold + transpose, made
+    contiguous as the LayerNorm after it does."""
+
+    backends = SOFT_SPLIT_BACKENDS
+
+    def __init__(self, settings, stage, pass_):
+        cfg = SOFT_SPLIT_STAGES[stage]
+        self.k, self.s, self.p = cfg["kernel"], cfg["stride"], cfg["padding"]
+        H, W = settings.img_size
+        self.channels = cfg["channels"] or 3
+        self.hw = (H // cfg["down"], W // cfg["down"])
+        self.out_hw = tuple((n + 2 * self.p - self.k) // self.s + 1 for n in self.hw)
+        super().__init__(settings, "soft_split", stage, pass_)
+
+    def shape_text(self):
+        return f"(C={self.channels}, {self.hw[0]}x{self.hw[1]}, k{self.k} s{self.s} p{self.p})"
+
+    @staticmethod
+    def official(x, k, s, p):
+        return F.unfold(x, k, padding=p, stride=s).transpose(1, 2).contiguous()
+
+    def backend_fn(self, backend):
+        return lambda x, k, s, p: soft_split(x, k, s, p, backend=backend)
+
+    def byte_floor(self):
+        B, item = self.settings.batch, self.settings.dtype.itemsize
+        x = B * self.channels * self.hw[0] * self.hw[1] * item
+        out = B * self.out_hw[0] * self.out_hw[1] * self.channels * self.k * self.k * item
+        return (x + out) * (2 if self.backward else 1)  # backward: read grad_out, write grad_x
+
+    def workload(self, fn):
+        s, (h, w) = self.settings, self.hw
+        B, C = s.batch, self.channels
+        if self.stage == "stage0":
+            leaf = torch.randn(B, C, h, w, device=s.device, dtype=s.dtype)
+            as_image = lambda t: t  # noqa: E731
+        else:
+            leaf = torch.randn(B, h * w, C, device=s.device, dtype=s.dtype)
+            as_image = lambda t: t.transpose(1, 2).reshape(B, C, h, w)  # noqa: E731  (a view, as in the model)
+        args = (self.k, self.s, self.p)
+        if not self.backward:
+            def step():
+                with torch.no_grad():
+                    return fn(as_image(leaf), *args)
+            return Workload(step)
+        leaf.requires_grad_(True)
+        grad_out = torch.randn(B, self.out_hw[0] * self.out_hw[1], C * self.k * self.k, device=s.device,
+                               dtype=s.dtype)
+
+        def step():
+            leaf.grad = None
+            fn(as_image(leaf), *args).backward(grad_out)
+
+        return Workload(step, probe=lambda: fn(as_image(leaf), *args))
+
+
+class PerformerCase(OpCase):
+    """performer_attention at a T2T stage: q, k, v are thirds of one kqv output (B, T, 192), as the model makes
+    them; eager is the official Token_performer formula (reference.performer_attention_official)."""
+
+    backends = PERFORMER_BACKENDS
+
+    def __init__(self, settings, stage, pass_):
+        H, W = settings.img_size
+        d = PERFORMER_STAGES[stage]
+        self.T = (H // d) * (W // d)
+        super().__init__(settings, "performer_attention", stage, pass_)
+
+    def shape_text(self):
+        return f"(T={self.T}, E={PERFORMER_E}, m={PERFORMER_M})"
+
+    @staticmethod
+    def official(q, k, v, w, eps):
+        from ..ops.performer_attention.reference import performer_attention_official
+
+        return performer_attention_official(q, k, v, w, eps)
+
+    def backend_fn(self, backend):
+        return lambda q, k, v, w, eps: performer_attention(q, k, v, w, eps=eps, backend=backend)
+
+    def byte_floor(self):
+        tensor = self.settings.batch * self.T * PERFORMER_E * self.settings.dtype.itemsize
+        # forward reads q, k, v and writes y; backward reads q, k, v, g and writes gq, gk, gv
+        return tensor * (4 + 7 if self.backward else 4)
+
+    def workload(self, fn):
+        s, E = self.settings, PERFORMER_E
+        kqv = (0.5 * torch.randn(s.batch, self.T, 3 * E, device=s.device)).to(s.dtype)
+        w = torch.nn.init.orthogonal_(torch.empty(PERFORMER_M, E)).mul_(math.sqrt(PERFORMER_M)).to(s.device)
+
+        def call():
+            k, q, v = kqv.split(E, dim=-1)  # the official split order
+            return fn(q, k, v, w, PERFORMER_EPS)
+
+        if not self.backward:
+            def step():
+                with torch.no_grad():
+                    return call()
+            return Workload(step)
+        kqv.requires_grad_(True)
+        grad_y = torch.randn(s.batch, self.T, E, device=s.device, dtype=s.dtype)
+
+        def step():
+            kqv.grad = None
+            call().backward(grad_y)
+
+        return Workload(step, probe=call)
+
+
+def op_cases(settings: Settings, ops=("soft_split", "performer_attention"), passes=(FORWARD, FORWARD_BACKWARD)):
+    cases = []
+    for op in ops:
+        cls, stages = (SoftSplitCase, SOFT_SPLIT_STAGES) if op == "soft_split" else (PerformerCase, PERFORMER_STAGES)
+        cases += [cls(settings, stage, pass_) for stage in stages for pass_ in passes]
+    return cases
+
+
+# ---- model cases -----------------------------------------------------------------------------------------------
+def autocast(settings: Settings):
+    enabled = settings.dtype != torch.float32
+    return torch.autocast(settings.device.type, dtype=settings.dtype, enabled=enabled)
+
+
+def _train_step(module, images, loss_fn, settings: Settings) -> Workload:
+    """AdamW step: zero grads (set to None), forward + loss under autocast, backward, step (fp16: GradScaler)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    scaler = torch.amp.GradScaler(settings.device.type) if settings.dtype == torch.float16 else None
+
+    def forward_loss():
+        with autocast(settings):
+            return loss_fn(module(images))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = forward_loss()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return loss
+
+    def state_bytes():
+        # params + grads + AdamW's two moments (+ step): exists before each step once the first one ran
+        tensors = list(module.parameters()) + [p.grad for p in params if p.grad is not None]
+        tensors += [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    return Workload(step, probe=forward_loss, state_bytes=state_bytes)
+
+
+def _forward(module, images, settings: Settings) -> Workload:
+    def step():
+        with torch.no_grad(), autocast(settings):
+            return module(images)
+
+    return Workload(step)
+
+
+class ModelCase(Case):
+    """A T2T-ViT variant, whole or only its T2T module (``part="t2t_module"``), forward (eval, no grad) or train step
+    (AdamW). Providers: eager (backend="eager"), fused (backend="auto"), torch.compile of each; train steps also
+    eager+ckpt and fused+ckpt (set_grad_checkpointing(True)) for the activation memory."""
+
+    kind = "model"
+    compiled_baseline = "compile-eager"
+
+    def __init__(self, settings, model, part, mode):
+        self.model, self.part, self.mode = model, part, mode
+        label = model if part == "model" else f"{model}.tokens_to_token"
+        H, W = settings.img_size
+        super().__init__(settings, f"{label}/{mode}", f"{label} {mode} (B={settings.batch}, {H}x{W})")
+        self.items_per_call = settings.batch
+
+    def providers(self):
+        s = self.settings
+        out = [Provider("eager", note='backend="eager"'), Provider("fused", note=f'backend="auto": {self.auto_text()}')]
+        for base in ("eager", "fused"):
+            out.append(Provider(f"compile-{base}", _compile_reason(s), note=f"torch.compile({s.compile_backend})"))
+        if self.mode == TRAIN_STEP:
+            for base in ("eager", "fused"):
+                reason = None if s.checkpointing else "gradient checkpointing providers are off (--no-checkpointing)"
+                out.append(Provider(f"{base}+ckpt", reason, note="set_grad_checkpointing(True)"))
+        return out
+
+    def auto_text(self) -> str:
+        """Which backend "auto" picks for each op on this device and dtype."""
+        probe = torch.empty(0, device=self.settings.device, dtype=self.settings.dtype)
+        return ", ".join(f"{b.name} {b.resolve('auto', probe)}" for b in (SOFT_SPLIT_BACKENDS, PERFORMER_BACKENDS))
+
+    def make_model(self):
+        from .. import create_model
+
+        torch.manual_seed(0)  # the same weights for every provider
+        return create_model(self.model, img_size=self.settings.img_size, backend="eager")
+
+    def build(self, provider):
+        s = self.settings
+        model = self.make_model().to(s.device)
+        base = provider.removeprefix("compile-").removesuffix("+ckpt")
+        model.set_backend("eager" if base == "eager" else "auto")
+        if provider.endswith("+ckpt"):
+            model.set_grad_checkpointing(True)
+        module = model if self.part == "model" else model.tokens_to_token
+        if provider.startswith("compile-"):
+            module = compiled(module, s)
+        return self.workload(model, module)
+
+    def workload(self, model, module):
+        s = self.settings
+        torch.manual_seed(1)
+        images = torch.randn(s.batch, 3, *s.img_size, device=s.device)
+        if self.mode == FORWARD:
+            model.eval()
+            return _forward(module, images, s)
+        model.train()
+        if self.part == "model":
+            labels = torch.randint(0, model.num_classes, (s.batch,), device=s.device)
+            loss_fn = lambda out: F.cross_entropy(out.float(), labels)  # noqa: E731
+        else:
+            loss_fn = lambda out: out.float().square().mean()  # noqa: E731
+        return _train_step(module, images, loss_fn, s)
+
+
+class TimmCase(ModelCase):
+    """timm's vit_small_patch16_224 (22M parameters, like T2T-ViT-14): the plain-ViT throughput to compare with."""
+
+    def __init__(self, settings, mode):
+        super().__init__(settings, TIMM_REFERENCE, "model", mode)
+        self.name, self.group = f"timm.{self.name}", f"timm.{self.group}"
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        try:
+            import timm  # noqa: F401
+        except Exception as err:  # noqa: BLE001
+            return f"timm is not importable ({type(err).__name__}: {err})"
+        return None
+
+    def providers(self):
+        reason = self.unavailable_reason()
+        s = self.settings
+        out = [Provider("eager", reason), Provider("compile-eager", reason or _compile_reason(s),
+                                                   note=f"torch.compile({s.compile_backend})")]
+        if self.mode == TRAIN_STEP:
+            out.append(Provider("eager+ckpt", reason or (None if s.checkpointing else "checkpointing is off"),
+                                note="set_grad_checkpointing(True)"))
+        return out
+
+    def make_model(self):
+        import timm
+
+        torch.manual_seed(0)
+        model = timm.create_model(TIMM_REFERENCE, pretrained=False, img_size=self.settings.img_size)
+        model.set_backend = lambda backend: None
+        return model
+
+
+def model_cases(settings: Settings, parts=("t2t_module", "model"), modes=(FORWARD, TRAIN_STEP)):
+    cases = [ModelCase(settings, m, part, mode) for m in settings.models for part in parts for mode in modes]
+    if settings.timm and "model" in parts:
+        cases += [TimmCase(settings, mode) for mode in modes]
+    return cases
+
+
+def all_cases(settings: Settings, ops: bool = True, models: bool = True) -> list[Case]:
+    return (op_cases(settings) if ops else []) + (model_cases(settings) if models else [])
+
+
+def env_settings(**overrides) -> Settings:
+    """Settings of the pytest suites: defaults per device, overridable by T2T_BENCH_DEVICE, T2T_BENCH_BATCH,
+    T2T_BENCH_IMG, T2T_BENCH_DTYPE, T2T_BENCH_MODELS (comma list), T2T_BENCH_COMPILE_BACKEND."""
+    env = os.environ.get
+    device = env("T2T_BENCH_DEVICE")
+    kw = dict(batch=int(env("T2T_BENCH_BATCH")) if env("T2T_BENCH_BATCH") else None,
+              img_size=int(env("T2T_BENCH_IMG")) if env("T2T_BENCH_IMG") else None,
+              dtype=getattr(torch, env("T2T_BENCH_DTYPE")) if env("T2T_BENCH_DTYPE") else None,
+              models=tuple(env("T2T_BENCH_MODELS").split(",")) if env("T2T_BENCH_MODELS") else None,
+              compile_backend=env("T2T_BENCH_COMPILE_BACKEND"))
+    kw.update(overrides)
+    return Settings.defaults(device, **kw)
+
+
+__all__ = ["Settings", "Provider", "Workload", "Case", "OpCase", "SoftSplitCase", "PerformerCase", "ModelCase",
+           "TimmCase", "op_cases", "model_cases", "all_cases", "env_settings", "FORWARD", "FORWARD_BACKWARD",
+           "TRAIN_STEP", "dtype_name"]

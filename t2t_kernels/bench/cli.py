@@ -1,0 +1,118 @@
+"""`python -m t2t_kernels bench`: times the fused ops and the models against eager and torch.compile, prints a table,
+and writes results.json, results.md and speedups.png to --out.
+
+CPU defaults finish in minutes on 2 cores (T2T-ViT-14, fp32, B=8, 224x224: issue 5's CPU target shapes); on a GPU
+the defaults are T2T-ViT-7/14/24 and timm's ViT-S at bf16 autocast, B=128, 224x224.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _models(text: str) -> tuple[str, ...]:
+    from ..models import list_models
+
+    names = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_24") if text == "all" else tuple(n for n in text.split(",") if n)
+    bad = [n for n in names if n not in list_models()]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {bad}; choose from {list_models()} or 'all'")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..__main__ import _img_size
+
+    p = argparse.ArgumentParser(prog="python -m t2t_kernels bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=_models, default=None,
+                   help="comma list of variants or 'all' (t2t_vit_7,14,24); default: t2t_vit_14 on CPU, all on GPU")
+    p.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 128 on GPU")
+    p.add_argument("--img-size", type=_img_size, default=None, help="224 or H,W (multiples of 16); default 224")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="op input dtype and model autocast dtype (float32 = no autocast); default fp32 on CPU, "
+                        "bf16 on GPU")
+    p.add_argument("--out", default="bench_out", help="folder for results.json, results.md, speedups.png")
+    p.add_argument("--no-ops", action="store_true", help="skip the op-level cases")
+    p.add_argument("--no-model", action="store_true", help="skip the model-level cases")
+    p.add_argument("--ops", default="soft_split,performer_attention", help="which ops (comma list)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing providers")
+    p.add_argument("--timm", action=argparse.BooleanOptionalAction, default=None,
+                   help="add timm's vit_small_patch16_224 (default: on for GPU runs)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per provider (compile, autotune)")
+    p.add_argument("--min-reps", type=int, default=3, help="timed calls per provider, at least")
+    p.add_argument("--max-reps", type=int, default=50, help="timed calls per provider, at most")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per case, at least")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--markdown", action="store_true", help="print the markdown section instead of the text table")
+    p.add_argument("--record", metavar="MARKDOWN",
+                   help="put the markdown section into this file (e.g. BENCHMARKS.md), replacing an earlier run of "
+                        "the same command on the same device")
+    p.add_argument("--note", help="a line for the markdown section (e.g. 'shared machine, noisy')")
+    return p
+
+
+def settings_from_args(args):
+    from .cases import Settings
+
+    device = torch.device(args.device) if args.device else None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return Settings.defaults(
+        device, dtype=DTYPES[args.dtype] if args.dtype else None, batch=args.batch, img_size=args.img_size,
+        models=args.model, compile=not args.no_compile, compile_backend=args.compile_backend,
+        checkpointing=not args.no_checkpointing, timm=args.timm)
+
+
+def main(argv=None) -> int:
+    from . import report
+    from .cases import TimmCase, model_cases, op_cases
+    from .runner import run
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be positive, got {args.batch}")
+    settings = settings_from_args(args)
+    from ..models.t2t_vit import to_img_size
+
+    to_img_size(settings.img_size)  # a clear error for sizes the model cannot take
+    cases = [] if args.no_ops else op_cases(settings, ops=tuple(o for o in args.ops.split(",") if o))
+    cases += [] if args.no_model else model_cases(settings)
+    if settings.timm and TimmCase.unavailable_reason():
+        print(f"note: {TimmCase.unavailable_reason()}; its rows are skipped", file=sys.stderr)
+    result = run(settings, cases, argv=_recorded_argv(argv), warmup=args.warmup, min_reps=args.min_reps,
+                 max_reps=args.max_reps, min_time=args.min_time, memory=not args.no_memory,
+                 progress=not args.no_progress)
+    paths = report.write_all(result, args.out, args.note)
+    print(report.markdown(result, args.note) if args.markdown else report.text_table(result))
+    print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    if args.record:
+        print(f"recorded in {args.record} (section: {report.record(args.record, result, args.note)})")
+    return 0
+
+
+def _recorded_argv(argv):
+    """The command line that produced the numbers: without the options that only say where output goes."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in ("--out", "--record", "--note"):
+            skip = "=" not in a
+            continue
+        if name in ("--no-progress", "--markdown"):
+            continue
+        out.append(a)
+    return out

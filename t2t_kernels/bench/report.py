@@ -1,0 +1,244 @@
+"""Turns a result document (the JSON the runner makes) into a text table, a markdown section, a PNG plot, and
+keeps BENCHMARKS.md's section for that command and device up to date.
+
+    python -m t2t_kernels.bench.report bench_out/results.json            # print the markdown section again
+    python -m t2t_kernels.bench.report bench_out/results.json --record BENCHMARKS.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+MB = 1 << 20
+
+
+def _fmt(value, spec, empty="-"):
+    return empty if value is None else format(value, spec)
+
+
+def _time(row) -> str:
+    if row.get("median_s") is None:
+        return "-"
+    scale, unit = (1e3, "ms") if row["median_s"] >= 1e-3 else (1e6, "us")
+    return (f"{row['median_s'] * scale:.3g} {unit} "
+            f"({row['p20_s'] * scale:.3g}-{row['p80_s'] * scale:.3g})")
+
+
+def _mb(nbytes) -> str | None:
+    return None if nbytes is None else f"{nbytes / MB:.1f}"
+
+
+COLUMNS = ("provider", "time median (p20-p80)", "images/s", "x eager", "x compile", "GB/s", "% copy BW",
+           "peak MB", "act. MB", "act. vs eager")
+
+
+def row_cells(row) -> list[str]:
+    if row["status"] != "ok":
+        return [row["provider"], f"{row['status']}: {row['reason']}"] + [""] * (len(COLUMNS) - 2)
+    return [
+        row["provider"],
+        _time(row),
+        _fmt(row.get("items_per_s"), ".1f"),
+        _fmt(row.get("vs_eager"), ".2f"),
+        _fmt(row.get("vs_compile"), ".2f"),
+        _fmt(row["bytes_per_s"] / 1e9 if row.get("bytes_per_s") else None, ".1f"),
+        _fmt(row["bw_fraction"] * 100 if row.get("bw_fraction") is not None else None, ".0f"),
+        _mb(row.get("peak_bytes")) or "-",
+        _mb(row.get("activation_bytes")) or "-",
+        _fmt(row.get("activation_vs_eager"), ".2f"),
+    ]
+
+
+def groups(result: dict) -> list[tuple[str, list[dict]]]:
+    out: dict[str, list[dict]] = {}
+    for row in result["rows"]:
+        out.setdefault(row["group"], []).append(row)
+    return list(out.items())
+
+
+def header_lines(result: dict) -> list[str]:
+    m, bw = result["meta"], result["copy_bandwidth"]
+    s = m["settings"]
+    return [
+        f"command: {m['command']}",
+        f"device: {m['device_name']}  |  torch {m['torch']}  triton {m.get('triton')}  CUDA {m.get('cuda')}  "
+        f"t2t_kernels {m['t2t_kernels']} (extension {'loaded' if m['extension_loaded'] else 'not loaded'})",
+        f"date: {m['date']}  |  dtype {s['dtype']}  batch {s['batch']}  image {s['img_size'][0]}x{s['img_size'][1]}  "
+        f"compile backend {s['compile_backend']}",
+        f"copy bandwidth (measured in this run): {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})",
+    ]
+
+
+def text_table(result: dict) -> str:
+    lines = header_lines(result) + [""]
+    for group, rows in groups(result):
+        cells = [list(COLUMNS)] + [row_cells(r) for r in rows]
+        ok = [c for c, r in zip(cells[1:], rows) if r["status"] == "ok"]
+        widths = [max(len(c[i]) for c in [cells[0]] + ok) for i in range(len(COLUMNS))]
+        lines.append(group)
+        for cell, row in zip(cells, [None] + rows):
+            if row is not None and row["status"] != "ok":
+                lines.append(f"  {cell[0]:<{widths[0]}}  {cell[1]}")
+            else:
+                lines.append("  " + "  ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in
+                                              enumerate(zip(cell, widths))).rstrip())
+        lines.append("")
+    lines += target_lines(result)
+    return "\n".join(lines)
+
+
+def target_lines(result: dict) -> list[str]:
+    if not result.get("targets"):
+        return []
+    lines = ["targets (ratios measured in this run):"]
+    for t in result["targets"]:
+        cond = "" if t["conditions_match"] else f"  [goal set for {t['conditions']}; this run differs]"
+        lines.append(f"  {'MET ' if t['met'] else 'MISS'} {t['target']}: {t['ratio']:.2f} (goal {t['goal']}){cond}")
+    return lines
+
+
+# ---- markdown --------------------------------------------------------------------------------------------------
+def markdown(result: dict, note: str | None = None) -> str:
+    m = result["meta"]
+    bw = result["copy_bandwidth"]
+    s = m["settings"]
+    lines = [
+        f"### {m['device_name']} — {s['dtype']}, B={s['batch']}, {s['img_size'][0]}x{s['img_size'][1]}", "",
+        f"- command: `{m['command']}`",
+        f"- device: {m['device_name']}; torch {m['torch']}, triton {m.get('triton')}, CUDA {m.get('cuda')}, "
+        f"t2t_kernels {m['t2t_kernels']} (extension {'loaded' if m['extension_loaded'] else 'not loaded'}), "
+        f"Python {m['python']}",
+        f"- date: {m['date']} (UTC); compile backend {s['compile_backend']}; timing: median of per-call times, "
+        f"p20-p80 in brackets, providers interleaved",
+        f"- copy bandwidth measured in the same run: {bw['bytes_per_s'] / 1e9:.1f} GB/s (`torch.clone`, "
+        f"{bw['tensor_bytes'] / MB:.0f} MB)",
+    ]
+    if note:
+        lines.append(f"- note: {note}")
+    lines += ["", "| case | " + " | ".join(COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
+    for group, rows in groups(result):
+        for i, row in enumerate(rows):
+            cells = row_cells(row)
+            if row["status"] != "ok":
+                cells = [cells[0], f"{row['status']}: {row['reason'].replace('|', '/')}"] + [""] * (len(cells) - 2)
+            lines.append(f"| {group if i == 0 else ''} | " + " | ".join(cells) + " |")
+    if result.get("targets"):
+        lines += ["", "Targets (issue 5 item 8, issue 6 item 2), ratios from this run:", ""]
+        for t in result["targets"]:
+            cond = "" if t["conditions_match"] else f" (goal set for {t['conditions']}; this run differs)"
+            lines.append(f"- {'met' if t['met'] else '**not met**'}: {t['target']}: **{t['ratio']:.2f}** "
+                         f"(goal {t['goal']}){cond}")
+    lines += ["", "Columns: x eager / x compile = that provider's median time over this one's (>1 is faster); "
+              "GB/s = the op's byte floor (inputs read once, outputs written once) over its median time; "
+              "peak MB = most memory allocated during one call above what was allocated before it (CPU: replay of "
+              "torch.profiler allocator events; CUDA: max_memory_allocated); act. MB = memory the forward leaves "
+              "allocated for backward."]
+    return "\n".join(lines) + "\n"
+
+
+def _section_key(result: dict) -> str:
+    m = result["meta"]
+    return f"{m['command']} @ {m['device_name']}"
+
+
+_SECTION = re.compile(r"<!-- bench-run: (?P<key>.*?) -->\n.*?<!-- /bench-run -->\n", re.S)
+
+
+def record(path: str, result: dict, note: str | None = None) -> str:
+    """Puts this run's markdown into the file at `path`, replacing the section of an earlier run of the same command
+    on the same device (older runs of other commands stay). Returns the key."""
+    key = _section_key(result).replace("-->", "- ->")
+    section = f"<!-- bench-run: {key} -->\n{markdown(result, note)}<!-- /bench-run -->\n"
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
+    for match in _SECTION.finditer(text):
+        if match.group("key") == key:
+            text = text[:match.start()] + section + text[match.end():]
+            break
+    else:
+        marker = "<!-- bench-runs: new runs are added below -->\n"
+        if marker in text:
+            i = text.index(marker) + len(marker)
+            text = text[:i] + "\n" + section + text[i:]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text)
+    return key
+
+
+# ---- plot ------------------------------------------------------------------------------------------------------
+def plot(result: dict, path: str) -> str:
+    """A PNG: speedup against eager per case and provider, and the ops' achieved fraction of the copy bandwidth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["status"] == "ok" and r["provider"] != "eager" and r.get("vs_eager")]
+    bw_rows = [r for r in result["rows"] if r["status"] == "ok" and r.get("bw_fraction") is not None]
+    providers = sorted({r["provider"] for r in result["rows"]})
+    colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}
+    height = max(3.0, 0.22 * max(len(rows), len(bw_rows), 1) + 1.5)
+    fig, axes = plt.subplots(1, 2, figsize=(16, height), constrained_layout=True)
+
+    def bars(ax, rs, value, title, xlabel, ref):
+        labels = [f"{r['case']} [{r['provider']}]" for r in rs]
+        ax.barh(range(len(rs)), [value(r) for r in rs], color=[colors[r["provider"]] for r in rs])
+        ax.set_yticks(range(len(rs)), labels, fontsize=7)
+        ax.invert_yaxis()
+        if ref is not None:
+            ax.axvline(ref, color="black", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        if not rs:
+            ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
+
+    bars(axes[0], rows, lambda r: r["vs_eager"], "speedup vs eager (same run)", "x eager (>1: faster)", 1.0)
+    bars(axes[1], bw_rows, lambda r: 100 * r["bw_fraction"], "ops: byte floor / time as % of measured copy bandwidth",
+         "% of copy bandwidth", 100.0)
+    m = result["meta"]
+    fig.suptitle(f"t2t_kernels bench — {m['device_name']}, torch {m['torch']}, {m['date']}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- files -----------------------------------------------------------------------------------------------------
+def write_all(result: dict, out_dir: str, note: str | None = None) -> dict[str, str]:
+    """results.json, results.md and speedups.png in out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md"),
+             "plot": os.path.join(out_dir, "speedups.png")}
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=1, default=str)
+        f.write("\n")
+    with open(paths["markdown"], "w") as f:
+        f.write(markdown(result, note))
+    plot(result, paths["plot"])
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m t2t_kernels.bench.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", help="results.json written by `python -m t2t_kernels bench`")
+    parser.add_argument("--record", metavar="MARKDOWN", help="update this file's section for the run (BENCHMARKS.md)")
+    parser.add_argument("--note", help="a line added to the section (e.g. 'shared machine, noisy')")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the plot here")
+    args = parser.parse_args(argv)
+    with open(args.json) as f:
+        result = json.load(f)
+    if args.record:
+        print(f"recorded in {args.record}: {record(args.record, result, args.note)}")
+    else:
+        sys.stdout.write(markdown(result, args.note))
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
