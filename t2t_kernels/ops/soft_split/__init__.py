@@ -117,6 +117,17 @@ def _register(suffix: str) -> None:
 
     torch.library.register_autograd(forward, grad, setup_context=setup_context)
 
+    # the fold's own derivative is the unfold: double backward (gradgradcheck, Hessian-vector products) works too
+    forward_op = torch.ops.t2t_kernels.soft_split_triton if suffix else torch.ops.t2t_kernels.soft_split
+
+    def setup_backward_context(ctx, inputs, output):
+        ctx.kernel_size, ctx.stride, ctx.padding = inputs[2:5]
+
+    def grad_of_backward(ctx, grad_grad_x):
+        return forward_op(grad_grad_x, ctx.kernel_size, ctx.stride, ctx.padding), None, None, None, None, None
+
+    torch.library.register_autograd(backward, grad_of_backward, setup_context=setup_backward_context)
+
 
 _register("")
 _register("_triton")

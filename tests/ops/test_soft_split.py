@@ -1,0 +1,409 @@
+"""soft_split against F.unfold (forward) and F.fold (backward), for every backend that can run here.
+
+Triton runs on CPU tensors through its interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU), so
+shapes stay small; the CUDA tests at model shapes skip without a GPU. Every torch.empty is NaN-filled
+(tests/conftest.py), so an output element a kernel forgets to write fails the comparison.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from t2t_kernels.ops import soft_split
+from t2t_kernels.ops.soft_split import BACKENDS, grad_is_channels_last
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+# Forward is a pure gather: every backend equals F.unfold exactly, in every dtype. Backward sums <= ceil(k/s)^2
+# windows per pixel: fp32/fp64 equal F.fold exactly (same summation order as ATen's col2im); fp16/bf16 (one rounding
+# of an fp32 sum in ours, a bf16/fp16 sum in eager) against float64 within (rtol, atol * max|grad|).
+BACKWARD_TOLERANCES = {
+    torch.float64: (0.0, 0.0),
+    torch.float32: (0.0, 0.0),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+DTYPES = {
+    "eager": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+    "cpp": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+# (B, C, H, W, kernel_size, stride, padding): the model's two settings, odd and non-square sizes, stride > k and
+# stride < k, C = 1, B = 1, rectangular kernels
+SHAPES = [
+    (2, 3, 16, 16, 7, 4, 2),
+    (1, 8, 8, 8, 3, 2, 1),
+    (2, 3, 17, 13, (7, 5), (4, 3), (2, 1)),
+    (2, 4, 11, 9, 2, 3, 1),
+    (1, 5, 9, 10, 3, 1, 1),
+    (3, 1, 8, 7, (3, 2), (2, 1), (0, 1)),
+]
+LAYOUTS = ("contiguous", "channels_last", "token_view", "strided")
+
+
+def shape_id(shape):
+    B, C, H, W, k, s, p = shape
+    return f"B{B}-C{C}-{H}x{W}-k{k}-s{s}-p{p}".replace(" ", "").replace("(", "").replace(")", "").replace(",", "_")
+
+
+def skip_unless_available(backend, dtype=torch.float32, device="cpu"):
+    reason = BACKENDS.unavailable_reason(backend, torch.device(device), dtype)
+    if reason:
+        pytest.skip(reason)
+
+
+VIEWS = {  # layout -> (leaf shape from (B, C, H, W), the view of the leaf that is the (B, C, H, W) input)
+    "contiguous": (lambda B, C, H, W: (B, C, H, W), lambda t, B, C, H, W: t),
+    "channels_last": (lambda B, C, H, W: (B, H, W, C), lambda t, B, C, H, W: t.permute(0, 3, 1, 2)),
+    # tokens (B, N, C) as the image (B, C, H, W): the free view the T2T module uses
+    "token_view": (lambda B, C, H, W: (B, H * W, C), lambda t, B, C, H, W: t.transpose(1, 2).view(B, C, H, W)),
+    # every dim strided and W not innermost: a sliced, transposed buffer
+    "strided": (lambda B, C, H, W: (B, C, 2 * W, H + 1), lambda t, B, C, H, W: t[:, :, ::2, 1:].transpose(2, 3)),
+}
+
+
+def make_input(B, C, H, W, layout, dtype=torch.float32, device="cpu"):
+    """A random leaf tensor and a function giving the (B, C, H, W) view of it with the strides of `layout`."""
+    leaf_shape, view = VIEWS[layout]
+    leaf = torch.randn(leaf_shape(B, C, H, W), device=device, dtype=dtype)
+    return leaf, lambda t: view(t, B, C, H, W)
+
+
+def unfold_reference(x, k, s, p):
+    return F.unfold(x, k, padding=p, stride=s).transpose(1, 2).contiguous()
+
+
+def fold_reference(grad_out, input_hw, k, s, p):
+    return F.fold(grad_out.transpose(1, 2), input_hw, k, padding=p, stride=s)
+
+
+def assert_backward_close(actual, expected, dtype):
+    rtol, atol = BACKWARD_TOLERANCES[dtype]
+    if rtol == 0 and atol == 0:
+        assert torch.equal(actual, expected)
+        return
+    scale = expected.abs().max().clamp_min(1.0).item()
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
+
+
+def check_forward_backward(backend, leaf, view, k, s, p):
+    """soft_split(view(leaf)) == F.unfold exactly; leaf's gradient through the view == eager unfold's (F.fold), in
+    the same dtype for fp32/fp64 (exactly), in float64 for fp16/bf16 (within their tolerance)."""
+    dtype = leaf.dtype
+    leaf = leaf.detach().requires_grad_()
+    x = view(leaf)
+    out = soft_split(x, k, s, p, backend=backend)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, unfold_reference(x.detach(), k, s, p))
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float64
+    leaf_ref = leaf.detach().to(ref_dtype).requires_grad_()
+    unfold_reference(view(leaf_ref), k, s, p).backward(grad_out.to(ref_dtype))
+    assert leaf.grad.dtype == dtype and leaf.grad.shape == leaf.shape
+    assert_backward_close(leaf.grad, leaf_ref.grad, dtype)
+
+
+def backend_dtype_params():
+    return [pytest.param(b, d, id=f"{b}-{str(d).removeprefix('torch.')}") for b in DTYPES for d in DTYPES[b]]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_matches_unfold_and_fold(backend, dtype, shape, layout):
+    skip_unless_available(backend, dtype)
+    B, C, H, W, k, s, p = shape
+    check_forward_backward(backend, *make_input(B, C, H, W, layout, dtype), k, s, p)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+@pytest.mark.parametrize("kernel_size", [3, 4, 7])
+def test_every_padding(backend, kernel_size):
+    """padding 0 .. k-1 (the windows that are mostly padding at the edges), with strides below, at and above k."""
+    skip_unless_available(backend)
+    strides = (1, 2, kernel_size + 1)
+    for p in range(kernel_size):
+        for layout, s in (("contiguous", strides[p % 3]), ("token_view", strides[(p + 1) % 3])):
+            check_forward_backward(backend, *make_input(2, 3, 9, 10, layout), kernel_size, s, p)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_token_view_gradient_is_contiguous_tokens(backend):
+    """The token view's gradient comes back as contiguous (B, N, C) tokens (channels_last grad_x), not a transposed
+    copy; a contiguous image gets a contiguous gradient."""
+    skip_unless_available(backend)
+    tokens, view = make_input(2, 6, 8, 8, "token_view")
+    tokens.requires_grad_()
+    x = view(tokens)
+    assert grad_is_channels_last(x)
+    soft_split(x, 3, 2, 1, backend=backend).sum().backward()
+    assert tokens.grad.is_contiguous()
+    image = torch.randn(2, 6, 8, 8, requires_grad=True)
+    assert not grad_is_channels_last(image)
+    soft_split(image, 3, 2, 1, backend=backend).sum().backward()
+    assert image.grad.is_contiguous()
+
+
+def test_auto_picks_cpp_on_cpu():
+    x = torch.randn(1, 2, 5, 5)
+    expected = "cpp" if BACKENDS.unavailable_reason("cpp", x.device, x.dtype) is None else "eager"
+    assert BACKENDS.resolve(None, x) == expected
+    assert BACKENDS.resolve("auto", x) == expected
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+@pytest.mark.parametrize("layout", ["contiguous", "token_view"])
+def test_gradcheck_float64(backend, layout):
+    skip_unless_available(backend, torch.float64)
+    leaf, view = make_input(2, 3, 7, 6, layout, torch.float64)  # B, C, H, W
+    leaf.requires_grad_()
+
+    def fn(leaf):
+        return soft_split(view(leaf), (3, 2), (2, 1), (1, 1), backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (leaf,))
+    if backend != "eager":  # the backward op's derivative is the forward op (eager's double backward is slow)
+        assert torch.autograd.gradgradcheck(fn, (leaf,))
+
+
+@pytest.mark.parametrize("op_name", ["soft_split", "soft_split_triton"])
+@pytest.mark.parametrize("layout", ["contiguous", "token_view"])
+def test_opcheck(op_name, layout):
+    skip_unless_available("cpp" if op_name == "soft_split" else "triton")
+    op = getattr(torch.ops.t2t_kernels, op_name)
+    backward = getattr(torch.ops.t2t_kernels, op_name + "_backward")
+    leaf, view = make_input(2, 3, 9, 8, layout)
+    x = view(leaf).requires_grad_()
+    args = ([3, 3], [2, 2], [1, 1])
+    torch.library.opcheck(op, (x, *args))
+    out = op(x, *args)
+    grad_out = torch.randn_like(out)
+    for channels_last in (False, True):
+        torch.library.opcheck(backward, (grad_out, list(x.shape), *args, channels_last))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) through the token view and the op: no graph break, same values and grads."""
+    skip_unless_available(backend)
+
+    def t2t_step(tokens, image):
+        B, N, C = tokens.shape
+        a = soft_split(image, 7, 4, 2, backend=backend)
+        b = soft_split(tokens.transpose(1, 2).reshape(B, C, 4, 4), 3, 2, 1, backend=backend)
+        return a.sin().sum() + b.cos().sum()
+
+    compiled = torch.compile(t2t_step, fullgraph=True)
+    inputs = [torch.randn(2, 16, 5), torch.randn(2, 3, 16, 16)]
+    args = [t.clone().requires_grad_() for t in inputs]
+    expected_args = [t.clone().requires_grad_() for t in inputs]
+    got = compiled(*args)
+    want = t2t_step(*expected_args)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    for a, e in zip(args, expected_args):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+def test_export():
+    skip_unless_available("cpp")
+
+    class Split(torch.nn.Module):
+        def forward(self, x):
+            return soft_split(x, 3, 2, 1, backend="cpp")
+
+    x = torch.randn(2, 4, 9, 9)
+    program = torch.export.export(Split(), (x,))
+    assert any("soft_split" in str(node.target) for node in program.graph.nodes)
+    assert torch.equal(program.module()(x), unfold_reference(x, 3, 2, 1))
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_poisoned_outputs_are_fully_written(backend):
+    """With every fresh allocation NaN-filled, outputs that are mostly padding (windows past every edge) must come
+    back NaN-free: the kernels write the zeros of the padding, and backward writes every pixel."""
+    skip_unless_available(backend)
+    assert torch.empty(8).isnan().all(), "tests/conftest.py's NaN poisoning is off"
+    for layout in ("contiguous", "token_view"):
+        leaf, view = make_input(1, 2, 3, 4, layout)
+        leaf.requires_grad_()
+        out = soft_split(view(leaf), 5, 2, 4, backend=backend)
+        assert not out.isnan().any()
+        out.backward(torch.ones_like(out))
+        assert not leaf.grad.isnan().any()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_deterministic(backend):
+    """Two runs (cpp: with 1 and with 2+ threads) give bitwise the same output and gradient."""
+    skip_unless_available(backend)
+    leaf0, view = make_input(3, 5, 19, 17, "token_view")
+    threads = torch.get_num_threads()
+    results = []
+    for num_threads in (1, max(2, threads)):
+        torch.set_num_threads(num_threads)
+        try:
+            leaf = leaf0.detach().clone().requires_grad_()
+            out = soft_split(view(leaf), 3, 2, 1, backend=backend)
+            out.backward(torch.arange(out.numel(), dtype=out.dtype).view(out.shape).sin())
+        finally:
+            torch.set_num_threads(threads)
+        results.append((out, leaf.grad))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------------
+
+STAGES = [  # T2T-ViT-14 at 224: stage 0 image, stages 1 and 2 token views
+    ((3, 224, 224), "contiguous", 7, 4, 2),
+    ((64, 56, 56), "token_view", 3, 2, 1),
+    ((64, 28, 28), "token_view", 3, 2, 1),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stage", STAGES, ids=["stage0", "stage1", "stage2"])
+def test_cuda_model_shapes(backend, dtype, stage):
+    skip_unless_available(backend, dtype, "cuda")
+    (C, H, W), layout, k, s, p = stage
+    check_forward_backward(backend, *make_input(4, C, H, W, layout, dtype, device="cuda"), k, s, p)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_cuda_odd_shapes(backend, shape, layout):
+    skip_unless_available(backend, torch.float32, "cuda")
+    B, C, H, W, k, s, p = shape
+    check_forward_backward(backend, *make_input(B, C, H, W, layout, device="cuda"), k, s, p)
+
+
+@requires_cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_int64_indexing(backend):
+    """An output past 2**31 elements (bf16, ~4.3 GB): the tail windows land where int32 offsets would wrap."""
+    skip_unless_available(backend, torch.bfloat16, "cuda")
+    free, _ = torch.cuda.mem_get_info()
+    if free < 16 * 2**30:
+        pytest.skip("needs 16 GiB of free GPU memory")
+    x = torch.randn(40, 64, 226, 226, device="cuda", dtype=torch.bfloat16)  # 40 * 12544 * 576 > 2**31 outputs
+    out = soft_split(x, 3, 2, 1, backend=backend)
+    assert out.numel() > 2**31
+    torch.testing.assert_close(out[-1], unfold_reference(x[-1:], 3, 2, 1)[0], rtol=0, atol=0)
+    grad = soft_split_backward_op(backend)(out, list(x.shape), [3, 3], [2, 2], [1, 1], False)
+    torch.testing.assert_close(grad[-1:].float(), fold_reference(out[-1:].float(), (226, 226), 3, 2, 1),
+                               rtol=1.6e-2, atol=1.6e-2)
+
+
+def soft_split_backward_op(backend):
+    return (torch.ops.t2t_kernels.soft_split_triton_backward if backend == "triton"
+            else torch.ops.t2t_kernels.soft_split_backward)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.randn(3, 8, 8), 3, 2, 1), ValueError, "x must be 4-D"),
+        ((torch.randn(1, 2, 3, 8, 8), 3, 2, 1), ValueError, "x must be 4-D"),
+        ((torch.randn(1, 2, 4, 4), 7, 1, 1), ValueError, "kernel_size .* larger than the padded input height"),
+        ((torch.randn(1, 2, 8, 4), (3, 7), 1, (1, 1)), ValueError, "larger than the padded input width"),
+        ((torch.randn(1, 2, 8, 8), 3, 0, 1), ValueError, "stride must be positive"),
+        ((torch.randn(1, 2, 8, 8), 3, (2, -1), 1), ValueError, "stride must be positive"),
+        ((torch.randn(1, 2, 8, 8), 3, 2, -1), ValueError, "padding must be non-negative"),
+        ((torch.randn(1, 2, 8, 8), 0, 2, 1), ValueError, "kernel_size must be positive"),
+        ((torch.randn(1, 2, 8, 8), 3.0, 2, 1), TypeError, "kernel_size must be an int or a pair"),
+        ((torch.randn(1, 2, 8, 8), 3, (2, 2, 2), 1), TypeError, "stride must be an int or a pair"),
+        ((torch.randn(1, 2, 8, 8), 3, 2, True), TypeError, "padding must be an int or a pair"),
+        ((torch.randn(1, 0, 8, 8), 3, 2, 1), ValueError, "at least one channel"),
+        ((torch.ones(1, 2, 8, 8, dtype=torch.int32), 3, 2, 1), TypeError, "floating-point"),
+        ((torch.randn(1, 2, 8, 8).numpy(), 3, 2, 1), TypeError, "x must be a Tensor"),
+    ],
+    ids=["ndim-3", "ndim-5", "kernel-too-tall", "kernel-too-wide", "stride-zero", "stride-negative",
+         "padding-negative", "kernel-zero", "kernel-float", "stride-triple", "padding-bool", "no-channels",
+         "integer", "numpy"],
+)
+@pytest.mark.parametrize("backend", [None, "eager", "cpp"])
+def test_bad_input(args, error, match, backend):
+    with pytest.raises(error, match=match):
+        soft_split(*args, backend=backend)
+
+
+def test_unavailable_backend_is_a_clear_error():
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+        soft_split(x, 3, 2, 1, backend="cuda")
+    with pytest.raises(RuntimeError, match="not supported by backend 'triton'"):
+        soft_split(x.double(), 3, 2, 1, backend="triton")
+    with pytest.raises(RuntimeError, match="not supported by backend 'cuda'"):
+        soft_split(x.double(), 3, 2, 1, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        soft_split(x, 3, 2, 1, backend="fast")
+    if BACKENDS.unavailable_reason("cpp", x.device, x.dtype) is None:
+        with pytest.raises(RuntimeError, match="backend 'cpp' runs on cpu tensors, got a meta tensor"):
+            soft_split(x.to("meta"), 3, 2, 1, backend="cpp")
+
+
+@requires_cuda
+def test_cuda_tensor_with_cpu_backend():
+    with pytest.raises(RuntimeError, match="backend 'cpp' runs on cpu tensors, got a cuda tensor"):
+        soft_split(torch.randn(1, 2, 8, 8, device="cuda"), 3, 2, 1, backend="cpp")
+
+
+def test_compiled_op_rejects_bad_input():
+    """The C++ op checks its arguments itself (it can be called without the Python wrapper)."""
+    skip_unless_available("cpp")
+    op, backward = torch.ops.t2t_kernels.soft_split, torch.ops.t2t_kernels.soft_split_backward
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.raises(RuntimeError, match=r"x must be 4-D \(B, C, H, W\)"):
+        op(x[0], [3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="stride must be positive"):
+        op(x, [3, 3], [0, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="padding must be non-negative"):
+        op(x, [3, 3], [2, 2], [-1, 1])
+    with pytest.raises(RuntimeError, match="kernel_size must be positive"):
+        op(x, [0, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="larger than the padded input"):
+        op(x, [11, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="x must be float32, float64, bfloat16 or float16"):
+        op(x.int(), [3, 3], [2, 2], [1, 1])
+    out = op(x, [3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match=r"grad_out must be \(B, L, C\*kh\*kw\) = \(1, 16, 18\)"):
+        backward(out[:, :5], [1, 2, 8, 8], [3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match=r"grad_out must be \(B, L, C\*kh\*kw\)"):
+        backward(out, [1, 3, 8, 8], [3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="grad_out must be float32"):
+        backward(out.int(), [1, 2, 8, 8], [3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="padding must be non-negative"):
+        backward(out, [1, 2, 8, 8], [3, 3], [2, 2], [-1, 1])
+
+
+def test_triton_host_functions_reject_bad_input(monkeypatch):
+    skip_unless_available("triton")
+    from t2t_kernels.ops.soft_split import triton as tri
+
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        tri.soft_split_forward(x.double(), (3, 3), (2, 2), (1, 1))
+    with pytest.raises(ValueError, match="invalid geometry"):
+        tri.soft_split_forward(x, (3, 3), (0, 2), (1, 1))
+    out = tri.soft_split_forward(x, (3, 3), (2, 2), (1, 1))
+    with pytest.raises(ValueError, match=r"grad_out must be \(B, L, C\*kh\*kw\)"):
+        tri.soft_split_backward(out[:, :5], (1, 2, 8, 8), (3, 3), (2, 2), (1, 1))
+    # a CPU tensor outside the interpreter: a device error, not a launch on host memory
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="grad_out must be a CUDA tensor"):
+        tri.soft_split_backward(out, (1, 2, 8, 8), (3, 3), (2, 2), (1, 1))
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        tri.soft_split_forward(x, (3, 3), (2, 2), (1, 1))
