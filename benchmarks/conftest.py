@@ -1,19 +1,25 @@
 """Shared pytest-benchmark set-up: device choice, synchronised timing, provider parameters, machine info in the JSON.
 
 GPU shapes are the full T2T-ViT-14 ones (B=128, 224^2); CPU shapes are small enough to finish in minutes.
+The cases themselves live in t2t_kernels/bench/cases.py, shared with `python -m t2t_kernels bench`.
+Environment: T2T_BENCH_DEVICE, T2T_BENCH_BATCH, T2T_BENCH_IMG, T2T_BENCH_DTYPE, T2T_BENCH_MODELS (comma list),
+T2T_BENCH_COMPILE_BACKEND.
 """
 import datetime
+import functools
 import os
-import platform
 
 import pytest
 import torch
 
 import t2t_kernels
+from t2t_kernels.bench import runner
+from t2t_kernels.bench.cases import env_settings
 
 DEVICE = torch.device(os.environ.get("T2T_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 ON_GPU = DEVICE.type == "cuda"
 BATCH = int(os.environ.get("T2T_BENCH_BATCH", 128 if ON_GPU else 8))
+SETTINGS = env_settings(device=DEVICE, batch=BATCH)  # device, dtype, batch, image size, models of the shared cases
 
 
 def synchronize():
@@ -51,9 +57,54 @@ def run_timed(benchmark, fn, *args, rounds=None):
     return benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1)
 
 
+@functools.cache
+def copy_bandwidth():
+    """The device's copy bandwidth, measured once per session: the roofline reference of the op rows."""
+    return runner.copy_bandwidth(DEVICE)
+
+
+def case_params(cases):
+    """pytest params (case, provider) for shared cases; a provider this machine lacks is skipped with the reason."""
+    return [
+        pytest.param(case, p.name, id=f"{case.name.replace(' ', '_')}-{p.name}",
+                     marks=[pytest.mark.skip(reason=p.reason)] if p.reason else [])
+        for case in cases
+        for p in case.providers()
+    ]
+
+
+def run_case_benchmark(benchmark, case, provider, rounds=None, memory=True):
+    """Times one provider of a shared case (warm-up outside the timing, sync inside) and records in extra_info: the
+    byte floor and its fraction of the copy bandwidth (ops), images/s (models), and the memory of one more call
+    (peak above the start, and for calls with a backward the activation memory held for it)."""
+    benchmark.group = case.group
+    workload = case.build(provider)
+    run_timed(benchmark, workload, rounds=rounds)
+    info = benchmark.extra_info
+    info.update(provider=provider, case=case.name, dtype=str(case.settings.dtype), batch=case.settings.batch)
+    stats = getattr(benchmark, "stats", None)
+    median = stats.stats.median if stats is not None else None
+    floor = case.byte_floor()
+    if floor:
+        info["byte_floor"] = floor
+        if median:
+            info["bytes_per_s"] = floor / median
+            info["copy_bandwidth"] = copy_bandwidth()["bytes_per_s"]
+            info["bw_fraction"] = info["bytes_per_s"] / info["copy_bandwidth"]
+    if case.items_per_call and median:
+        info["images_per_s"] = case.items_per_call / median
+    if memory:
+        info["peak_bytes"] = runner.measure_memory(workload, DEVICE)[0]
+        if workload.probe is not None:
+            info["activation_bytes"] = runner.measure_memory(workload.probe, DEVICE)[1]
+    if workload.state_bytes is not None:
+        info["state_bytes"] = workload.state_bytes()
+    return workload
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     info = {
-        "device": torch.cuda.get_device_name(DEVICE) if ON_GPU else f"cpu: {platform.processor() or platform.machine()}",
+        "device": torch.cuda.get_device_name(DEVICE) if ON_GPU else f"cpu: {runner.cpu_name()}",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "t2t_kernels": t2t_kernels.__version__,
@@ -61,6 +112,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "cpu_threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "batch": BATCH,
+        "settings": SETTINGS.describe(),
+        "copy_bandwidth": copy_bandwidth(),
     }
     try:
         import triton

@@ -455,7 +455,7 @@ def env_settings(**overrides) -> Settings:
     """Settings of the pytest suites: defaults per device, overridable by T2T_BENCH_DEVICE, T2T_BENCH_BATCH,
     T2T_BENCH_IMG, T2T_BENCH_DTYPE, T2T_BENCH_MODELS (comma list), T2T_BENCH_COMPILE_BACKEND."""
     env = os.environ.get
-    device = env("T2T_BENCH_DEVICE")
+    device = overrides.pop("device", None) or env("T2T_BENCH_DEVICE")
     kw = dict(batch=int(env("T2T_BENCH_BATCH")) if env("T2T_BENCH_BATCH") else None,
               img_size=int(env("T2T_BENCH_IMG")) if env("T2T_BENCH_IMG") else None,
               dtype=getattr(torch, env("T2T_BENCH_DTYPE")) if env("T2T_BENCH_DTYPE") else None,
