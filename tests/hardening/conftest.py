@@ -11,6 +11,8 @@ Every profile prints the reproduce blob and keeps no example database (nothing i
 """
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 _COMMON = dict(deadline=None, print_blob=True, database=None,
@@ -33,3 +35,14 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("hypothesis cases run (incl. shrinking)")
         for test_id, count in sorted(CASE_COUNTS.items()):
             terminalreporter.write_line(f"{count:6d}  {test_id}")
+
+
+@pytest.fixture
+def single_intraop_thread():
+    """The fuzz tests run torch (and the C++ kernels' parallel_for) on one thread: thousands of tiny calls, where on a
+    busy 2-core machine two OpenMP threads spin against each other and run ~100x slower. The multi-threaded paths
+    are fuzzed at larger shapes in test_threads_memory.py."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
