@@ -10,6 +10,8 @@ call (forward, forward+backward, or a full optimizer step) without any device sy
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -373,10 +375,8 @@ class ModelCase(Case):
         return ", ".join(f"{b.name} {b.resolve('auto', probe)}" for b in (SOFT_SPLIT_BACKENDS, PERFORMER_BACKENDS))
 
     def make_model(self):
-        from .. import create_model
-
-        torch.manual_seed(0)  # the same weights for every provider
-        return create_model(self.model, img_size=self.settings.img_size, backend="eager")
+        # the same weights for every provider; building (the trunc-normal init) costs more than a copy
+        return copy.deepcopy(_initial_model(self.model, tuple(self.settings.img_size)))
 
     def build(self, provider):
         s = self.settings
@@ -438,6 +438,15 @@ class TimmCase(ModelCase):
         model = timm.create_model(TIMM_REFERENCE, pretrained=False, img_size=self.settings.img_size)
         model.set_backend = lambda backend: None
         return model
+
+
+@functools.lru_cache(maxsize=1)
+def _initial_model(name: str, img_size: tuple[int, int]):
+    from .. import create_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return create_model(name, img_size=img_size, backend="eager")
 
 
 def model_cases(settings: Settings, parts=("t2t_module", "model"), modes=(FORWARD, TRAIN_STEP)):

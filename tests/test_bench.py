@@ -1,0 +1,165 @@
+"""The benchmark harness itself (t2t_kernels/bench, `python -m t2t_kernels bench`): it runs on tiny sizes, writes valid
+JSON, markdown and a PNG, skips a provider this machine lacks with the reason, reports a broken provider without
+stopping, measures memory, and keeps one BENCHMARKS.md section per command and device."""
+import json
+
+import pytest
+import torch
+
+from t2t_kernels.__main__ import main
+from t2t_kernels.bench import report, runner
+from t2t_kernels.bench.cases import (FORWARD, FORWARD_BACKWARD, TRAIN_STEP, Case, ModelCase, Provider, Settings,
+                                     Workload, op_cases)
+from t2t_kernels.ops._backends import OpBackends
+
+TINY = dict(device=torch.device("cpu"), batch=1, img_size=(32, 32), models=("t2t_vit_7",))
+FAST = dict(warmup=1, min_reps=1, max_reps=1, min_time=0.0)
+
+
+def test_cli_bench_writes_json_markdown_and_png(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["bench", "--model", "t2t_vit_7", "--img-size", "32", "--batch", "1", "--no-compile", "--warmup", "1",
+            "--min-reps", "1", "--max-reps", "1", "--min-time", "0", "--no-progress", "--out", str(out),
+            "--ops", "performer_attention"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "x eager" in printed and "copy bandwidth" in printed and "t2t_vit_7 train step" in printed
+
+    result = json.loads((out / "results.json").read_text())
+    meta = result["meta"]
+    for key in ("device_name", "torch", "triton", "cuda", "t2t_kernels", "date", "command"):
+        assert key in meta, key
+    assert meta["command"].startswith("python -m t2t_kernels bench --model t2t_vit_7")
+    assert "--out" not in meta["command"] and "--no-progress" not in meta["command"]
+    assert result["copy_bandwidth"]["bytes_per_s"] > 0
+
+    rows = {(r["case"], r["provider"]): r for r in result["rows"]}
+    eager = rows[("performer_attention/stage1/forward", "eager")]
+    assert eager["status"] == "ok" and eager["median_s"] > 0 and eager["vs_eager"] == 1.0
+    assert 0 < eager["bw_fraction"] and eager["byte_floor"] == 4 * 1 * 64 * 64 * 4  # q, k, v, y at T=64, fp32
+    assert rows[("performer_attention/stage1/forward", "compile")]["status"] == "skipped"
+    cuda = rows[("performer_attention/stage1/forward+backward", "cuda")]
+    assert cuda["status"] == "skipped" and "cuda" in cuda["reason"]
+    train = rows[("t2t_vit_7/train step", "fused")]
+    assert train["items_per_s"] > 0 and train["activation_bytes"] > 0 and train["state_bytes"] > 0
+    ckpt = rows[("t2t_vit_7/train step", "fused+ckpt")]
+    assert ckpt["activation_bytes"] < train["activation_bytes"]  # checkpointing keeps less for backward
+    assert not [r for r in result["rows"] if r["status"] == "failed"]
+
+    assert (out / "speedups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert f"`{meta['command']}`" in md and "| t2t_vit_7 train step" in md
+
+
+def test_triton_interpreter_and_missing_backends_are_skipped_with_a_reason(monkeypatch):
+    """tests/conftest.py sets TRITON_INTERPRET=1 on CPU machines: triton "runs" on CPU tensors there, but the
+    interpreter is not timed. A backend whose kernels are missing is skipped with the op's own reason."""
+    from t2t_kernels.ops.performer_attention import BACKENDS
+
+    def no_cpp(self, backend, device, dtype):
+        return "the extension was built without CPU kernels (simulated)" if backend == "cpp" else original(
+            self, backend, device, dtype)
+
+    original = OpBackends.unavailable_reason
+    monkeypatch.setattr(OpBackends, "unavailable_reason", no_cpp)
+    assert BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32)
+    case = op_cases(Settings(**TINY, compile=False), ops=("performer_attention",), passes=(FORWARD,))[0]
+    rows = {r["provider"]: r for r in runner.run_case(case, memory=False, **FAST)}
+    assert rows["cpp"]["status"] == "skipped" and "simulated" in rows["cpp"]["reason"]
+    assert rows["triton"]["status"] == "skipped" and rows["triton"]["reason"]
+    assert rows["compile"]["status"] == "skipped" and "--no-compile" in rows["compile"]["reason"]
+    assert rows["eager"]["status"] == "ok"
+
+
+def test_compile_provider_and_soft_split_case():
+    case = op_cases(Settings(**TINY, compile_backend="eager"), ops=("soft_split",), passes=(FORWARD_BACKWARD,))[1]
+    assert case.name == "soft_split/stage1/forward+backward"
+    rows = {r["provider"]: r for r in runner.run_case(case, **FAST)}
+    assert rows["compile"]["status"] == "ok" and rows["compile"]["vs_compile"] == 1.0
+    # stage1 at 32x32: tokens (1, 64, 64) as an 8x8 image; out (1, 16, 576); forward and backward each move x + out
+    assert rows["eager"]["byte_floor"] == 2 * 4 * (64 * 64 + 16 * 576)
+    assert rows["eager"]["activation_bytes"] >= 0
+
+
+class _BrokenCase(Case):
+    def __init__(self):
+        super().__init__(Settings(**TINY), "broken/forward", "broken forward")
+
+    def providers(self):
+        return [Provider("eager"), Provider("boom"), Provider("absent", reason="not on this machine")]
+
+    def build(self, provider):
+        if provider == "boom":
+            raise RuntimeError("kernel exploded\nsecond line")
+        return Workload(lambda: torch.ones(8).sum())
+
+
+def test_a_failing_provider_is_reported_and_the_rest_still_run():
+    rows = {r["provider"]: r for r in runner.run_case(_BrokenCase(), **FAST)}
+    assert rows["eager"]["status"] == "ok"
+    assert rows["boom"] == {**rows["boom"], "status": "failed", "reason": "RuntimeError: kernel exploded"}
+    assert rows["absent"]["status"] == "skipped"
+
+
+def test_cpu_memory_counts_what_a_call_allocates_and_keeps():
+    nbytes = 1 << 22
+
+    def make():
+        scratch = torch.ones(nbytes // 4)  # freed before returning: peak only
+        return torch.zeros(nbytes // 4) + scratch.sum()
+
+    peak, held = runner.measure_memory(make, torch.device("cpu"))
+    assert held == pytest.approx(nbytes, rel=0.01)
+    assert peak >= 2 * nbytes
+
+
+def test_record_keeps_one_section_per_command_and_device(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nintro\n\n<!-- bench-runs: new runs are added below -->\n")
+    result = _synthetic_result("python -m t2t_kernels bench", 0.5)
+    report.record(str(path), result)
+    report.record(str(path), _synthetic_result("python -m t2t_kernels bench", 0.25), note="rerun")
+    report.record(str(path), _synthetic_result("python -m t2t_kernels bench --batch 2", 0.5))
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n")
+    assert text.count("<!-- bench-run: ") == 2
+    assert "rerun" in text and "| 2.00 |" in text  # the rerun replaced the first section (x eager 1/0.25 / 2)
+    assert "`python -m t2t_kernels bench --batch 2`" in text
+
+
+def test_targets_and_ratios_from_rows():
+    result = _synthetic_result("python -m t2t_kernels bench", 0.5)
+    text = report.text_table(result)
+    assert "MET  t2t_vit_14.tokens_to_token forward: fused vs eager: 2.00" in text
+    assert result["targets"][0]["conditions_match"]
+
+
+def test_bench_bad_arguments(capsys):
+    assert main(["bench", "--img-size", "100", "--no-progress"]) == 2
+    assert "multiples of 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "resnet50"])
+
+
+def _synthetic_result(command, fused_s):
+    rows = [{"case": "t2t_vit_14.tokens_to_token/forward", "group": "t2t_vit_14.tokens_to_token forward",
+             "kind": "model", "provider": p, "note": "", "status": "ok", "reason": None, "median_s": t, "p20_s": t,
+             "p80_s": t, "min_s": t, "reps": 3, "items_per_s": 8 / t}
+            for p, t in (("eager", 1.0), ("fused", fused_s))]
+    runner.add_ratios(rows, "eager", "compile-eager")
+    meta = {"command": command, "device_name": "test cpu", "torch": torch.__version__, "triton": None, "cuda": None,
+            "t2t_kernels": "0", "extension_loaded": True, "python": "3", "date": "2026-01-01T00:00:00+00:00",
+            "settings": {"device": "cpu", "dtype": "float32", "batch": 8, "img_size": [224, 224],
+                         "compile_backend": "inductor"}}
+    result = {"meta": meta, "copy_bandwidth": {"bytes_per_s": 1e10, "tensor_bytes": 1 << 28, "method": "clone"},
+              "rows": rows}
+    result["targets"] = runner.targets(result)
+    return result
+
+
+def test_model_case_providers_follow_settings():
+    names = [p.name for p in ModelCase(Settings(**TINY), "t2t_vit_7", "model", TRAIN_STEP).providers()]
+    assert names == ["eager", "fused", "compile-eager", "compile-fused", "eager+ckpt", "fused+ckpt"]
+    skipped = {p.name: p.reason for p in ModelCase(Settings(**TINY, compile=False, checkpointing=False), "t2t_vit_7",
+                                                   "model", FORWARD).providers() if p.reason}
+    assert set(skipped) == {"compile-eager", "compile-fused"}
