@@ -171,7 +171,8 @@ def record(path: str, result: dict, note: str | None = None) -> str:
 
 # ---- plot ------------------------------------------------------------------------------------------------------
 def plot(result: dict, path: str) -> str:
-    """A PNG: speedup against eager per case and provider, and the ops' achieved fraction of the copy bandwidth."""
+    """A PNG: speedup against eager per case and provider, the ops' achieved fraction of the copy bandwidth, and the
+    models' activation memory against eager's (gradient checkpointing included)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,8 +182,10 @@ def plot(result: dict, path: str) -> str:
     bw_rows = [r for r in result["rows"] if r["status"] == "ok" and r.get("bw_fraction") is not None]
     providers = sorted({r["provider"] for r in result["rows"]})
     colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}
-    height = max(3.0, 0.22 * max(len(rows), len(bw_rows), 1) + 1.5)
-    fig, axes = plt.subplots(1, 2, figsize=(16, height), constrained_layout=True)
+    mem_rows = [r for r in result["rows"] if r["status"] == "ok" and r.get("activation_vs_eager") is not None
+                and r["kind"] == "model"]
+    height = max(3.0, 0.22 * max(len(rows), len(bw_rows), len(mem_rows), 1) + 1.5)
+    fig, axes = plt.subplots(1, 3, figsize=(22, height), constrained_layout=True)
 
     def bars(ax, rs, value, title, xlabel, ref):
         labels = [f"{r['case']} [{r['provider']}]" for r in rs]
@@ -199,6 +202,8 @@ def plot(result: dict, path: str) -> str:
     bars(axes[0], rows, lambda r: r["vs_eager"], "speedup vs eager (same run)", "x eager (>1: faster)", 1.0)
     bars(axes[1], bw_rows, lambda r: 100 * r["bw_fraction"], "ops: byte floor / time as % of measured copy bandwidth",
          "% of copy bandwidth", 100.0)
+    bars(axes[2], mem_rows, lambda r: r["activation_vs_eager"], "models: activation memory kept for backward",
+         "x eager's (<1: less)", 1.0)
     m = result["meta"]
     fig.suptitle(f"t2t_kernels bench — {m['device_name']}, torch {m['torch']}, {m['date']}", fontsize=10)
     fig.savefig(path, dpi=110)
