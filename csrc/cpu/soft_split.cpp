@@ -57,11 +57,11 @@ void check_dtype(const char* op, const char* name, const at::Tensor& t) {
               " (cpp): ", name, " must be float32, float64, bfloat16 or float16, got ", dtype);
 }
 
-// Valid kernel offsets [lo, hi) of a window starting at `start` (may be negative) over an axis of length n.
+// Valid kernel offsets [lo, hi), 0 <= lo <= hi <= k, of a window starting at `start` over an axis of length n.
+// start may be negative (padding) and, when padding >= k, the whole window may lie in the padding on either side.
 inline void valid_range(int64_t start, int64_t k, int64_t n, int64_t& lo, int64_t& hi) {
-  lo = std::max<int64_t>(0, -start);
-  hi = std::min<int64_t>(k, n - start);
-  if (hi < lo) hi = lo;
+  lo = std::min<int64_t>(k, std::max<int64_t>(0, -start));
+  hi = std::max<int64_t>(lo, std::min<int64_t>(k, n - start));
 }
 
 // ---- forward ----------------------------------------------------------------------------------------------------

@@ -130,6 +130,17 @@ def test_every_padding(backend, kernel_size):
             check_forward_backward(backend, *make_input(2, 3, 9, 10, layout), kernel_size, s, p)
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+@pytest.mark.parametrize("case", [(2, 2, 1, 1, 3), (3, 4, 2, 3, 5), (1, 1, 3, 1, 7), (5, 3, (2, 1), (2, 1), (4, 2))],
+                         ids=lambda case: "H{}-W{}-k{}-s{}-p{}".format(*case))
+def test_padding_beyond_kernel(backend, case):
+    """padding >= kernel_size: whole windows (rows, columns) lie in the padding, on every side."""
+    skip_unless_available(backend)
+    H, W, k, s, p = case
+    for layout in ("contiguous", "token_view"):
+        check_forward_backward(backend, *make_input(2, 3, H, W, layout), k, s, p)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_token_view_gradient_is_contiguous_tokens(backend):
     """The token view's gradient comes back as contiguous (B, N, C) tokens (channels_last grad_x), not a transposed
