@@ -2,6 +2,8 @@
 
 Backends: "eager" (reference.py), "cpp" and "cuda" (the compiled op t2t_kernels::soft_split, csrc/), "triton"
 (the op t2t_kernels::soft_split_triton, triton.py). All compiled ops share the fake kernels and autograd below.
+The backward ops return grad_x channels_last when x is laid out so (the token view of the T2T module is), so the
+tokens' gradient comes back contiguous; their own derivative is the forward op, so double backward works.
 """
 from __future__ import annotations
 
