@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -86,7 +87,10 @@ void forward_row_wmajor(const T* xb, T* out, const Geometry& g, int64_t oy, int6
         if (jlo == 0 && jhi == kw) {
           const T* src = xb + c * sC + (y0 + i) * sH + x0 * sW;  // x0 >= 0 here
           if (sW == 1) {
-            for (int64_t j = 0; j < kw; ++j) oi[j] = src[j];
+            if constexpr (KW > 0)
+              std::memcpy(oi, src, KW * sizeof(T));  // a constant size: a few (overlapping) vector moves
+            else
+              std::copy(src, src + kw, oi);
           } else {
             for (int64_t j = 0; j < kw; ++j) oi[j] = src[j * sW];
           }
@@ -179,10 +183,10 @@ at::Tensor soft_split_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::
 
 // ---- backward ---------------------------------------------------------------------------------------------------
 
-template <typename T, typename acc_t, bool kChannelsLast>
+template <typename T, typename acc_t, bool kChannelsLast, int64_t KW>
 void backward_row(const T* gb, acc_t* acc, const Geometry& g, int64_t y) {
-  // acc: row y of grad_x, (C, W) or, channels_last, (W, C); zeroed by the caller.
-  const int64_t F = g.F(), kk = g.kk(), kw = g.kw, C = g.C, W = g.W;
+  // acc: row y of grad_x, (C, W) or, channels_last, (W, C); zeroed by the caller. KW > 0: kw known at compile time.
+  const int64_t F = g.F(), kk = g.kk(), kw = KW > 0 ? KW : g.kw, C = g.C, W = g.W;
   // windows oy whose kernel row i = y + ph - oy*sh lies in [0, kh); descending oy is ascending i
   const int64_t top = y + g.ph;
   const int64_t oy_hi = std::min<int64_t>(g.oh - 1, top / g.sh);
@@ -202,6 +206,14 @@ void backward_row(const T* gb, acc_t* acc, const Geometry& g, int64_t y) {
           for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc_t>(gp[c * kk + j]);
         }
       } else {
+        if (KW > 0 && jlo == 0 && jhi == kw) {  // an interior window: a fixed-length, unrolled sum
+          for (int64_t c = 0; c < C; ++c) {
+            acc_t* a = acc + c * W + x0;
+            const T* gc = gp + c * kk;
+            for (int64_t j = 0; j < KW; ++j) a[j] += static_cast<acc_t>(gc[j]);
+          }
+          continue;
+        }
         for (int64_t c = 0; c < C; ++c) {
           acc_t* a = acc + c * W + x0;  // a[j] only for j in [jlo, jhi): x0 + j >= 0
           const T* gc = gp + c * kk;
@@ -226,11 +238,16 @@ void soft_split_backward_impl(const at::Tensor& grad_out, at::Tensor& grad_x, co
       const T* gb = gp + b * g.L() * g.F();
       std::fill(acc.begin(), acc.end(), acc_t(0));
       if (channels_last) {
-        backward_row<T, acc_t, true>(gb, acc.data(), g, y);
+        backward_row<T, acc_t, true, 0>(gb, acc.data(), g, y);
         T* dst = xp + r * W * C;  // (B, H, W, C) memory: row (b, y) is W*C contiguous elements
         for (int64_t n = 0; n < W * C; ++n) dst[n] = static_cast<T>(acc[n]);
       } else {
-        backward_row<T, acc_t, false>(gb, acc.data(), g, y);
+        if (g.kw == 7)
+          backward_row<T, acc_t, false, 7>(gb, acc.data(), g, y);
+        else if (g.kw == 3)
+          backward_row<T, acc_t, false, 3>(gb, acc.data(), g, y);
+        else
+          backward_row<T, acc_t, false, 0>(gb, acc.data(), g, y);
         for (int64_t c = 0; c < C; ++c) {
           T* dst = xp + ((b * C + c) * H + y) * W;
           const acc_t* a = acc.data() + c * W;
