@@ -45,6 +45,12 @@ def to_img_size(img_size) -> tuple[int, int]:
     return size
 
 
+def _check_int(name: str, value, minimum: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {expected}{why}, got {value!r}")
+
+
 def _cfg(**kwargs):
     return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
             "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
@@ -65,10 +71,23 @@ class T2TViT(nn.Module):
                  backend: str | None = "auto"):
         super().__init__()
         check_backend_arg(backend)
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
-        if not isinstance(in_chans, int) or in_chans < 1:
-            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+        _check_int("num_classes", num_classes, 0)
+        _check_int("in_chans", in_chans, 1)
+        _check_int("embed_dim", embed_dim, 1)
+        _check_int("depth", depth, 0)
+        _check_int("num_heads", num_heads, 1)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
+        # the Performer draws m = token_dim // 2 random features: it needs at least one
+        _check_int("token_dim", token_dim, 2 if tokens_type == "performer" else 1,
+                   " for tokens_type='performer' (it uses token_dim // 2 random features)" if tokens_type == "performer"
+                   else "")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < float("inf"):
+            raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
+        for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                           ("drop_path_rate", drop_path_rate)):
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {rate!r}")
         self.img_size = to_img_size(img_size)
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -140,6 +159,12 @@ class T2TViT(nn.Module):
             raise ValueError(f"T2TViT expects images (B, C, H, W), got {shape}")
         if x.shape[1] != self.in_chans:
             raise ValueError(f"T2TViT was built for in_chans={self.in_chans}, got images with shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"T2TViT expects floating-point images, got dtype {x.dtype} (convert with x.float() / 255)")
+        dtype = self.cls_token.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"T2TViT has {dtype} parameters but got {x.dtype} images: convert the images (x.to({dtype})) "
+                            "or the model, or run under torch.autocast")
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(
                 f"T2TViT was built for img_size={self.img_size} but got images of size {tuple(x.shape[-2:])}; "

@@ -46,8 +46,8 @@ def check_performer_args(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float)
     devices = {t.device for t in (q, k, v, w)}
     if len(devices) > 1:
         raise ValueError(f"performer_attention: q, k, v, w must be on one device, got {sorted(map(str, devices))}")
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"performer_attention: eps must be a positive number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"performer_attention: eps must be a positive (finite) number, got {eps!r}")
     if w.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
             "performer_attention: w is the fixed random-feature matrix and has no gradient here; "
@@ -65,7 +65,8 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float =
     """
     check_performer_args(q, k, v, w, eps)
     name = BACKENDS.resolve(backend, q)
-    if name == "eager":
+    if name == "eager" or q.numel() == 0:
+        # empty inputs (a 0 in the leading dims, T or E) have nothing to compute, and (-1, T, E) is ambiguous for them
         return reference.performer_attention(q, k, v, w, float(eps))
     op = (torch.ops.t2t_kernels.performer_attention_triton if name == "triton"
           else torch.ops.t2t_kernels.performer_attention)
