@@ -96,7 +96,7 @@ def run_case_benchmark(benchmark, case, provider, rounds=None, memory=True):
     if memory:
         info["peak_bytes"] = runner.measure_memory(workload, DEVICE)[0]
         if workload.probe is not None:
-            info["activation_bytes"] = runner.measure_memory(workload.probe, DEVICE)[1]
+            info["activation_bytes"] = runner.measure_memory(workload.probe, DEVICE, exclude_result=True)[1]
     if workload.state_bytes is not None:
         info["state_bytes"] = workload.state_bytes()
     return workload

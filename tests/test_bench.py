@@ -20,7 +20,7 @@ def test_cli_bench_writes_json_markdown_and_png(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["bench", "--model", "t2t_vit_7", "--img-size", "32", "--batch", "1", "--no-compile", "--warmup", "1",
             "--min-reps", "1", "--max-reps", "1", "--min-time", "0", "--no-progress", "--out", str(out),
-            "--ops", "performer_attention"]
+            "--ops", "performer_attention", "--bandwidth-mb", "16"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "x eager" in printed and "copy bandwidth" in printed and "t2t_vit_7 train step" in printed
@@ -78,7 +78,19 @@ def test_compile_provider_and_soft_split_case():
     assert rows["compile"]["status"] == "ok" and rows["compile"]["vs_compile"] == 1.0
     # stage1 at 32x32: tokens (1, 64, 64) as an 8x8 image; out (1, 16, 576); forward and backward each move x + out
     assert rows["eager"]["byte_floor"] == 2 * 4 * (64 * 64 + 16 * 576)
-    assert rows["eager"]["activation_bytes"] >= 0
+    assert rows["eager"]["activation_bytes"] == rows["compile"]["activation_bytes"] == 0  # unfold keeps nothing
+
+
+def test_performer_activation_memory_is_the_small_state():
+    """The official formula keeps phi(q), phi(k) (B, T, m) for backward; the kernels keep only A (m, E) and s (m)."""
+    from t2t_kernels.ops.performer_attention import BACKENDS
+
+    if BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32):
+        pytest.skip(BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32))
+    case = op_cases(Settings(**TINY, compile=False), ops=("performer_attention",), passes=(FORWARD_BACKWARD,))[0]
+    rows = {r["provider"]: r for r in runner.run_case(case, **FAST)}
+    assert rows["cpp"]["activation_bytes"] == pytest.approx(4 * (32 * 64 + 32), abs=512)
+    assert rows["eager"]["activation_bytes"] > 4 * rows["cpp"]["activation_bytes"]
 
 
 class _BrokenCase(Case):

@@ -47,11 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing providers")
     p.add_argument("--timm", action=argparse.BooleanOptionalAction, default=None,
                    help="add timm's vit_small_patch16_224 (default: on for GPU runs)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per provider (compile, autotune)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per provider (compile, autotune, caches)")
     p.add_argument("--min-reps", type=int, default=3, help="timed calls per provider, at least")
     p.add_argument("--max-reps", type=int, default=50, help="timed calls per provider, at most")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per case, at least")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    p.add_argument("--bandwidth-mb", type=int, default=None,
+                   help="size of the tensor whose clone measures the copy bandwidth (default 256 CPU, 1024 GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--markdown", action="store_true", help="print the markdown section instead of the text table")
     p.add_argument("--record", metavar="MARKDOWN",
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
         print(f"note: {TimmCase.unavailable_reason()}; its rows are skipped", file=sys.stderr)
     result = run(settings, cases, argv=_recorded_argv(argv), warmup=args.warmup, min_reps=args.min_reps,
                  max_reps=args.max_reps, min_time=args.min_time, memory=not args.no_memory,
+                 bandwidth_bytes=args.bandwidth_mb << 20 if args.bandwidth_mb else None,
                  progress=not args.no_progress)
     paths = report.write_all(result, args.out, args.note)
     print(report.markdown(result, args.note) if args.markdown else report.text_table(result))

@@ -22,7 +22,7 @@ def _fmt(value, spec, empty="-"):
 def _time(row) -> str:
     if row.get("median_s") is None:
         return "-"
-    scale, unit = (1e3, "ms") if row["median_s"] >= 1e-3 else (1e6, "us")
+    scale, unit = (1, "s") if row["median_s"] >= 1 else (1e3, "ms") if row["median_s"] >= 1e-3 else (1e6, "us")
     return (f"{row['median_s'] * scale:.3g} {unit} "
             f"({row['p20_s'] * scale:.3g}-{row['p80_s'] * scale:.3g})")
 
@@ -135,7 +135,7 @@ def markdown(result: dict, note: str | None = None) -> str:
               "GB/s = the op's byte floor (inputs read once, outputs written once) over its median time; "
               "peak MB = most memory allocated during one call above what was allocated before it (CPU: replay of "
               "torch.profiler allocator events; CUDA: max_memory_allocated); act. MB = memory the forward leaves "
-              "allocated for backward."]
+              "allocated for backward (beyond its own output)."]
     return "\n".join(lines) + "\n"
 
 

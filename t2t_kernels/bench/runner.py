@@ -11,7 +11,8 @@ Memory, measured in one extra call after the timing:
   steps). CUDA: ``torch.cuda.max_memory_allocated``. CPU: replay of the allocator events that
   ``torch.profiler`` (``profile_memory=True``) records, i.e. every tensor allocation and free of the call.
 - ``activation_bytes`` (calls with a backward): memory allocated by the forward and still held when it returns,
-  i.e. what the graph keeps for backward (the metric gradient checkpointing reduces). Same two sources.
+  beyond the forward's own output, i.e. what the graph keeps for backward (the metric gradient checkpointing
+  reduces). Same two sources.
 """
 from __future__ import annotations
 
@@ -115,15 +116,18 @@ def _cuda_memory(fn, device):
     return result, torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before
 
 
-def measure_memory(fn, device: torch.device) -> tuple[int, int]:
+def measure_memory(fn, device: torch.device, exclude_result: bool = False) -> tuple[int, int]:
     """(peak, held): the most bytes allocated during fn() above the start, and the bytes still allocated when it
-    returned while its result is alive."""
+    returned while its result is alive (without the result's own storage when exclude_result: what a forward keeps
+    for backward beyond its output)."""
     if device.type == "cuda":
         result, peak, net = _cuda_memory(fn, device)
     else:
         result, peak, net = _cpu_memory(fn)
+    if exclude_result and torch.is_tensor(result):
+        net -= result.untyped_storage().nbytes()
     del result
-    return int(peak), int(net)
+    return int(peak), int(max(net, 0))
 
 
 # ---- copy bandwidth --------------------------------------------------------------------------------------------
@@ -199,7 +203,7 @@ def _short_error(err: BaseException) -> str:
     return text[0][:300] if text else type(err).__name__
 
 
-def run_case(case: Case, warmup: int = 2, min_reps: int = 3, max_reps: int = 50, min_time: float = 1.0,
+def run_case(case: Case, warmup: int = 1, min_reps: int = 3, max_reps: int = 50, min_time: float = 1.0,
              memory: bool = True, on_provider=None, tick=None) -> list[dict]:
     """Builds, warms up, times and measures every provider of a case; one result row per provider (skipped and
     failed providers included, with the reason)."""
@@ -234,7 +238,7 @@ def run_case(case: Case, warmup: int = 2, min_reps: int = 3, max_reps: int = 50,
             try:
                 row["peak_bytes"] = measure_memory(workload, device)[0]
                 if workload.probe is not None:
-                    row["activation_bytes"] = measure_memory(workload.probe, device)[1]
+                    row["activation_bytes"] = measure_memory(workload.probe, device, exclude_result=True)[1]
             except Exception as err:  # noqa: BLE001
                 row["memory_error"] = _short_error(err)
         if workload.state_bytes is not None:
@@ -271,8 +275,9 @@ def count_units(cases) -> int:
     return sum(1 for c in cases for p in c.providers() if not p.reason)
 
 
-def run(settings: Settings, cases: list[Case], argv=None, warmup: int = 2, min_reps: int = 3, max_reps: int = 50,
-        min_time: float = 1.0, memory: bool = True, progress: bool = True, reset_dynamo: bool = True) -> dict:
+def run(settings: Settings, cases: list[Case], argv=None, warmup: int = 1, min_reps: int = 3, max_reps: int = 50,
+        min_time: float = 1.0, memory: bool = True, progress: bool = True, reset_dynamo: bool = True,
+        bandwidth_bytes: int | None = None) -> dict:
     """Runs every case; returns the result document (the JSON): meta, copy bandwidth, rows, targets."""
     from tqdm import tqdm
 
@@ -285,7 +290,7 @@ def run(settings: Settings, cases: list[Case], argv=None, warmup: int = 2, min_r
     rows = []
     with tqdm(total=count_units(cases) + 1, desc="copy bandwidth", disable=not progress, unit="provider",
               dynamic_ncols=True, file=sys.stderr) as bar:
-        bandwidth = copy_bandwidth(settings.device)
+        bandwidth = copy_bandwidth(settings.device, bandwidth_bytes)
         bar.update()
         for case in cases:
             if reset_dynamo:
