@@ -73,6 +73,27 @@ def case_params(cases):
     ]
 
 
+_MEDIANS = {}  # case group -> {provider: median seconds}, for the speedup summary at the end of the session
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each shared case's providers against eager and against torch.compile, from the medians of this session."""
+    if not _MEDIANS:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write(f"speedups (median times of this session; {DEVICE}, {torch.get_num_threads()} CPU threads)")
+    for group, times in _MEDIANS.items():
+        base = "eager"
+        compiled = "compile" if "compile" in times else "compile-eager"
+        cells = []
+        for provider, t in times.items():
+            ratios = ", ".join(f"{times[ref] / t:.2f}x {ref}" for ref in (base, compiled)
+                               if ref in times and ref != provider)
+            cells.append(f"{provider} {t * 1e3:.3f} ms" + (f" ({ratios})" if ratios else ""))
+        write(f"  {group}: " + "; ".join(cells))
+
+
 def run_case_benchmark(benchmark, case, provider, rounds=None, memory=True):
     """Times one provider of a shared case (warm-up outside the timing, sync inside) and records in extra_info: the
     byte floor and its fraction of the copy bandwidth (ops), images/s (models), and the memory of one more call
@@ -91,6 +112,8 @@ def run_case_benchmark(benchmark, case, provider, rounds=None, memory=True):
             info["bytes_per_s"] = floor / median
             info["copy_bandwidth"] = copy_bandwidth()["bytes_per_s"]
             info["bw_fraction"] = info["bytes_per_s"] / info["copy_bandwidth"]
+    if median:
+        _MEDIANS.setdefault(case.group, {})[provider] = median
     if case.items_per_call and median:
         info["images_per_s"] = case.items_per_call / median
     if memory:
