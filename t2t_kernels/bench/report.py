@@ -110,7 +110,7 @@ def markdown(result: dict, note: str | None = None) -> str:
         f"- command: `{m['command']}`",
         f"- device: {m['device_name']}; torch {m['torch']}, triton {m.get('triton')}, CUDA {m.get('cuda')}, "
         f"t2t_kernels {m['t2t_kernels']} (extension {'loaded' if m['extension_loaded'] else 'not loaded'}), "
-        f"Python {m['python']}",
+        f"Python {m['python']}" + (f", git {m['git']}" if m.get("git") else ""),
         f"- date: {m['date']} (UTC); compile backend {s['compile_backend']}; timing: median of per-call times, "
         f"p20-p80 in brackets, providers interleaved",
         f"- copy bandwidth measured in the same run: {bw['bytes_per_s'] / 1e9:.1f} GB/s (`torch.clone`, "

@@ -158,6 +158,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def git_revision() -> str | None:
+    """The package checkout's commit (with "+changes" when its tracked files differ), or None outside a checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "csrc",
+                                "t2t_kernels", "setup.py"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + (" +changes" if dirty else "")
+
+
 def machine_info(device: torch.device) -> dict:
     import t2t_kernels
 
@@ -188,6 +203,7 @@ def machine_info(device: torch.device) -> dict:
         info["timm"] = timm.__version__
     except Exception:  # noqa: BLE001
         info["timm"] = None
+    info["git"] = git_revision()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         info["TRITON_INTERPRET"] = os.environ["TRITON_INTERPRET"]
     return info
