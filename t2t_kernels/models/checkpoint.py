@@ -6,6 +6,7 @@ import math
 import os
 import pickle
 import zipfile
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +21,56 @@ class CheckpointError(RuntimeError):
     """The file cannot be read as a checkpoint, or its weights do not fit the model."""
 
 
-def read_checkpoint(path) -> dict:
-    """The raw object of a checkpoint file: torch.load(weights_only=True) or safetensors; never unpickles code."""
-    path = os.fspath(path)
+def _checkpoint_path(path) -> str:
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}") from None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist or is not a file")
+    return path
+
+
+def _is_safetensors(path: str) -> bool:
+    """By name, or by content: an 8-byte little-endian header length, then the JSON header's '{'."""
     if path.endswith(".safetensors"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
+
+
+def _verify_zip_checksums(path: str) -> None:
+    """torch.load does not check the CRC-32 that torch.save writes for each zip member, so flipped bytes in tensor
+    data would load as wrong weights without a word. Checks them (files written with CRC-32 off store 0: skipped)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                with archive.open(info) as member:  # raises BadZipFile on a CRC mismatch once read to the end
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt (damaged download or disk?): {err}") from err
+
+
+def _unpickling_detail(err: Exception) -> str:
+    """torch's weights-only error without its boilerplate about the PyTorch 2.6 default change."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith(boiler)]
+    return " ".join(lines) or str(err).splitlines()[0]
+
+
+def read_checkpoint(path) -> dict:
+    """The raw object of a checkpoint file: torch.load(weights_only=True) or safetensors; never unpickles code.
+
+    Every way the file can be unreadable (missing, truncated, corrupt, not a checkpoint) raises FileNotFoundError or
+    CheckpointError with the path and the reason; objects that would need code to rebuild are refused."""
+    path = _checkpoint_path(path)
+    if _is_safetensors(path):
         try:
             from safetensors.torch import load_file
         except ImportError as err:
@@ -33,19 +78,28 @@ def read_checkpoint(path) -> dict:
         try:
             return load_file(path, device="cpu")
         except Exception as err:
-            raise CheckpointError(f"could not read safetensors checkpoint {path!r}: {err}") from err
+            raise CheckpointError(f"could not read safetensors checkpoint {path!r} (truncated or corrupt?): {err}") from err
+    _verify_zip_checksums(path)
     try:
         # timm's CheckpointSaver (which wrote the official files) stores the training args as an argparse.Namespace:
         # a plain attribute holder, safe to rebuild, so it is the one class allowed beyond tensors and containers
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        detail = _unpickling_detail(err)
+        if "GLOBAL" in detail or "global" in detail:  # a class or function the file wants to import and call
+            raise CheckpointError(
+                f"refused to load {path!r}: it holds objects other than tensors and plain containers, and loading "
+                f"them could run code from the file (torch.load(weights_only=True) said: {detail})"
+            ) from err
         raise CheckpointError(
-            f"refused to load {path!r}: it holds objects other than tensors and plain containers, and loading "
-            f"them could run code from the file (torch.load(weights_only=True) said: {str(err).splitlines()[0]})"
+            f"could not read checkpoint {path!r} (truncated or corrupt, or not a file written by torch.save?): {detail}"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(f"could not read checkpoint {path!r} (truncated or corrupt?): {err}") from err
+    except Exception as err:  # miniz, struct, KeyError, UnicodeDecodeError ...: whatever the parser met, it is corrupt
+        raise CheckpointError(
+            f"could not read checkpoint {path!r} (truncated or corrupt, or not a file written by torch.save?): "
+            f"{type(err).__name__}: {err}"
+        ) from err
 
 
 def extract_state_dict(obj, use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -123,13 +177,23 @@ def load_pretrained(model: nn.Module, path, use_ema: bool = True, strict: bool =
     image size. The file is read with weights_only=True, so no code from it runs. With strict=True, missing or
     unexpected keys raise an error that lists them. Returns (missing_keys, unexpected_keys).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_pretrained: model must be an nn.Module (a T2TViT), got {type(model).__name__}")
     state = extract_state_dict(read_checkpoint(path), use_ema=use_ema)
+    own = model.state_dict()
+    if not own.keys() & state.keys():
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} shares no key with the model: it is not a T2T-ViT checkpoint "
+            f"(its first keys: {sorted(state)[:6]}; the model's: {list(own)[:6]})"
+        )
     state, dropped = adapt_state_dict(model, state)
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in dropped]
-    if strict and (missing or result.unexpected_keys):
+    # every check before the first copy: a load that raises leaves the model as it was, not half loaded
+    missing = [k for k in own if k not in state and k not in dropped]
+    unexpected = [k for k in state if k not in own]
+    if strict and (missing or unexpected):
         raise CheckpointError(
             f"checkpoint {os.fspath(path)!r} does not match the model:\n  missing keys: {missing}\n"
-            f"  unexpected keys: {list(result.unexpected_keys)}"
+            f"  unexpected keys: {unexpected}"
         )
-    return missing, list(result.unexpected_keys)
+    result = model.load_state_dict(state, strict=False)
+    return [k for k in result.missing_keys if k not in dropped], list(result.unexpected_keys)
