@@ -42,13 +42,18 @@ Geometry make_geometry(const char* op, at::IntArrayRef size, at::IntArrayRef ker
               ": x must have at least one channel, got size ", size);
   Geometry g{size[0], size[1], size[2], size[3], kernel_size[0], kernel_size[1], stride[0], stride[1],
              padding[0], padding[1], 0, 0};
-  TORCH_CHECK(g.H + 2 * g.ph >= g.kh && g.W + 2 * g.pw >= g.kw, op, ": kernel_size ", kernel_size,
-              " is larger than the padded input (H, W) + 2 * padding = (", g.H + 2 * g.ph, ", ", g.W + 2 * g.pw,
-              ")");
-  g.oh = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
-  g.ow = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
-  int64_t numel = 0;
-  TORCH_CHECK(!__builtin_mul_overflow(g.B * g.L(), g.F(), &numel), op, ": output size overflows int64");
+  TORCH_CHECK(g.ph <= (INT64_MAX / 4) && g.pw <= (INT64_MAX / 4) && g.kh <= (INT64_MAX / 4) &&
+                  g.kw <= (INT64_MAX / 4),
+              op, ": kernel_size ", kernel_size, " or padding ", padding, " is too large");
+  const int64_t padded_h = g.H + 2 * g.ph, padded_w = g.W + 2 * g.pw;
+  TORCH_CHECK(padded_h >= g.kh && padded_w >= g.kw, op, ": kernel_size ", kernel_size,
+              " is larger than the padded input (H, W) + 2 * padding = (", padded_h, ", ", padded_w, ")");
+  g.oh = (padded_h - g.kh) / g.sh + 1;
+  g.ow = (padded_w - g.kw) / g.sw + 1;
+  int64_t L = 0, rows = 0, F = 0, numel = 0;  // every product the kernels form must fit in int64
+  TORCH_CHECK(!__builtin_mul_overflow(g.oh, g.ow, &L) && !__builtin_mul_overflow(g.B, L, &rows) &&
+                  !__builtin_mul_overflow(g.C, g.kh * g.kw, &F) && !__builtin_mul_overflow(rows, F, &numel),
+              op, ": the output size (B, L, C*kh*kw) overflows int64");
   return g;
 }
 
