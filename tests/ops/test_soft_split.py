@@ -389,6 +389,10 @@ def test_compiled_op_rejects_bad_input():
         op(x, [11, 3], [2, 2], [1, 1])
     with pytest.raises(RuntimeError, match="x must be float32, float64, bfloat16 or float16"):
         op(x.int(), [3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="is too large"):  # 2 * padding would overflow int64
+        op(x, [3, 3], [1, 1], [2**62, 1])
+    with pytest.raises(RuntimeError, match="overflows int64"):
+        op(x, [3, 3], [1, 1], [2**40, 2**40])
     out = op(x, [3, 3], [2, 2], [1, 1])
     with pytest.raises(RuntimeError, match=r"grad_out must be \(B, L, C\*kh\*kw\) = \(1, 16, 18\)"):
         backward(out[:, :5], [1, 2, 8, 8], [3, 3], [2, 2], [1, 1])
