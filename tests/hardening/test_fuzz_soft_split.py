@@ -63,12 +63,9 @@ def test_soft_split_matches_float64_unfold(device, backend, request):
 
 # (device, backend, probe name) -> why it is expected to fail now; strict, so a fix turns it into a failure that says
 # "remove the entry"
-KNOWN_CRASHES = {
-    ("cpu", "cpp", SOFT_SPLIT_CRASH_PROBES[0].name): (
-        "csrc/cpu/soft_split.cpp valid_range(): lo = max(0, -start) exceeds k (and hi = n - start drops below 0) "
-        "for a window wholly inside the padding, so the zero-fill loops write outside the window: segfault "
-        "(found by the fuzzer; fix: clamp lo and hi to [0, k], or reject padding > kernel_size with a ValueError)"),
-}
+# (device, backend, probe name) -> why it is expected to crash now; strict, so a fix turns it into a failure that says
+# "remove the entry". Empty: the cpp crash the probe below found was fixed in 24c0a24.
+KNOWN_CRASHES = {}
 
 
 @pytest.mark.parametrize("probe", SOFT_SPLIT_CRASH_PROBES, ids=lambda p: p.name.split(" (")[0].replace(" ", "_"))
