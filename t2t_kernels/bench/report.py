@@ -69,7 +69,27 @@ def header_lines(result: dict) -> list[str]:
         f"date: {m['date']}  |  dtype {s['dtype']}  batch {s['batch']}  image {s['img_size'][0]}x{s['img_size'][1]}  "
         f"compile backend {s['compile_backend']}",
         f"copy bandwidth (measured in this run): {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})",
-    ]
+    ] + [f"{line}" for line in provider_notes(result)] + noise_lines(result)
+
+
+NOISY = 1.3  # p80 / p20 above this: the row's timing spread is wide
+
+
+def provider_notes(result: dict) -> list[str]:
+    """What the model providers are, e.g. which kernel backend="auto" resolved to."""
+    notes = {}
+    for row in result["rows"]:
+        if row["kind"] == "model" and row.get("note") and row["provider"] not in notes:
+            notes[row["provider"]] = row["note"]
+    return [f"{name}: {note}" for name, note in notes.items() if name in ("eager", "fused")]
+
+
+def noise_lines(result: dict) -> list[str]:
+    rows = [r for r in result["rows"] if r["status"] == "ok" and r.get("p20_s") and r["p80_s"] / r["p20_s"] > NOISY]
+    if not rows:
+        return []
+    return [f"warning: {len(rows)} of {sum(r['status'] == 'ok' for r in result['rows'])} timed rows have p80/p20 > "
+            f"{NOISY} (a busy or throttling machine): compare ratios with care, or re-run with more --min-reps"]
 
 
 def text_table(result: dict) -> str:
@@ -116,6 +136,9 @@ def markdown(result: dict, note: str | None = None) -> str:
         f"- copy bandwidth measured in the same run: {bw['bytes_per_s'] / 1e9:.1f} GB/s (`torch.clone`, "
         f"{bw['tensor_bytes'] / MB:.0f} MB)",
     ]
+    if m.get("wall_s"):
+        lines.append(f"- the whole run (compilation included) took {m['wall_s'] / 60:.1f} min")
+    lines += [f"- {line}" for line in provider_notes(result) + noise_lines(result)]
     if note:
         lines.append(f"- note: {note}")
     lines += ["", "| case | " + " | ".join(COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]

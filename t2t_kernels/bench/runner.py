@@ -66,7 +66,7 @@ def time_round_robin(fns: dict, device: torch.device, min_reps: int = 3, max_rep
         for name, fn in fns.items():
             times[name].append(time_call(fn, device))
         if tick:
-            tick()
+            tick(rnd + 1)
         if rnd + 1 >= min_reps and time.perf_counter() - start >= min_time:
             break
     return times
@@ -304,6 +304,7 @@ def run(settings: Settings, cases: list[Case], argv=None, warmup: int = 1, min_r
     meta["timing"] = {"warmup": warmup, "min_reps": min_reps, "max_reps": max_reps, "min_time_s": min_time,
                       "statistic": "median of per-call times (p20/p80 given); providers interleaved per round"}
     rows = []
+    run_start = time.perf_counter()
     with tqdm(total=count_units(cases) + 1, desc="copy bandwidth", disable=not progress, unit="provider",
               dynamic_ncols=True, file=sys.stderr) as bar:
         bandwidth = copy_bandwidth(settings.device, bandwidth_bytes)
@@ -315,16 +316,21 @@ def run(settings: Settings, cases: list[Case], argv=None, warmup: int = 1, min_r
 
             def on_provider(name, case=case):
                 bar.set_description(f"{case.name} [{name}]")
+                bar.set_postfix_str("build + warm-up")
                 bar.update()
 
+            def tick(rounds):
+                bar.set_postfix_str(f"timing round {rounds}")
+
             case_rows = run_case(case, warmup=warmup, min_reps=min_reps, max_reps=max_reps, min_time=min_time,
-                                 memory=memory, on_provider=on_provider)
+                                 memory=memory, on_provider=on_provider, tick=tick)
             for row in case_rows:
                 if "bytes_per_s" in row:
                     row["bw_fraction"] = row["bytes_per_s"] / bandwidth["bytes_per_s"]
                 row["case_wall_s"] = time.perf_counter() - start
             rows += case_rows
     meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meta["wall_s"] = time.perf_counter() - run_start
     result = {"meta": meta, "copy_bandwidth": bandwidth, "rows": rows}
     result["targets"] = targets(result)
     return result
