@@ -175,3 +175,37 @@ def test_model_case_providers_follow_settings():
     skipped = {p.name: p.reason for p in ModelCase(Settings(**TINY, compile=False, checkpointing=False), "t2t_vit_7",
                                                    "model", FORWARD).providers() if p.reason}
     assert set(skipped) == {"compile-eager", "compile-fused"}
+
+
+def test_timm_reference_case_with_a_stub_timm(monkeypatch):
+    """The GPU runs add timm's vit_small_patch16_224; here a stub module stands in for timm (not a dependency)."""
+    import sys
+    import types
+
+    from t2t_kernels.bench.cases import TimmCase
+
+    class TinyViT(torch.nn.Module):
+        num_classes = 10
+
+        def __init__(self, img_size):
+            super().__init__()
+            self.img_size, self.checkpointing = img_size, False
+            self.fc = torch.nn.Linear(3 * img_size[0] * img_size[1], 10)
+
+        def set_grad_checkpointing(self, enable=True):
+            self.checkpointing = enable
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    stub = types.ModuleType("timm")
+    stub.create_model = lambda name, pretrained=False, img_size=224: TinyViT(img_size)
+    monkeypatch.setitem(sys.modules, "timm", stub)
+    case = TimmCase(Settings(**TINY, compile=False, timm=True), TRAIN_STEP)
+    assert case.name == "timm.vit_small_patch16_224/train step"
+    rows = {r["provider"]: r for r in runner.run_case(case, memory=False, **FAST)}
+    assert rows["eager"]["status"] == "ok" and rows["eager+ckpt"]["status"] == "ok"
+    assert rows["compile-eager"]["status"] == "skipped"
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError
+    assert all(p.reason and "timm" in p.reason for p in TimmCase(Settings(**TINY), FORWARD).providers())

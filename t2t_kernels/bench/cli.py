@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument("--bandwidth-mb", type=int, default=None,
                    help="size of the tensor whose clone measures the copy bandwidth (default 256 CPU, 1024 GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (torch.set_num_threads); on a shared machine 1 thread can be steadier")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--markdown", action="store_true", help="print the markdown section instead of the text table")
     p.add_argument("--record", metavar="MARKDOWN",
@@ -84,6 +86,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be positive, got {args.batch}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
     from ..models.t2t_vit import to_img_size
 
