@@ -209,3 +209,20 @@ def test_timm_reference_case_with_a_stub_timm(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError
     assert all(p.reason and "timm" in p.reason for p in TimmCase(Settings(**TINY), FORWARD).providers())
+
+
+def test_gpu_targets_from_rows():
+    def row(case, provider, t, peak=None):
+        return {"case": case, "provider": provider, "status": "ok", "median_s": t, "peak_bytes": peak,
+                "state_bytes": 100}
+
+    train = "t2t_vit_14/train step"
+    rows = [row(train, "eager", 1.0, 1000), row(train, "fused", 0.5, 500), row(train, "compile-eager", 0.6),
+            row(train, "compile-fused", 0.55), row("timm.vit_small_patch16_224/train step", "compile-eager", 0.45)]
+    meta = {"settings": {"device": "cuda", "dtype": "bfloat16", "batch": 128, "img_size": [224, 224]}}
+    got = {t["target"].split(":")[1].strip(): t for t in runner.targets({"meta": meta, "rows": rows})}
+    assert got["best of fused/compile-fused vs eager"]["ratio"] == pytest.approx(2.0)
+    assert got["best of fused/compile-fused vs compile-eager"]["ratio"] == pytest.approx(1.2)
+    assert got["fused vs eager"]["ratio"] == pytest.approx(600 / 1100) and got["fused vs eager"]["met"]
+    timm = next(t for t in got.values() if "timm" in t["target"])
+    assert timm["ratio"] == pytest.approx(0.9) and not timm["met"] and timm["conditions_match"]
