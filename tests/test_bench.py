@@ -24,6 +24,7 @@ def test_cli_bench_writes_json_markdown_and_png(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "x eager" in printed and "copy bandwidth" in printed and "t2t_vit_7 train step" in printed
+    assert "skipped cuda (4 cases): backend 'cuda' runs on cuda tensors" in printed  # listed once, with the reason
 
     result = json.loads((out / "results.json").read_text())
     meta = result["meta"]
@@ -49,6 +50,7 @@ def test_cli_bench_writes_json_markdown_and_png(tmp_path, capsys):
     assert (out / "speedups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
     assert f"`{meta['command']}`" in md and "| t2t_vit_7 train step" in md
+    assert "- skipped compile-eager (4 cases): torch.compile providers are off (--no-compile)" in md
 
 
 def test_triton_interpreter_and_missing_backends_are_skipped_with_a_reason(monkeypatch):

@@ -53,10 +53,22 @@ def row_cells(row) -> list[str]:
 
 
 def groups(result: dict) -> list[tuple[str, list[dict]]]:
+    """Rows per case, without the skipped providers (skipped_lines lists those once)."""
     out: dict[str, list[dict]] = {}
     for row in result["rows"]:
-        out.setdefault(row["group"], []).append(row)
+        if row["status"] != "skipped":
+            out.setdefault(row["group"], []).append(row)
     return list(out.items())
+
+
+def skipped_lines(result: dict) -> list[str]:
+    """Skipped providers, one line per provider and reason (e.g. cuda on a CPU run), with how many cases."""
+    seen: dict[tuple[str, str], int] = {}
+    for row in result["rows"]:
+        if row["status"] == "skipped":
+            key = (row["provider"], row["reason"])
+            seen[key] = seen.get(key, 0) + 1
+    return [f"skipped {provider} ({n} case{'s' if n > 1 else ''}): {reason}" for (provider, reason), n in seen.items()]
 
 
 def header_lines(result: dict) -> list[str]:
@@ -69,7 +81,7 @@ def header_lines(result: dict) -> list[str]:
         f"date: {m['date']}  |  dtype {s['dtype']}  batch {s['batch']}  image {s['img_size'][0]}x{s['img_size'][1]}  "
         f"compile backend {s['compile_backend']}",
         f"copy bandwidth (measured in this run): {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})",
-    ] + [f"{line}" for line in provider_notes(result)] + noise_lines(result)
+    ] + provider_notes(result) + skipped_lines(result) + noise_lines(result)
 
 
 NOISY = 1.3  # p80 / p20 above this: the row's timing spread is wide
@@ -138,7 +150,7 @@ def markdown(result: dict, note: str | None = None) -> str:
     ]
     if m.get("wall_s"):
         lines.append(f"- the whole run (compilation included) took {m['wall_s'] / 60:.1f} min")
-    lines += [f"- {line}" for line in provider_notes(result) + noise_lines(result)]
+    lines += [f"- {line}" for line in provider_notes(result) + skipped_lines(result) + noise_lines(result)]
     if note:
         lines.append(f"- note: {note}")
     lines += ["", "| case | " + " | ".join(COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
@@ -146,7 +158,8 @@ def markdown(result: dict, note: str | None = None) -> str:
         for i, row in enumerate(rows):
             cells = row_cells(row)
             if row["status"] != "ok":
-                cells = [cells[0], f"{row['status']}: {row['reason'].replace('|', '/')}"] + [""] * (len(cells) - 2)
+                cells = [cells[0], f"{row['status']}: {row['reason']}"] + [""] * (len(cells) - 2)
+            cells = [c.replace("|", "/") for c in cells]
             lines.append(f"| {group if i == 0 else ''} | " + " | ".join(cells) + " |")
     if result.get("targets"):
         lines += ["", "Targets (issue 5 item 8, issue 6 item 2), ratios from this run:", ""]
