@@ -84,6 +84,15 @@ void forward_row_wmajor(const T* xb, T* out, const Geometry& g, int64_t oy, int6
     const int64_t x0 = ox * g.sw - g.pw;
     int64_t jlo, jhi;
     valid_range(x0, kw, g.W, jlo, jhi);
+    if (KW > 0 && sW == 1 && ilo == 0 && ihi == kh && jlo == 0 && jhi == kw) {
+      // an interior window of a contiguous image: kh * C fixed-size row copies, no padding to test
+      for (int64_t c = 0; c < g.C; ++c) {
+        const T* src = xb + c * sC + y0 * sH + x0;
+        T* oc = o + c * kk;
+        for (int64_t i = 0; i < kh; ++i) std::memcpy(oc + i * KW, src + i * sH, KW * sizeof(T));
+      }
+      continue;
+    }
     for (int64_t c = 0; c < g.C; ++c) {
       T* oc = o + c * kk;
       std::fill(oc, oc + ilo * kw, T(0));
@@ -114,9 +123,11 @@ void forward_row_wmajor(const T* xb, T* out, const Geometry& g, int64_t oy, int6
 }
 
 template <typename T, int64_t KK>
-void forward_row_cmajor(const T* xb, T* out, const Geometry& g, int64_t oy, int64_t sC, int64_t sH, int64_t sW) {
-  // C has the smallest stride (channels_last, or the token view): per (pixel, i, j) copy the C values of one input
-  // pixel into output stride kh*kw. The output of one pixel is C*kk contiguous elements, which stay in L1.
+void forward_row_cmajor(const T* xb, T* out, const Geometry& g, int64_t oy, int64_t sC, int64_t sH, int64_t sW,
+                        const T* zeros, const T** taps) {
+  // C has the smallest stride (channels_last, or the token view). The output of one pixel is C*kk contiguous
+  // elements: with unit channel stride, point each of the kk taps at its input pixel's C values (or at a row of C
+  // zeros when it lies in the padding) and write the pixel's output in order, c outer, tap inner.
   const int64_t kk = KK > 0 ? KK : g.kk(), kh = g.kh, kw = g.kw, C = g.C, y0 = oy * g.sh - g.ph;
   int64_t ilo, ihi;
   valid_range(y0, kh, g.H, ilo, ihi);
@@ -125,6 +136,16 @@ void forward_row_cmajor(const T* xb, T* out, const Geometry& g, int64_t oy, int6
     const int64_t x0 = ox * g.sw - g.pw;
     int64_t jlo, jhi;
     valid_range(x0, kw, g.W, jlo, jhi);
+    if (sC == 1) {
+      for (int64_t i = 0; i < kh; ++i)
+        for (int64_t j = 0; j < kw; ++j)
+          taps[i * kw + j] = (i < ilo || i >= ihi || j < jlo || j >= jhi) ? zeros : xb + (y0 + i) * sH + (x0 + j) * sW;
+      for (int64_t c = 0; c < C; ++c) {
+        T* oc = o + c * kk;
+        for (int64_t t = 0; t < kk; ++t) oc[t] = taps[t][c];
+      }
+      continue;
+    }
     for (int64_t i = 0; i < kh; ++i) {
       for (int64_t j = 0; j < kw; ++j) {
         T* dst = o + i * kw + j;
@@ -153,15 +174,17 @@ void soft_split_forward_impl(const at::Tensor& x, at::Tensor& out, const Geometr
   // channels innermost when C's stride is the smallest (C = 1 has nothing to gain from it)
   const bool cmajor = g.C > 1 && sC < sW;
   at::parallel_for(0, g.B * g.oh, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> zeros(cmajor ? g.C : 0, T(0));  // what a tap in the padding reads
+    std::vector<const T*> taps(cmajor ? g.kk() : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.oh, oy = r % g.oh;
       const T* xb = xp + b * sB;
       T* o = op + r * row;
       if (cmajor) {
         if (g.kk() == 9)
-          forward_row_cmajor<T, 9>(xb, o, g, oy, sC, sH, sW);
+          forward_row_cmajor<T, 9>(xb, o, g, oy, sC, sH, sW, zeros.data(), taps.data());
         else
-          forward_row_cmajor<T, 0>(xb, o, g, oy, sC, sH, sW);
+          forward_row_cmajor<T, 0>(xb, o, g, oy, sC, sH, sW, zeros.data(), taps.data());
       } else if (g.kw == 7) {
         forward_row_wmajor<T, 7>(xb, o, g, oy, sC, sH, sW);
       } else if (g.kw == 3) {

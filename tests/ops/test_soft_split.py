@@ -40,7 +40,6 @@ SHAPES = [
     (1, 5, 9, 10, 3, 1, 1),
     (3, 1, 8, 7, (3, 2), (2, 1), (0, 1)),
 ]
-LAYOUTS = ("contiguous", "channels_last", "token_view", "strided")
 
 
 def shape_id(shape):
@@ -61,7 +60,10 @@ VIEWS = {  # layout -> (leaf shape from (B, C, H, W), the view of the leaf that 
     "token_view": (lambda B, C, H, W: (B, H * W, C), lambda t, B, C, H, W: t.transpose(1, 2).view(B, C, H, W)),
     # every dim strided and W not innermost: a sliced, transposed buffer
     "strided": (lambda B, C, H, W: (B, C, 2 * W, H + 1), lambda t, B, C, H, W: t[:, :, ::2, 1:].transpose(2, 3)),
+    # channels innermost but not unit-stride: every other channel of a channels_last buffer
+    "channels_last_sliced": (lambda B, C, H, W: (B, H, W, 2 * C), lambda t, B, C, H, W: t.permute(0, 3, 1, 2)[:, ::2]),
 }
+LAYOUTS = tuple(VIEWS)
 
 
 def make_input(B, C, H, W, layout, dtype=torch.float32, device="cpu"):

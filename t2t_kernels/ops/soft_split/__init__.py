@@ -103,7 +103,8 @@ def _register(suffix: str) -> None:
     forward, backward = f"t2t_kernels::soft_split{suffix}", f"t2t_kernels::soft_split{suffix}_backward"
     if not op_exists(forward):
         return
-    backward_op = torch.ops.t2t_kernels.soft_split_triton_backward if suffix else torch.ops.t2t_kernels.soft_split_backward
+    backward_op = (torch.ops.t2t_kernels.soft_split_triton_backward if suffix
+                   else torch.ops.t2t_kernels.soft_split_backward)
     torch.library.register_fake(forward)(_fake_forward)
     torch.library.register_fake(backward)(_fake_backward)
 
