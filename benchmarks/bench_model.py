@@ -2,7 +2,7 @@
 and AdamW train step (bf16 autocast on GPU, fp32 on CPU), for T2T-ViT-7/14/24 on GPU (T2T-ViT-14 on CPU; set
 T2T_BENCH_MODELS), with timm's vit_small_patch16_224 on GPU as the plain-ViT reference.
 
-Providers: eager (backend="eager"), fused (backend="auto"), compile-eager, compile-fused, and in train steps
+Providers: eager (the official formulation: backend="eager" with the official Performer formula), fused (backend="auto"), compile-eager, compile-fused, and in train steps
 eager+ckpt / fused+ckpt (set_grad_checkpointing(True)): their extra_info["activation_bytes"] (memory the forward
 leaves for backward) against eager's is the gradient-checkpointing memory benchmark. extra_info also has
 images_per_s, peak_bytes (the step's peak above what was allocated before it) and state_bytes (weights, grads,

@@ -14,6 +14,7 @@ import copy
 import functools
 import math
 import os
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -343,10 +344,33 @@ def _forward(module, images, settings: Settings) -> Workload:
     return Workload(step)
 
 
+def _official_single_attn(self, x):
+    # Token_performer.single_attn of the official code: its prm_exp / einsum formula, where autocast applies to the
+    # einsums as it does there (reference.performer_attention_official is that formula, op for op)
+    from ..ops.performer_attention.reference import performer_attention_official
+
+    k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
+    y = performer_attention_official(q, k, v, self.w, self.epsilon)
+    return v + self.dp(self.proj(y))
+
+
+def use_official_performer(model) -> None:
+    """Makes a backend="eager" model compute like the official code: its Token_performer layers run the official
+    attention formula instead of the package's fp32 reference (the same numbers in fp32; under autocast the official
+    einsums run in the autocast dtype, which is what the official code's speed and its fp16 overflow come from).
+    The soft splits of backend="eager" are already the official F.unfold + transpose."""
+    from ..layers.t2t import Token_performer
+
+    for module in model.modules():
+        if isinstance(module, Token_performer):
+            module.single_attn = types.MethodType(_official_single_attn, module)
+
+
 class ModelCase(Case):
     """A T2T-ViT variant, whole or only its T2T module (``part="t2t_module"``), forward (eval, no grad) or train step
-    (AdamW). Providers: eager (backend="eager"), fused (backend="auto"), torch.compile of each; train steps also
-    eager+ckpt and fused+ckpt (set_grad_checkpointing(True)) for the activation memory."""
+    (AdamW). Providers: eager (the official formulation: backend="eager" with the official Performer formula),
+    fused (backend="auto"), torch.compile of each; train steps also eager+ckpt and fused+ckpt
+    (set_grad_checkpointing(True)) for the activation memory."""
 
     kind = "model"
     compiled_baseline = "compile-eager"
@@ -360,7 +384,8 @@ class ModelCase(Case):
 
     def providers(self):
         s = self.settings
-        out = [Provider("eager", note='backend="eager"'), Provider("fused", note=f'backend="auto": {self.auto_text()}')]
+        out = [Provider("eager", note='backend="eager" with the official Performer formula (the official code)'),
+               Provider("fused", note=f'backend="auto": {self.auto_text()}')]
         for base in ("eager", "fused"):
             out.append(Provider(f"compile-{base}", _compile_reason(s), note=f"torch.compile({s.compile_backend})"))
         if self.mode == TRAIN_STEP:
@@ -383,6 +408,8 @@ class ModelCase(Case):
         model = self.make_model().to(s.device)
         base = provider.removeprefix("compile-").removesuffix("+ckpt")
         model.set_backend("eager" if base == "eager" else "auto")
+        if base == "eager":
+            use_official_performer(model)
         if provider.endswith("+ckpt"):
             model.set_grad_checkpointing(True)
         module = model if self.part == "model" else model.tokens_to_token
