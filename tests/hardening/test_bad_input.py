@@ -311,7 +311,7 @@ def test_model_forward_edge_inputs_are_fine(small_model):
 
 # --- the command line ------------------------------------------------------------------------------------------
 
-QUICK = ["--model", "t2t_vit_7", "--img-size", "32", "--steps", "0", "--no-progress"]
+QUICK = ["--model", "t2t_vit_7", "--img-size", "32", "--steps", "0", "--no-progress", "--device", "cpu"]
 
 
 def run_cli(args, capsys):
