@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from hypothesis import settings
 
 from t2t_kernels.ops import performer_attention, soft_split
-from t2t_kernels.ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
+from t2t_kernels.ops.performer_attention import BACKENDS as PERFORMER_BACKENDS  # noqa: F401  (for the tests)
 from t2t_kernels.ops.performer_attention import reference as performer_reference
-from t2t_kernels.ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
+from t2t_kernels.ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS  # noqa: F401  (for the tests)
 
 ALL_BACKENDS = ("eager", "cpp", "cuda", "triton")
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
