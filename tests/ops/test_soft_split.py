@@ -177,7 +177,8 @@ def test_gradcheck_float64(backend, layout):
     def fn(leaf):
         return soft_split(view(leaf), (3, 2), (2, 1), (1, 1), backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (leaf,))
+    # eager is F.unfold itself (slow under full gradcheck): a random-projection check is enough for it
+    assert torch.autograd.gradcheck(fn, (leaf,), fast_mode=backend == "eager")
     if backend != "eager":  # the backward op's derivative is the forward op (eager's double backward is slow)
         assert torch.autograd.gradgradcheck(fn, (leaf,))
 
