@@ -37,8 +37,9 @@ Geometry make_geometry(const char* op, at::IntArrayRef size, at::IntArrayRef ker
   TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be positive, got ", stride);
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ", padding);
   TORCH_CHECK(size.size() == 4, op, ": x must be 4-D (B, C, H, W), got size ", size);
-  TORCH_CHECK(size[0] >= 0 && size[1] >= 1 && size[2] >= 0 && size[3] >= 0, op,
-              ": x must have at least one channel, got size ", size);
+  TORCH_CHECK(size[0] >= 0 && size[1] >= 1, op, ": x must have at least one channel, got size ", size);
+  TORCH_CHECK(size[2] >= 1 && size[3] >= 1, op, ": x must be a non-empty image (height and width >= 1), got size ",
+              size);
   Geometry g{size[0], size[1], size[2], size[3], kernel_size[0], kernel_size[1], stride[0], stride[1],
              padding[0], padding[1], 0, 0};
   TORCH_CHECK(g.ph <= (INT64_MAX / 4) && g.pw <= (INT64_MAX / 4) && g.kh <= (INT64_MAX / 4) &&

@@ -341,12 +341,14 @@ def soft_split_backward_op(backend):
         ((torch.randn(1, 2, 8, 8), 3, (2, 2, 2), 1), TypeError, "stride must be an int or a pair"),
         ((torch.randn(1, 2, 8, 8), 3, 2, True), TypeError, "padding must be an int or a pair"),
         ((torch.randn(1, 0, 8, 8), 3, 2, 1), ValueError, "at least one channel"),
+        ((torch.randn(1, 2, 0, 8), 3, 2, 2), ValueError, "non-empty image, got height 0"),
+        ((torch.randn(1, 2, 8, 0), 3, 2, 2), ValueError, "non-empty image, got height 8 and width 0"),
         ((torch.ones(1, 2, 8, 8, dtype=torch.int32), 3, 2, 1), TypeError, "floating-point"),
         ((torch.randn(1, 2, 8, 8).numpy(), 3, 2, 1), TypeError, "x must be a Tensor"),
     ],
     ids=["ndim-3", "ndim-5", "kernel-too-tall", "kernel-too-wide", "stride-zero", "stride-negative",
          "padding-negative", "kernel-zero", "kernel-float", "stride-triple", "padding-bool", "no-channels",
-         "integer", "numpy"],
+         "height-0", "width-0", "integer", "numpy"],
 )
 @pytest.mark.parametrize("backend", [None, "eager", "cpp"])
 def test_bad_input(args, error, match, backend):
@@ -392,6 +394,8 @@ def test_compiled_op_rejects_bad_input():
         op(x, [11, 3], [2, 2], [1, 1])
     with pytest.raises(RuntimeError, match="x must be float32, float64, bfloat16 or float16"):
         op(x.int(), [3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="non-empty image"):
+        op(x[:, :, :0], [3, 3], [2, 2], [2, 2])
     with pytest.raises(RuntimeError, match="is too large"):  # 2 * padding would overflow int64
         op(x, [3, 3], [1, 1], [2**62, 1])
     with pytest.raises(RuntimeError, match="overflows int64"):

@@ -39,6 +39,11 @@ def check_soft_split_args(x: Tensor, kernel_size, stride, padding) -> None:
         raise ValueError(f"soft_split: padding must be non-negative, got {tuple(padding)}")
     if x.shape[1] < 1:
         raise ValueError(f"soft_split: x must have at least one channel, got shape {tuple(x.shape)}")
+    if x.shape[2] < 1 or x.shape[3] < 1:  # F.unfold rejects it too: every window would be padding
+        raise ValueError(
+            f"soft_split: x must be a non-empty image, got height {x.shape[2]} and width {x.shape[3]} "
+            f"(x shape {tuple(x.shape)})"
+        )
     for n, k, p, name in zip(x.shape[2:], kernel_size, padding, ("height", "width")):
         if n + 2 * p < k:
             raise ValueError(

@@ -136,7 +136,7 @@ def _check(name: str, t: torch.Tensor) -> None:
 def _geometry(input_size, kernel_size, stride, padding):
     B, C, H, W = (int(n) for n in input_size)
     (kh, kw), (sh, sw), (ph, pw) = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding))
-    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0 or H + 2 * ph < kh or W + 2 * pw < kw or C < 1:
+    if min(kh, kw, sh, sw, C, H, W) < 1 or min(ph, pw) < 0 or H + 2 * ph < kh or W + 2 * pw < kw:
         raise ValueError(
             f"soft_split (triton): invalid geometry: input {input_size}, kernel_size {kernel_size}, stride {stride}, "
             f"padding {padding}"
