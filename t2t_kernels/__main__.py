@@ -18,6 +18,18 @@ def _img_size(text: str):
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def _count(minimum: int, what: str):
+    """An argparse type: an int >= minimum, with an error that says what was expected."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type: "invalid int value: 'x'"
+    return parse
+
+
 def count_macs(model, images) -> float:
     """Multiply-accumulates of one eval forward, from torch's flop counter (2 flops per MAC)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -90,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--img-size", type=_img_size, default=224, help="224 or 224,320 (H,W); multiples of 16")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--backend", default="auto", choices=["auto", "eager", "cpp", "cuda", "triton"])
-        p.add_argument("--batch", type=int, default=8)
-        p.add_argument("--steps", type=int, default=5, help="timed forwards (0: skip the measurement)")
+        p.add_argument("--batch", type=_count(1, "positive"), default=8)
+        p.add_argument("--steps", type=_count(0, "non-negative"), default=5, help="timed forwards (0: skip the measurement)")
         p.add_argument("--no-progress", action="store_true")
     return parser
 

@@ -61,23 +61,13 @@ def test_soft_split_matches_float64_unfold(device, backend, request):
     run()
 
 
-# (device, backend, probe name) -> why it is expected to fail now; strict, so a fix turns it into a failure that says
-# "remove the entry"
-# (device, backend, probe name) -> why it is expected to crash now; strict, so a fix turns it into a failure that says
-# "remove the entry". Empty: the cpp crash the probe below found was fixed in 24c0a24.
-KNOWN_CRASHES = {}
-
-
 @pytest.mark.parametrize("probe", SOFT_SPLIT_CRASH_PROBES, ids=lambda p: p.name.split(" (")[0].replace(" ", "_"))
 @pytest.mark.parametrize("device,backend", backend_params())
-def test_no_crash(device, backend, probe, request):
+def test_no_crash(device, backend, probe):
     """Inputs that once crashed a kernel, run in a subprocess: a crash fails this test, not the whole session."""
     if backend == "eager":
         pytest.skip("eager is F.unfold itself")
     runnable_dtypes(SOFT_SPLIT_BACKENDS, backend, device)
-    known = KNOWN_CRASHES.get((device, backend, probe.name))
-    if known:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=known))
     crash = probe_crash(probe, backend, device)  # cached: the fuzz test above may have probed already
     assert crash is None, crash
 
