@@ -1,7 +1,6 @@
 """Backend selection shared by the ops: which implementations exist, which one "auto" picks, clear errors."""
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 
@@ -15,13 +14,22 @@ BACKENDS = ("eager", "cpp", "cuda", "triton")
 _kernel_registered = torch.compiler.assume_constant_result(has_kernel)
 
 
-@functools.cache
+_triton_import = []  # memo: [error or None], filled on the first query
+
+
 def triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as err:  # a broken triton install raises more than ImportError
-        return f"triton is not importable ({type(err).__name__}: {err})"
-    return None
+    if not _triton_import:
+        try:
+            import triton  # noqa: F401
+        except Exception as err:  # a broken triton install raises more than ImportError
+            _triton_import.append(f"triton is not importable ({type(err).__name__}: {err})")
+        else:
+            _triton_import.append(None)
+    return _triton_import[0]
+
+
+# dynamo should not trace the import; whether triton imports does not change while a graph is traced
+_triton_error = torch.compiler.assume_constant_result(triton_import_error)
 
 
 def triton_interpreting() -> bool:
@@ -50,8 +58,8 @@ class OpBackends:
             if not _kernel_registered(f"t2t_kernels::{self.name}", "CPU" if backend == "cpp" else "CUDA"):
                 return f"the extension was built without {wanted.upper()} kernels for {self.name}"
         if backend == "triton":
-            if triton_import_error():
-                return triton_import_error()
+            if _triton_error():
+                return _triton_error()
             if device.type == "cuda":
                 return None
             if device.type == "cpu" and triton_interpreting():
