@@ -49,7 +49,8 @@ constexpr int64_t kChunk = 128;  // rows per task; fixed, so the order of the su
 
 // ------------------------------------------------------------------------------------------------------------------
 // Parallel loop over tasks: threads take the next task from a shared counter (balances load on a busy machine);
-// every task writes only its own outputs, so which thread runs it does not change any bit of the result.
+// every task writes only its own outputs, so which thread runs it does not change any bit of the result. A thread
+// claims its next task before running the current one, which is told it (to prefetch that task's input rows).
 
 template <typename Worker>
 void gomp_trampoline(void* data) {
@@ -76,7 +77,11 @@ void parallel_tasks(int64_t num_tasks, int64_t scratch_size, at::ScalarType scra
   std::atomic<int64_t> next_task{0}, next_slot{0};
   auto worker = [&]() {
     void* slot = scratch_base + next_slot.fetch_add(1) * slot_bytes;
-    for (int64_t i = next_task.fetch_add(1); i < num_tasks; i = next_task.fetch_add(1)) task(i, slot);
+    for (int64_t i = next_task.fetch_add(1); i < num_tasks;) {
+      const int64_t next = next_task.fetch_add(1);
+      task(i, next, slot);
+      i = next;
+    }
   };
   if (threads <= 1) {
     worker();
@@ -152,6 +157,43 @@ T2T_INLINE typename Simd<double, Bytes>::vec exp_vec(typename Simd<double, Bytes
   return x;
 }
 
+// Issues prefetches (into L2) for the input rows of the task a thread runs next, a few at each step() of the
+// current task's loops, so that the reads from memory overlap the arithmetic.
+struct Prefetcher {
+  static constexpr int kMaxSources = 2;
+  const char* base[kMaxSources] = {};
+  int64_t stride[kMaxSources] = {};  // bytes between rows
+  int64_t sources = 0, rows = 0, lines_per_row = 0, per_step = 0;
+  // position of the next line
+  const char* ptr = nullptr;
+  int64_t src = 0, row = 0, line = 0;
+
+  void add(const char* p, int64_t row_stride_bytes, int64_t row_bytes) {
+    base[sources] = p, stride[sources] = row_stride_bytes;
+    const bool aligned = reinterpret_cast<uintptr_t>(p) % 64 == 0 && row_stride_bytes % 64 == 0;
+    lines_per_row = std::max(lines_per_row, (row_bytes + 63) / 64 + (aligned ? 0 : 1));
+    if (sources++ == 0) ptr = p;
+  }
+  // spread the prefetches over `steps` calls of step()
+  void plan(int64_t steps) {
+    const int64_t total = sources * rows * lines_per_row;
+    per_step = steps > 0 ? (total + steps - 1) / steps : total;
+  }
+  T2T_INLINE void step() {
+    for (int64_t k = 0; k < per_step && src < sources; ++k) {
+      __builtin_prefetch(ptr + line * 64, 0, 2);
+      if (++line == lines_per_row) {
+        line = 0;
+        ptr += stride[src];
+        if (++row == rows) {
+          row = 0;
+          if (++src < sources) ptr = base[src];
+        }
+      }
+    }
+  }
+};
+
 // Register blocking per instruction set: gemm_rows R1 rows x C1 vectors, gemm_rows2 R2 x C2, gemm_reduce J3 x C3.
 struct IsaAvx512 {
   static constexpr int kBytes = 64;
@@ -167,7 +209,7 @@ struct IsaPlain : IsaAvx2 {};
 // A last partial block of rows repeats the last row and drops its extra results.
 template <class I, typename acc_t>
 T2T_INLINE void gemm_rows(const acc_t* X, int64_t xs, int64_t n, int64_t K, const acc_t* Bm, int64_t cols, acc_t* out,
-                          int64_t os) {
+                          int64_t os, Prefetcher& pf) {
   using S = Simd<acc_t, I::kBytes>;
   using vec = typename S::vec;
   constexpr int R = I::R1, C = I::C1, L = S::kLanes;
@@ -177,6 +219,7 @@ T2T_INLINE void gemm_rows(const acc_t* X, int64_t xs, int64_t n, int64_t K, cons
     for (int r = 0; r < R; ++r) xr[r] = X + std::min<int64_t>(t0 + r, n - 1) * xs;
     const int64_t rows = std::min<int64_t>(R, n - t0);
     for (int64_t c0 = 0; c0 < cols; c0 += C * L) {
+      pf.step();
       vec acc[R][C];
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
@@ -209,7 +252,7 @@ enum class Epilogue { kPlain, kScaleRows, kMinusXTimesRow };
 // X[t] * rs[t] (X rows xs apart, at least cols wide). P rows ps apart, M row-major, out rows os apart.
 template <class I, Epilogue Epi, typename acc_t>
 T2T_INLINE void gemm_rows2(const acc_t* P, int64_t ps, int64_t n, int64_t K, const acc_t* Mm, int64_t cols, acc_t* out,
-                           int64_t os, const acc_t* rs, const acc_t* X, int64_t xs) {
+                           int64_t os, const acc_t* rs, const acc_t* X, int64_t xs, Prefetcher& pf) {
   using S = Simd<acc_t, I::kBytes>;
   using vec = typename S::vec;
   constexpr int R = I::R2, C = I::C2, L = S::kLanes;
@@ -219,6 +262,7 @@ T2T_INLINE void gemm_rows2(const acc_t* P, int64_t ps, int64_t n, int64_t K, con
     for (int r = 0; r < R; ++r) pr[r] = P + std::min<int64_t>(t0 + r, n - 1) * ps;
     const int64_t rows = std::min<int64_t>(R, n - t0);
     for (int64_t c0 = 0; c0 < cols; c0 += C * L) {
+      pf.step();
       vec acc[R][C];
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
@@ -256,12 +300,13 @@ T2T_INLINE void gemm_rows2(const acc_t* P, int64_t ps, int64_t n, int64_t K, con
 // apart; mp a multiple of J3, cols of C3 vectors; out row-major.
 template <class I, typename acc_t>
 T2T_INLINE void gemm_reduce(const acc_t* P, int64_t ps, const acc_t* X, int64_t xs, int64_t n, int64_t mp, int64_t cols,
-                            acc_t* out) {
+                            acc_t* out, Prefetcher& pf) {
   using S = Simd<acc_t, I::kBytes>;
   using vec = typename S::vec;
   constexpr int J = I::J3, C = I::C3, L = S::kLanes;
   for (int64_t j0 = 0; j0 < mp; j0 += J) {
     for (int64_t c0 = 0; c0 < cols; c0 += C * L) {
+      pf.step();
       vec acc[J][C];
 #pragma GCC unroll 16
       for (int j = 0; j < J; ++j)
@@ -329,7 +374,7 @@ Rows rows_of(const at::Tensor& x) { return {x.data_ptr(), x.stride(0), x.stride(
 
 template <typename acc_t>
 struct Ctx {
-  int64_t T, E, m, mp, Ep, chunks, state_size;
+  int64_t T, E, m, mp, Ep, chunks, state_size, num_tasks;
   acc_t eps;
   const acc_t* wt;     // w^T padded (E, mp)
   const acc_t* w;      // w padded (mp, Ep)
@@ -399,9 +444,39 @@ T2T_INLINE void finish_rows(void* out, int64_t b, int64_t t0, int64_t n, int64_t
     for (int64_t e = 0; e < E; ++e) dst[t * E + e] = static_cast<scalar_t>(staging[t * Ep + e]);
 }
 
+// The prefetcher for the rows of task `next` of the given inputs, spread over `steps` steps.
+template <typename scalar_t, typename acc_t>
+T2T_INLINE Prefetcher prefetch_rows(const Ctx<acc_t>& c, int64_t next, const Rows& x1, const Rows* x2, int64_t steps) {
+  Prefetcher pf;
+  if (next >= c.num_tasks) return pf;
+  const int64_t b = next / c.chunks, t0 = (next % c.chunks) * kChunk;
+  pf.rows = std::min(kChunk, c.T - t0);
+  for (const Rows* x : {&x1, x2}) {
+    if (x == nullptr) continue;
+    const scalar_t* p = static_cast<const scalar_t*>(x->data) + b * x->batch_stride + t0 * x->row_stride;
+    pf.add(reinterpret_cast<const char*>(p), x->row_stride * sizeof(scalar_t), c.E * sizeof(scalar_t));
+  }
+  pf.plan(steps);
+  return pf;
+}
+
+// how many times each tile loop calls Prefetcher::step
+template <class I, typename acc_t>
+int64_t rows_steps(int64_t n, int64_t cols) {
+  return (n + I::R1 - 1) / I::R1 * (cols / (I::C1 * Simd<acc_t, I::kBytes>::kLanes));
+}
+template <class I, typename acc_t>
+int64_t rows2_steps(int64_t n, int64_t cols) {
+  return (n + I::R2 - 1) / I::R2 * (cols / (I::C2 * Simd<acc_t, I::kBytes>::kLanes));
+}
+template <class I, typename acc_t>
+int64_t reduce_steps(int64_t mp, int64_t cols) {
+  return mp / I::J3 * (cols / (I::C3 * Simd<acc_t, I::kBytes>::kLanes));
+}
+
 // Forward pass 1: partial [phi(k)^T v | sum_t phi(k)] of one chunk.
 template <class I, typename scalar_t, typename acc_t>
-T2T_INLINE void forward_reduce_task(const Ctx<acc_t>& c, int64_t i, acc_t* s) {
+T2T_INLINE void forward_reduce_task(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {
   const Scratch sc(c.mp, c.Ep);
   const int64_t b = i / c.chunks, t0 = (i % c.chunks) * kChunk, n = std::min(kChunk, c.T - t0);
   int64_t ks, vs;
@@ -411,14 +486,16 @@ T2T_INLINE void forward_reduce_task(const Ctx<acc_t>& c, int64_t i, acc_t* s) {
   acc_t* part = c.partials + i * c.state_size;
   acc_t* ssum = part + c.mp * c.Ep;
   std::fill(ssum, ssum + c.mp, acc_t(0));
-  gemm_rows<I>(xk, ks, n, c.E, c.wt, c.mp, phi, c.mp);
+  Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, &c.in2,
+                                          rows_steps<I, acc_t>(n, c.mp) + reduce_steps<I, acc_t>(c.mp, c.Ep));
+  gemm_rows<I>(xk, ks, n, c.E, c.wt, c.mp, phi, c.mp, pf);
   feature_rows<I, true, false>(phi, xk, ks, n, c.Ep, c.mp, c.scvec, ssum, (const acc_t*)nullptr, (acc_t*)nullptr);
-  gemm_reduce<I>(phi, c.mp, xv, vs, n, c.mp, c.Ep, part);
+  gemm_reduce<I>(phi, c.mp, xv, vs, n, c.mp, c.Ep, part, pf);
 }
 
 // Forward pass 2: y = phi(q) A / (phi(q) s + eps) for one chunk.
 template <class I, typename scalar_t, typename acc_t>
-T2T_INLINE void forward_output_task(const Ctx<acc_t>& c, int64_t i, acc_t* s) {
+T2T_INLINE void forward_output_task(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {
   const Scratch sc(c.mp, c.Ep);
   const int64_t b = i / c.chunks, t0 = (i % c.chunks) * kChunk, n = std::min(kChunk, c.T - t0);
   const acc_t* A = c.state + b * c.state_size;
@@ -426,18 +503,20 @@ T2T_INLINE void forward_output_task(const Ctx<acc_t>& c, int64_t i, acc_t* s) {
   int64_t qs, ys;
   const acc_t* xq = load_rows<scalar_t>(c.in1, b, t0, n, c.E, c.Ep, s + sc.xa, &qs);
   acc_t *phi = s + sc.phi, *inv = s + sc.rv;
-  gemm_rows<I>(xq, qs, n, c.E, c.wt, c.mp, phi, c.mp);
+  Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, nullptr,
+                                          rows_steps<I, acc_t>(n, c.mp) + rows2_steps<I, acc_t>(n, c.Ep));
+  gemm_rows<I>(xq, qs, n, c.E, c.wt, c.mp, phi, c.mp, pf);
   feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, c.mp, c.scvec, (acc_t*)nullptr, ksum, inv);
   for (int64_t t = 0; t < n; ++t) inv[t] = acc_t(1) / (inv[t] + c.eps);
   acc_t* y = out_rows<scalar_t>(c.out1, b, t0, c.T, c.E, c.Ep, s + sc.oa, &ys);
-  gemm_rows2<I, Epilogue::kScaleRows>(phi, c.mp, n, c.m, A, c.Ep, y, ys, inv, (const acc_t*)nullptr, 0);
+  gemm_rows2<I, Epilogue::kScaleRows>(phi, c.mp, n, c.m, A, c.Ep, y, ys, inv, (const acc_t*)nullptr, 0, pf);
   finish_rows<scalar_t>(c.out1, b, t0, n, c.T, c.E, c.Ep, s + sc.oa);
 }
 
 // Backward pass 1 for one chunk: gq, and the partial [gA = phi(q)^T gn | gs = phi(q)^T gd].
 // With h = g A^T (n, m): g . n = phi . h, so gd = -(phi . h) / (d + eps)^2 and gQ' = h / (d + eps) + gd s.
 template <class I, typename scalar_t, typename acc_t>
-T2T_INLINE void backward_q_task(const Ctx<acc_t>& c, int64_t i, acc_t* s) {
+T2T_INLINE void backward_q_task(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {
   using S = Simd<acc_t, I::kBytes>;
   using vec = typename S::vec;
   constexpr int L = S::kLanes;
@@ -452,9 +531,12 @@ T2T_INLINE void backward_q_task(const Ctx<acc_t>& c, int64_t i, acc_t* s) {
   acc_t *phi = s + sc.phi, *h = s + sc.h, *d = s + sc.rv, *rsum = d + kChunk;
   acc_t* part = c.partials + i * c.state_size;
   acc_t* gs = part + mp * c.Ep;
-  gemm_rows<I>(xq, qs, n, c.E, c.wt, mp, phi, mp);
+  Prefetcher pf = prefetch_rows<scalar_t>(
+      c, next, c.in1, &c.in2,
+      2 * rows_steps<I, acc_t>(n, mp) + reduce_steps<I, acc_t>(mp, c.Ep) + rows2_steps<I, acc_t>(n, c.Ep));
+  gemm_rows<I>(xq, qs, n, c.E, c.wt, mp, phi, mp, pf);
   feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, mp, c.scvec, (acc_t*)nullptr, ksum, d);
-  gemm_rows<I>(g, gs_, n, c.E, c.stateT + b * c.E * mp, mp, h, mp);
+  gemm_rows<I>(g, gs_, n, c.E, c.stateT + b * c.E * mp, mp, h, mp, pf);
   std::fill(gs, gs + mp, acc_t(0));
   for (int64_t t = 0; t < n; ++t) {
     acc_t *pr = phi + t * mp, *hr = h + t * mp;
@@ -473,15 +555,15 @@ T2T_INLINE void backward_q_task(const Ctx<acc_t>& c, int64_t i, acc_t* s) {
     }
     rsum[t] = hsum<acc_t, I::kBytes>(rs);
   }
-  gemm_reduce<I>(phi, mp, g, gs_, n, mp, c.Ep, part);
+  gemm_reduce<I>(phi, mp, g, gs_, n, mp, c.Ep, part, pf);
   acc_t* gq = out_rows<scalar_t>(c.out1, b, t0, c.T, c.E, c.Ep, s + sc.oa, &os);
-  gemm_rows2<I, Epilogue::kMinusXTimesRow>(h, mp, n, c.m, c.w, c.Ep, gq, os, rsum, xq, qs);
+  gemm_rows2<I, Epilogue::kMinusXTimesRow>(h, mp, n, c.m, c.w, c.Ep, gq, os, rsum, xq, qs, pf);
   finish_rows<scalar_t>(c.out1, b, t0, n, c.T, c.E, c.Ep, s + sc.oa);
 }
 
 // Backward pass 2 for one chunk: gK' = v gA^T + 1 gs^T, gk through phi, gv = phi(k) gA.
 template <class I, typename scalar_t, typename acc_t>
-T2T_INLINE void backward_kv_task(const Ctx<acc_t>& c, int64_t i, acc_t* s) {
+T2T_INLINE void backward_kv_task(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {
   using S = Simd<acc_t, I::kBytes>;
   using vec = typename S::vec;
   constexpr int L = S::kLanes;
@@ -494,10 +576,12 @@ T2T_INLINE void backward_kv_task(const Ctx<acc_t>& c, int64_t i, acc_t* s) {
   const acc_t* xk = load_rows<scalar_t>(c.in1, b, t0, n, c.E, c.Ep, s + sc.xa, &ks);
   const acc_t* xv = load_rows<scalar_t>(c.in2, b, t0, n, c.E, c.Ep, s + sc.xb, &vs);
   acc_t *phi = s + sc.phi, *h = s + sc.h, *rsum = s + sc.rv;
-  gemm_rows<I>(xk, ks, n, c.E, c.wt, mp, phi, mp);
+  Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, &c.in2,
+                                          2 * rows_steps<I, acc_t>(n, mp) + 2 * rows2_steps<I, acc_t>(n, c.Ep));
+  gemm_rows<I>(xk, ks, n, c.E, c.wt, mp, phi, mp, pf);
   feature_rows<I, false, false>(phi, xk, ks, n, c.Ep, mp, c.scvec, (acc_t*)nullptr, (const acc_t*)nullptr,
                                 (acc_t*)nullptr);
-  gemm_rows<I>(xv, vs, n, c.E, c.stateT + b * c.E * mp, mp, h, mp);
+  gemm_rows<I>(xv, vs, n, c.E, c.stateT + b * c.E * mp, mp, h, mp, pf);
   for (int64_t t = 0; t < n; ++t) {
     const acc_t* pr = phi + t * mp;
     acc_t* hr = h + t * mp;
@@ -511,9 +595,9 @@ T2T_INLINE void backward_kv_task(const Ctx<acc_t>& c, int64_t i, acc_t* s) {
   }
   acc_t* gv = out_rows<scalar_t>(c.out2, b, t0, c.T, c.E, c.Ep, s + sc.ob, &os_v);
   gemm_rows2<I, Epilogue::kPlain>(phi, mp, n, c.m, gA, c.Ep, gv, os_v, (const acc_t*)nullptr, (const acc_t*)nullptr,
-                                  0);
+                                  0, pf);
   acc_t* gk = out_rows<scalar_t>(c.out1, b, t0, c.T, c.E, c.Ep, s + sc.oa, &os_k);
-  gemm_rows2<I, Epilogue::kMinusXTimesRow>(h, mp, n, c.m, c.w, c.Ep, gk, os_k, rsum, xk, ks);
+  gemm_rows2<I, Epilogue::kMinusXTimesRow>(h, mp, n, c.m, c.w, c.Ep, gk, os_k, rsum, xk, ks, pf);
   finish_rows<scalar_t>(c.out2, b, t0, n, c.T, c.E, c.Ep, s + sc.ob);
   finish_rows<scalar_t>(c.out1, b, t0, n, c.T, c.E, c.Ep, s + sc.oa);
 }
@@ -545,7 +629,7 @@ Isa cpu_isa() {
 }
 
 template <typename acc_t>
-using TaskFn = void (*)(const Ctx<acc_t>&, int64_t, acc_t*);
+using TaskFn = void (*)(const Ctx<acc_t>&, int64_t, int64_t, acc_t*);
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define T2T_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw")))
@@ -558,16 +642,16 @@ using TaskFn = void (*)(const Ctx<acc_t>&, int64_t, acc_t*);
 
 #define T2T_TASK_VARIANTS(task)                                                                          \
   template <typename scalar_t, typename acc_t>                                                           \
-  T2T_TARGET_AVX512 void task##_avx512(const Ctx<acc_t>& c, int64_t i, acc_t* s) {                       \
-    task<IsaAvx512, scalar_t>(c, i, s);                                                                  \
+  T2T_TARGET_AVX512 void task##_avx512(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {          \
+    task<IsaAvx512, scalar_t>(c, i, next, s);                                                                  \
   }                                                                                                      \
   template <typename scalar_t, typename acc_t>                                                           \
-  T2T_TARGET_AVX2 void task##_avx2(const Ctx<acc_t>& c, int64_t i, acc_t* s) {                           \
-    task<IsaAvx2, scalar_t>(c, i, s);                                                                    \
+  T2T_TARGET_AVX2 void task##_avx2(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {            \
+    task<IsaAvx2, scalar_t>(c, i, next, s);                                                                    \
   }                                                                                                      \
   template <typename scalar_t, typename acc_t>                                                           \
-  void task##_plain(const Ctx<acc_t>& c, int64_t i, acc_t* s) {                                          \
-    task<IsaPlain, scalar_t>(c, i, s);                                                                   \
+  void task##_plain(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {                             \
+    task<IsaPlain, scalar_t>(c, i, next, s);                                                                   \
   }                                                                                                      \
   template <typename scalar_t, typename acc_t>                                                           \
   TaskFn<acc_t> task##_for(Isa isa) {                                                                    \
@@ -671,7 +755,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 template <typename acc_t>
 void run_tasks(TaskFn<acc_t> fn, const Ctx<acc_t>& c, int64_t num_tasks, int64_t scratch_size, at::ScalarType acc) {
   parallel_tasks(num_tasks, scratch_size, acc,
-                 [&](int64_t i, void* scratch) { fn(c, i, static_cast<acc_t*>(scratch)); });
+                 [&](int64_t i, int64_t next, void* scratch) { fn(c, i, next, static_cast<acc_t*>(scratch)); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -699,7 +783,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_attention_cpu(const at:
     const int64_t chunks = (T + kChunk - 1) / kChunk, state_size = mp * Ep + mp;
     at::Tensor partials = at::empty({B * chunks * state_size}, q.options().dtype(acc));
     at::Tensor state = at::empty({B * state_size}, q.options().dtype(acc));
-    Ctx<acc_t> c{T, E, m, mp, Ep, chunks, state_size, static_cast<acc_t>(eps)};
+    Ctx<acc_t> c{T, E, m, mp, Ep, chunks, state_size, B * chunks, static_cast<acc_t>(eps)};
     c.wt = weights.wt.data_ptr<acc_t>();
     c.w = weights.w.data_ptr<acc_t>();
     c.scvec = weights.scvec.data_ptr<acc_t>();
@@ -760,7 +844,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_attention_backward_cpu(
     at::Tensor stateT = at::empty({B, E, mp}, opts);
     transpose_states(state.data_ptr<acc_t>(), B, state_size, mp, Ep, E, stateT.data_ptr<acc_t>());
     at::Tensor partials = at::empty({B * chunks * state_size}, opts);
-    Ctx<acc_t> c{T, E, m, mp, Ep, chunks, state_size, static_cast<acc_t>(eps)};
+    Ctx<acc_t> c{T, E, m, mp, Ep, chunks, state_size, B * chunks, static_cast<acc_t>(eps)};
     c.wt = weights.wt.data_ptr<acc_t>();
     c.w = weights.w.data_ptr<acc_t>();
     c.scvec = weights.scvec.data_ptr<acc_t>();
