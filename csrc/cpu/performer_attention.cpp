@@ -121,6 +121,11 @@ T2T_INLINE acc_t hsum(typename Simd<acc_t, Bytes>::vec v) {
     std::memcpy(&lo, &v, Bytes / 2);
     std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
     return hsum<acc_t, Bytes / 2>(lo + hi);
+  } else if constexpr (sizeof(acc_t) == 4) {
+    typedef int32_t ivec __attribute__((vector_size(16)));
+    v += __builtin_shuffle(v, ivec{2, 3, 0, 1});
+    v += __builtin_shuffle(v, ivec{1, 0, 3, 2});
+    return v[0];
   } else {
     acc_t s = 0;
     for (int i = 0; i < Simd<acc_t, Bytes>::kLanes; ++i) s += v[i];
@@ -128,34 +133,58 @@ T2T_INLINE acc_t hsum(typename Simd<acc_t, Bytes>::vec v) {
   }
 }
 
-// exp of a float vector: Cephes expf polynomial (~1 ulp); std::exp does not vectorise without -ffast-math.
-template <int Bytes>
-T2T_INLINE typename Simd<float, Bytes>::vec exp_vec(typename Simd<float, Bytes>::vec x) {
-  using vec = typename Simd<float, Bytes>::vec;
-  typedef int32_t ivec __attribute__((vector_size(Bytes)));
-  const vec lo = vec{} - 87.0f, hi = vec{} + 88.0f;
-  const vec clamped = x < lo ? lo : (x > hi ? hi : x);
-  const vec magic = vec{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  const vec k = (clamped * 1.44269504088896341f + magic) - magic;
-  const vec r = clamped - k * 0.693359375f + k * 2.12194440e-4f;
-  vec p = vec{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vec e = p * r * r + r + 1.0f;
-  const ivec bits = (__builtin_convertvector(k, ivec) + 127) << 23;
-  vec two_to_k;
-  std::memcpy(&two_to_k, &bits, sizeof(two_to_k));
-  return x < lo ? vec{} : e * two_to_k;
-}
+// scale * exp(x) for a vector. float: the Cephes expf polynomial (~1 ulp; std::exp does not vectorise without
+// -ffast-math) with the scale folded into its coefficients; x is clamped to [-88, 88] (NaN passes), k = round(x /
+// ln 2) comes from the magic-number rounding, whose low bits also give 2^k (zero below -87.9: underflow to 0).
+template <typename acc_t, int Bytes>
+struct ScaledExp;
 
 template <int Bytes>
-T2T_INLINE typename Simd<double, Bytes>::vec exp_vec(typename Simd<double, Bytes>::vec x) {
-  for (int i = 0; i < Simd<double, Bytes>::kLanes; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
+struct ScaledExp<float, Bytes> {
+  using vec = typename Simd<float, Bytes>::vec;
+  typedef int32_t ivec __attribute__((vector_size(Bytes)));
+  vec c0, c1, c2, c3, c4, c5, s;
+  explicit ScaledExp(float scale)
+      : c0(vec{} + 1.9875691500e-4f * scale),
+        c1(vec{} + 1.3981999507e-3f * scale),
+        c2(vec{} + 8.3334519073e-3f * scale),
+        c3(vec{} + 4.1665795894e-2f * scale),
+        c4(vec{} + 1.6666665459e-1f * scale),
+        c5(vec{} + 5.0000001201e-1f * scale),
+        s(vec{} + scale) {}
+  T2T_INLINE vec operator()(vec x) const {
+    const vec lo = vec{} - 88.0f, hi = vec{} + 88.0f;
+    x = x < lo ? lo : x;
+    x = x > hi ? hi : x;
+    const vec magic = vec{} + 12583039.0f;  // 1.5 * 2^23 + 127: t's low mantissa bits hold k + 127
+    const vec t = x * 1.44269504088896341f + magic;
+    const vec k = t - magic;
+    const vec r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    vec p = c0 * r + c1;
+    p = p * r + c2;
+    p = p * r + c3;
+    p = p * r + c4;
+    p = p * r + c5;
+    const vec e = p * (r * r) + (r * s + s);  // scale * exp(r)
+    ivec bits;
+    std::memcpy(&bits, &t, sizeof(bits));
+    bits <<= 23;  // (k + 127) << 23: 2^k
+    vec two_to_k;
+    std::memcpy(&two_to_k, &bits, sizeof(two_to_k));
+    return e * two_to_k;
+  }
+};
+
+template <int Bytes>
+struct ScaledExp<double, Bytes> {
+  using vec = typename Simd<double, Bytes>::vec;
+  double s;
+  explicit ScaledExp(double scale) : s(scale) {}
+  T2T_INLINE vec operator()(vec x) const {
+    for (int i = 0; i < Simd<double, Bytes>::kLanes; ++i) x[i] = std::exp(x[i]) * s;
+    return x;
+  }
+};
 
 // Issues prefetches (into L2) for the input rows of the task a thread runs next, a few at each step() of the
 // current task's loops, so that the reads from memory overlap the arithmetic.
@@ -333,15 +362,17 @@ T2T_INLINE void gemm_reduce(const acc_t* P, int64_t ps, const acc_t* X, int64_t 
   }
 }
 
-// phi[t] = exp(phi[t] - |x_t|^2 / 2) * scvec for the n rows of phi (n, mp), which hold x w^T on entry; scvec is
-// 1/sqrt(m) on the m real columns and 0 on the padding. X rows (xs apart) are Ep wide, zero beyond E.
-// With kSum: ssum += sum_t phi[t]; with kDot: d[t] = phi[t] . s.
+// phi[t] = exp(phi[t] - |x_t|^2 / 2) / sqrt(m) for the n rows of phi (n, mp), which hold x w^T on entry; the padding
+// columns (m < mp) are zeroed through mask (1 on the m real columns, 0 beyond). X rows (xs apart) are Ep wide, zero
+// beyond E. With kSum: ssum += sum_t phi[t]; with kDot: d[t] = phi[t] . s.
 template <class I, bool kSum, bool kDot, typename acc_t>
-T2T_INLINE void feature_rows(acc_t* phi, const acc_t* X, int64_t xs, int64_t n, int64_t Ep, int64_t mp,
-                             const acc_t* scvec, acc_t* ssum, const acc_t* s, acc_t* d) {
+T2T_INLINE void feature_rows(acc_t* phi, const acc_t* X, int64_t xs, int64_t n, int64_t Ep, int64_t m, int64_t mp,
+                             const acc_t* mask, acc_t* ssum, const acc_t* s, acc_t* d) {
   using S = Simd<acc_t, I::kBytes>;
   using vec = typename S::vec;
   constexpr int L = S::kLanes;
+  const ScaledExp<acc_t, I::kBytes> exp_scaled(acc_t(1) / std::sqrt(acc_t(m)));
+  const bool masked = m < mp;
   for (int64_t t = 0; t < n; ++t) {
     const acc_t* xr = X + t * xs;
     vec sq = vec{};
@@ -353,7 +384,8 @@ T2T_INLINE void feature_rows(acc_t* phi, const acc_t* X, int64_t xs, int64_t n, 
     acc_t* pr = phi + t * mp;
     vec dv = vec{};
     for (int64_t j = 0; j < mp; j += L) {
-      const vec p = exp_vec<I::kBytes>(S::load(pr + j) + shift) * S::load(scvec + j);
+      vec p = exp_scaled(S::load(pr + j) + shift);
+      if (masked) p *= S::load(mask + j);
       S::store(pr + j, p);
       if constexpr (kSum) S::store(ssum + j, S::load(ssum + j) + p);
       if constexpr (kDot) dv += p * S::load(s + j);
@@ -378,7 +410,7 @@ struct Ctx {
   acc_t eps;
   const acc_t* wt;     // w^T padded (E, mp)
   const acc_t* w;      // w padded (mp, Ep)
-  const acc_t* scvec;  // (mp): 1/sqrt(m), 0 on the padding
+  const acc_t* mask;   // (mp): 1 on the m real columns, 0 on the padding
   const acc_t* state;  // per batch, state_size apart: [M (mp, Ep) | s (mp)]  (A, s forward; gA, gs backward)
   const acc_t* stateT; // per batch, E * mp apart: M^T (E, mp)
   acc_t* partials;     // per task, state_size apart
@@ -489,7 +521,7 @@ T2T_INLINE void forward_reduce_task(const Ctx<acc_t>& c, int64_t i, int64_t next
   Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, &c.in2,
                                           rows_steps<I, acc_t>(n, c.mp) + reduce_steps<I, acc_t>(c.mp, c.Ep));
   gemm_rows<I>(xk, ks, n, c.E, c.wt, c.mp, phi, c.mp, pf);
-  feature_rows<I, true, false>(phi, xk, ks, n, c.Ep, c.mp, c.scvec, ssum, (const acc_t*)nullptr, (acc_t*)nullptr);
+  feature_rows<I, true, false>(phi, xk, ks, n, c.Ep, c.m, c.mp, c.mask, ssum, (const acc_t*)nullptr, (acc_t*)nullptr);
   gemm_reduce<I>(phi, c.mp, xv, vs, n, c.mp, c.Ep, part, pf);
 }
 
@@ -506,7 +538,7 @@ T2T_INLINE void forward_output_task(const Ctx<acc_t>& c, int64_t i, int64_t next
   Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, nullptr,
                                           rows_steps<I, acc_t>(n, c.mp) + rows2_steps<I, acc_t>(n, c.Ep));
   gemm_rows<I>(xq, qs, n, c.E, c.wt, c.mp, phi, c.mp, pf);
-  feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, c.mp, c.scvec, (acc_t*)nullptr, ksum, inv);
+  feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, c.m, c.mp, c.mask, (acc_t*)nullptr, ksum, inv);
   for (int64_t t = 0; t < n; ++t) inv[t] = acc_t(1) / (inv[t] + c.eps);
   acc_t* y = out_rows<scalar_t>(c.out1, b, t0, c.T, c.E, c.Ep, s + sc.oa, &ys);
   gemm_rows2<I, Epilogue::kScaleRows>(phi, c.mp, n, c.m, A, c.Ep, y, ys, inv, (const acc_t*)nullptr, 0, pf);
@@ -535,7 +567,7 @@ T2T_INLINE void backward_q_task(const Ctx<acc_t>& c, int64_t i, int64_t next, ac
       c, next, c.in1, &c.in2,
       2 * rows_steps<I, acc_t>(n, mp) + reduce_steps<I, acc_t>(mp, c.Ep) + rows2_steps<I, acc_t>(n, c.Ep));
   gemm_rows<I>(xq, qs, n, c.E, c.wt, mp, phi, mp, pf);
-  feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, mp, c.scvec, (acc_t*)nullptr, ksum, d);
+  feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, c.m, mp, c.mask, (acc_t*)nullptr, ksum, d);
   gemm_rows<I>(g, gs_, n, c.E, c.stateT + b * c.E * mp, mp, h, mp, pf);
   std::fill(gs, gs + mp, acc_t(0));
   for (int64_t t = 0; t < n; ++t) {
@@ -579,7 +611,7 @@ T2T_INLINE void backward_kv_task(const Ctx<acc_t>& c, int64_t i, int64_t next, a
   Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, &c.in2,
                                           2 * rows_steps<I, acc_t>(n, mp) + 2 * rows2_steps<I, acc_t>(n, c.Ep));
   gemm_rows<I>(xk, ks, n, c.E, c.wt, mp, phi, mp, pf);
-  feature_rows<I, false, false>(phi, xk, ks, n, c.Ep, mp, c.scvec, (acc_t*)nullptr, (const acc_t*)nullptr,
+  feature_rows<I, false, false>(phi, xk, ks, n, c.Ep, c.m, mp, c.mask, (acc_t*)nullptr, (const acc_t*)nullptr,
                                 (acc_t*)nullptr);
   gemm_rows<I>(xv, vs, n, c.E, c.stateT + b * c.E * mp, mp, h, mp, pf);
   for (int64_t t = 0; t < n; ++t) {
@@ -708,8 +740,8 @@ void transpose_states(const acc_t* state, int64_t B, int64_t state_size, int64_t
       for (int64_t e = 0; e < E; ++e) out[(b * E + e) * mp + j] = state[b * state_size + j * Ep + e];
 }
 
-struct Weights {  // w in the accumulation dtype, padded: w (mp, Ep), w^T (E, mp), scale vector (mp)
-  at::Tensor w, wt, scvec;
+struct Weights {  // w in the accumulation dtype, padded: w (mp, Ep), w^T (E, mp), column mask (mp)
+  at::Tensor w, wt, mask;
 };
 
 Weights padded_weights(const at::Tensor& w_in, at::ScalarType acc, int64_t mp, int64_t Ep) {
@@ -719,9 +751,9 @@ Weights padded_weights(const at::Tensor& w_in, at::ScalarType acc, int64_t mp, i
   wp.narrow(0, 0, m).narrow(1, 0, E).copy_(w);
   at::Tensor wt = at::zeros({E, mp}, w.options());
   wt.narrow(1, 0, m).copy_(w.t());
-  at::Tensor scvec = at::zeros({mp}, w.options());
-  scvec.narrow(0, 0, m).fill_(1.0 / std::sqrt(static_cast<double>(m)));
-  return {wp.contiguous(), wt.contiguous(), scvec};
+  at::Tensor mask = at::zeros({mp}, w.options());
+  mask.narrow(0, 0, m).fill_(1);
+  return {wp.contiguous(), wt.contiguous(), mask};
 }
 
 at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
@@ -786,7 +818,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_attention_cpu(const at:
     Ctx<acc_t> c{T, E, m, mp, Ep, chunks, state_size, B * chunks, static_cast<acc_t>(eps)};
     c.wt = weights.wt.data_ptr<acc_t>();
     c.w = weights.w.data_ptr<acc_t>();
-    c.scvec = weights.scvec.data_ptr<acc_t>();
+    c.mask = weights.mask.data_ptr<acc_t>();
     c.partials = partials.data_ptr<acc_t>();
     c.state = state.data_ptr<acc_t>();
     const int64_t scratch = Scratch(mp, Ep).size;
@@ -847,7 +879,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_attention_backward_cpu(
     Ctx<acc_t> c{T, E, m, mp, Ep, chunks, state_size, B * chunks, static_cast<acc_t>(eps)};
     c.wt = weights.wt.data_ptr<acc_t>();
     c.w = weights.w.data_ptr<acc_t>();
-    c.scvec = weights.scvec.data_ptr<acc_t>();
+    c.mask = weights.mask.data_ptr<acc_t>();
     c.partials = partials.data_ptr<acc_t>();
     c.state = state.data_ptr<acc_t>();
     c.stateT = stateT.data_ptr<acc_t>();
