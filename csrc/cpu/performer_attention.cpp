@@ -29,18 +29,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <memory>
+#include <thread>
 #include <type_traits>
 
 #define T2T_INLINE inline __attribute__((always_inline))
-
-#if !defined(_OPENMP) && defined(__GNUC__) && defined(__linux__)
-// The extension is compiled without -fopenmp, so at::parallel_for (an inline template whose OpenMP pragma is then
-// ignored) would run serially. PyTorch's own OpenMP runtime (libgomp, loaded with libtorch_cpu) is called directly
-// instead, as `#pragma omp parallel` would compile to; weak, so a torch without it falls back to one thread.
-extern "C" void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags)
-    __attribute__((weak));
-#define T2T_USE_GOMP 1
-#endif
 
 namespace t2t_kernels {
 namespace {
@@ -48,54 +41,73 @@ namespace {
 constexpr int64_t kChunk = 128;  // rows per task; fixed, so the order of the sums over T is fixed
 
 // ------------------------------------------------------------------------------------------------------------------
-// Parallel loop over tasks: threads take the next task from a shared counter (balances load on a busy machine);
-// every task writes only its own outputs, so which thread runs it does not change any bit of the result. A thread
-// claims its next task before running the current one, which is told it (to prefetch that task's input rows).
-
-template <typename Worker>
-void gomp_trampoline(void* data) {
-  c10::ParallelGuard guard(true);
-  (*static_cast<const Worker*>(data))();
+// Parallel loop over tasks. The calling thread works through the tasks and hands helpers on PyTorch's inter-op
+// thread pool (at::launch) a share: all take the next task from a shared counter and every task writes only its own
+// outputs, so which thread ran it changes no bit of the result. The caller waits only for tasks a helper has taken;
+// a helper that starts late (busy machine) finds nothing left and returns, so nobody waits on a descheduled thread
+// (a fork-join barrier would). A thread claims its next task before running the current one, which is told it (to
+// prefetch that task's input rows). (at::parallel_for would run serially here: it is an inline template over
+// OpenMP and this extension is compiled without -fopenmp.)
+// Per-thread scratch, kept between calls (no allocation or first-touch page faults per call): a few hundred KB per
+// thread that ever ran a task.
+void* thread_scratch(int64_t bytes) {
+  struct Buffer {
+    void* data = nullptr;
+    int64_t bytes = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  if (buffer.bytes < bytes) {
+    std::free(buffer.data);
+    buffer.bytes = (bytes + 4095) / 4096 * 4096;
+    buffer.data = std::aligned_alloc(64, buffer.bytes);
+    TORCH_CHECK(buffer.data != nullptr, "performer_attention (cpp): out of memory for ", buffer.bytes, " bytes");
+  }
+  return buffer.data;
 }
 
+struct TaskQueue {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t num_tasks = 0, scratch_bytes = 0;
+  const void* task = nullptr;  // valid until the caller has seen all tasks done
+  void (*call)(const void* task, int64_t i, int64_t next, void* scratch) = nullptr;
+
+  void work() {
+    int64_t i = next.fetch_add(1);
+    if (i >= num_tasks) return;
+    void* slot = thread_scratch(scratch_bytes);
+    while (i < num_tasks) {
+      const int64_t following = next.fetch_add(1);
+      call(task, i, following, slot);
+      done.fetch_add(1, std::memory_order_release);
+      i = following;
+    }
+  }
+};
+
 template <typename Task>
-void parallel_tasks(int64_t num_tasks, int64_t scratch_size, at::ScalarType scratch_dtype, const Task& task) {
+void parallel_tasks(int64_t num_tasks, int64_t scratch_bytes, const Task& task) {
   if (num_tasks <= 0) return;
   int64_t threads = std::min<int64_t>(at::get_num_threads(), num_tasks);
   if (at::in_parallel_region()) threads = 1;
-#if !defined(_OPENMP)
-#if defined(T2T_USE_GOMP)
-  if (GOMP_parallel == nullptr) threads = 1;
-#else
-  threads = 1;
-#endif
-#endif
-  const int64_t slot_size = (scratch_size + 63) / 64 * 64;  // whole cache lines per thread
-  at::Tensor scratch = at::empty({std::max<int64_t>(threads * slot_size, 1)}, at::TensorOptions().dtype(scratch_dtype));
-  char* scratch_base = static_cast<char*>(scratch.data_ptr());
-  const int64_t slot_bytes = slot_size * scratch.element_size();
-  std::atomic<int64_t> next_task{0}, next_slot{0};
-  auto worker = [&]() {
-    void* slot = scratch_base + next_slot.fetch_add(1) * slot_bytes;
-    for (int64_t i = next_task.fetch_add(1); i < num_tasks;) {
-      const int64_t next = next_task.fetch_add(1);
-      task(i, next, slot);
-      i = next;
-    }
+  auto queue = std::make_shared<TaskQueue>();
+  queue->num_tasks = num_tasks;
+  queue->scratch_bytes = scratch_bytes;
+  queue->task = &task;
+  queue->call = [](const void* t, int64_t i, int64_t next, void* scratch) {
+    (*static_cast<const Task*>(t))(i, next, scratch);
   };
-  if (threads <= 1) {
-    worker();
-    return;
+  for (int64_t h = 1; h < threads; ++h) {
+    at::launch([queue] {
+      c10::ParallelGuard guard(true);
+      queue->work();
+    });
   }
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(threads)
   {
     c10::ParallelGuard guard(true);
-    worker();
+    queue->work();
   }
-#elif defined(T2T_USE_GOMP)
-  GOMP_parallel(&gomp_trampoline<decltype(worker)>, &worker, static_cast<unsigned>(threads), 0);
-#endif
+  while (queue->done.load(std::memory_order_acquire) < num_tasks) std::this_thread::yield();
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -740,21 +752,31 @@ void transpose_states(const acc_t* state, int64_t B, int64_t state_size, int64_t
       for (int64_t e = 0; e < E; ++e) out[(b * E + e) * mp + j] = state[b * state_size + j * Ep + e];
 }
 
-struct Weights {  // w in the accumulation dtype, padded: w (mp, Ep), w^T (E, mp), column mask (mp)
-  at::Tensor w, wt, mask;
-};
+// One host buffer per call: w padded (mp, Ep), w^T padded (E, mp), column mask (mp), and per batch the states
+// [M (mp, Ep) | s (mp)] and M^T (E, mp), plus the per-task partials; filled by plain loops (no small ATen ops).
+template <typename acc_t>
+struct Workspace {
+  std::unique_ptr<acc_t[]> buffer;
+  acc_t *w, *wt, *mask, *state, *stateT, *partials;
 
-Weights padded_weights(const at::Tensor& w_in, at::ScalarType acc, int64_t mp, int64_t Ep) {
-  const int64_t m = w_in.size(0), E = w_in.size(1);
-  const at::Tensor w = w_in.to(acc);
-  at::Tensor wp = at::zeros({mp, Ep}, w.options());
-  wp.narrow(0, 0, m).narrow(1, 0, E).copy_(w);
-  at::Tensor wt = at::zeros({E, mp}, w.options());
-  wt.narrow(1, 0, m).copy_(w.t());
-  at::Tensor mask = at::zeros({mp}, w.options());
-  mask.narrow(0, 0, m).fill_(1);
-  return {wp.contiguous(), wt.contiguous(), mask};
-}
+  Workspace(const at::Tensor& w_in, int64_t B, int64_t chunks, int64_t mp, int64_t Ep) {
+    const int64_t m = w_in.size(0), E = w_in.size(1), state_size = mp * Ep + mp;
+    const int64_t sizes[] = {mp * Ep, E * mp, mp, B * state_size, B * E * mp, B * chunks * state_size};
+    int64_t total = 0;
+    for (int64_t n : sizes) total += (n + 15) / 16 * 16;
+    buffer.reset(new acc_t[total]);
+    acc_t** parts[] = {&w, &wt, &mask, &state, &stateT, &partials};
+    acc_t* p = buffer.get();
+    for (int i = 0; i < 6; ++i) *parts[i] = p, p += (sizes[i] + 15) / 16 * 16;
+    const at::Tensor wc = w_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* src = wc.data_ptr<acc_t>();
+    std::fill(w, w + mp * Ep, acc_t(0));
+    std::fill(wt, wt + E * mp, acc_t(0));
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t e = 0; e < E; ++e) w[j * Ep + e] = wt[e * mp + j] = src[j * E + e];
+    for (int64_t j = 0; j < mp; ++j) mask[j] = j < m ? acc_t(1) : acc_t(0);
+  }
+};
 
 at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
@@ -785,8 +807,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 template <typename acc_t>
-void run_tasks(TaskFn<acc_t> fn, const Ctx<acc_t>& c, int64_t num_tasks, int64_t scratch_size, at::ScalarType acc) {
-  parallel_tasks(num_tasks, scratch_size, acc,
+void run_tasks(TaskFn<acc_t> fn, const Ctx<acc_t>& c, int64_t num_tasks, int64_t scratch_size) {
+  parallel_tasks(num_tasks, scratch_size * static_cast<int64_t>(sizeof(acc_t)),
                  [&](int64_t i, int64_t next, void* scratch) { fn(c, i, next, static_cast<acc_t*>(scratch)); });
 }
 
@@ -811,29 +833,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_attention_cpu(const at:
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     int64_t mp, Ep;
     padded_sizes<acc_t>(isa, m, E, &mp, &Ep);
-    const Weights weights = padded_weights(w_in, acc, mp, Ep);
     const int64_t chunks = (T + kChunk - 1) / kChunk, state_size = mp * Ep + mp;
-    at::Tensor partials = at::empty({B * chunks * state_size}, q.options().dtype(acc));
-    at::Tensor state = at::empty({B * state_size}, q.options().dtype(acc));
+    Workspace<acc_t> ws(w_in, B, chunks, mp, Ep);
     Ctx<acc_t> c{T, E, m, mp, Ep, chunks, state_size, B * chunks, static_cast<acc_t>(eps)};
-    c.wt = weights.wt.data_ptr<acc_t>();
-    c.w = weights.w.data_ptr<acc_t>();
-    c.mask = weights.mask.data_ptr<acc_t>();
-    c.partials = partials.data_ptr<acc_t>();
-    c.state = state.data_ptr<acc_t>();
+    c.wt = ws.wt, c.w = ws.w, c.mask = ws.mask, c.partials = ws.partials, c.state = ws.state;
     const int64_t scratch = Scratch(mp, Ep).size;
 
     // pass 1: per-chunk partials of [phi(k)^T v | sum_t phi(k)], then their sum in chunk order
     c.in1 = rows_of(k), c.in2 = rows_of(v);
-    run_tasks(forward_reduce_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch, acc);
-    sum_partials(c.partials, B, chunks, state_size, state.data_ptr<acc_t>());
-    const at::Tensor st = state.view({B, state_size});
-    kv_state.copy_(st.narrow(1, 0, mp * Ep).view({B, mp, Ep}).narrow(1, 0, m).narrow(2, 0, E));
-    k_sum.copy_(st.narrow(1, mp * Ep, m));
+    run_tasks(forward_reduce_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch);
+    sum_partials(c.partials, B, chunks, state_size, ws.state);
+    acc_t *kv = kv_state.data_ptr<acc_t>(), *ks = k_sum.data_ptr<acc_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const acc_t* st = ws.state + b * state_size;
+      for (int64_t j = 0; j < m; ++j) {
+        std::copy_n(st + j * Ep, E, kv + (b * m + j) * E);
+        ks[b * m + j] = st[mp * Ep + j];
+      }
+    }
 
     // pass 2: y = phi(q) A / (phi(q) s + eps), per chunk
     c.in1 = rows_of(q), c.out1 = y.data_ptr();
-    run_tasks(forward_output_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch, acc);
+    run_tasks(forward_output_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch);
   });
   return {y, kv_state, k_sum};
 }
@@ -856,6 +877,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_attention_backward_cpu(
               k_sum_in.sizes(), " ", k_sum_in.scalar_type());
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const at::Tensor grad_y = unit_last_stride(grad_y_in);
+  const at::Tensor kv_state = kv_state_in.contiguous(), k_sum = k_sum_in.contiguous();
   at::Tensor gq = at::empty({B, T, E}, q.options());
   at::Tensor gk = at::empty({B, T, E}, q.options());
   at::Tensor gv = at::empty({B, T, E}, q.options());
@@ -866,36 +888,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_attention_backward_cpu(
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     int64_t mp, Ep;
     padded_sizes<acc_t>(isa, m, E, &mp, &Ep);
-    const Weights weights = padded_weights(w_in, acc, mp, Ep);
     const int64_t chunks = (T + kChunk - 1) / kChunk, state_size = mp * Ep + mp;
-    const auto opts = q.options().dtype(acc);
-    // [A | s] padded, per batch, and A^T (E, mp)
-    at::Tensor state = at::zeros({B, state_size}, opts);
-    state.narrow(1, 0, mp * Ep).view({B, mp, Ep}).narrow(1, 0, m).narrow(2, 0, E).copy_(kv_state_in);
-    state.narrow(1, mp * Ep, m).copy_(k_sum_in);
-    at::Tensor stateT = at::empty({B, E, mp}, opts);
-    transpose_states(state.data_ptr<acc_t>(), B, state_size, mp, Ep, E, stateT.data_ptr<acc_t>());
-    at::Tensor partials = at::empty({B * chunks * state_size}, opts);
+    Workspace<acc_t> ws(w_in, B, chunks, mp, Ep);
+    // [A | s] padded per batch, and A^T (E, mp)
+    const acc_t *kv = kv_state.data_ptr<acc_t>(), *ks = k_sum.data_ptr<acc_t>();
+    std::fill(ws.state, ws.state + B * state_size, acc_t(0));
+    for (int64_t b = 0; b < B; ++b) {
+      acc_t* st = ws.state + b * state_size;
+      for (int64_t j = 0; j < m; ++j) {
+        std::copy_n(kv + (b * m + j) * E, E, st + j * Ep);
+        st[mp * Ep + j] = ks[b * m + j];
+      }
+    }
+    transpose_states(ws.state, B, state_size, mp, Ep, E, ws.stateT);
     Ctx<acc_t> c{T, E, m, mp, Ep, chunks, state_size, B * chunks, static_cast<acc_t>(eps)};
-    c.wt = weights.wt.data_ptr<acc_t>();
-    c.w = weights.w.data_ptr<acc_t>();
-    c.mask = weights.mask.data_ptr<acc_t>();
-    c.partials = partials.data_ptr<acc_t>();
-    c.state = state.data_ptr<acc_t>();
-    c.stateT = stateT.data_ptr<acc_t>();
+    c.wt = ws.wt, c.w = ws.w, c.mask = ws.mask, c.partials = ws.partials, c.state = ws.state, c.stateT = ws.stateT;
     const int64_t scratch = Scratch(mp, Ep).size;
 
     // pass 1: gq per chunk, and per-chunk partials of [gA = phi(q)^T gn | gs = phi(q)^T gd]
     c.in1 = rows_of(q), c.in2 = rows_of(grad_y), c.out1 = gq.data_ptr();
-    run_tasks(backward_q_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch, acc);
-    at::Tensor grad_state = at::empty({B, state_size}, opts);  // per batch [gA (mp, Ep) | gs (mp)]
-    sum_partials(c.partials, B, chunks, state_size, grad_state.data_ptr<acc_t>());
-    transpose_states(grad_state.data_ptr<acc_t>(), B, state_size, mp, Ep, E, stateT.data_ptr<acc_t>());
+    run_tasks(backward_q_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch);
+    // per batch [gA (mp, Ep) | gs (mp)], over the forward state (no longer needed), and gA^T
+    sum_partials(c.partials, B, chunks, state_size, ws.state);
+    transpose_states(ws.state, B, state_size, mp, Ep, E, ws.stateT);
 
     // pass 2: gK' = v gA^T + 1 gs^T, gk through phi, gv = phi(k) gA
-    c.state = grad_state.data_ptr<acc_t>();
     c.in1 = rows_of(k), c.in2 = rows_of(v), c.out1 = gk.data_ptr(), c.out2 = gv.data_ptr();
-    run_tasks(backward_kv_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch, acc);
+    run_tasks(backward_kv_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch);
   });
   return {gq, gk, gv};
 }
