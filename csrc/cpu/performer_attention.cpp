@@ -210,7 +210,8 @@ struct Prefetcher {
   static constexpr int kMaxSources = 2;
   const char* base[kMaxSources] = {};
   int64_t stride[kMaxSources] = {};  // bytes between rows
-  int64_t sources = 0, rows = 0, lines_per_row = 0, per_step = 0;
+  int64_t sources = 0, rows = 0, lines_per_row = 0;
+  int64_t total_lines = 0, total_work = 1, work_done = 0, issued = 0;
   // position of the next line
   const char* ptr = nullptr;
   int64_t src = 0, row = 0, line = 0;
@@ -221,13 +222,16 @@ struct Prefetcher {
     lines_per_row = std::max(lines_per_row, (row_bytes + 63) / 64 + (aligned ? 0 : 1));
     if (sources++ == 0) ptr = p;
   }
-  // spread the prefetches over `steps` calls of step()
-  void plan(int64_t steps) {
-    const int64_t total = sources * rows * lines_per_row;
-    per_step = steps > 0 ? (total + steps - 1) / steps : total;
+  // spread the prefetches over the task in proportion to its work: the task's loops report `total_work` units in
+  // all through step(units)
+  void plan(int64_t total_work_units) {
+    total_lines = sources * rows * lines_per_row;
+    total_work = std::max<int64_t>(total_work_units, 1);
   }
-  T2T_INLINE void step() {
-    for (int64_t k = 0; k < per_step && src < sources; ++k) {
+  T2T_INLINE void step(int64_t work) {
+    work_done += work;
+    const int64_t target = std::min(total_lines, work_done * total_lines / total_work);
+    for (; issued < target; ++issued) {
       __builtin_prefetch(ptr + line * 64, 0, 2);
       if (++line == lines_per_row) {
         line = 0;
@@ -266,7 +270,7 @@ T2T_INLINE void gemm_rows(const acc_t* X, int64_t xs, int64_t n, int64_t K, cons
     for (int r = 0; r < R; ++r) xr[r] = X + std::min<int64_t>(t0 + r, n - 1) * xs;
     const int64_t rows = std::min<int64_t>(R, n - t0);
     for (int64_t c0 = 0; c0 < cols; c0 += C * L) {
-      pf.step();
+      pf.step(R * C * K);
       vec acc[R][C];
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
@@ -333,7 +337,7 @@ T2T_INLINE void gemm_rows2(const acc_t* P, int64_t ps, int64_t n, int64_t K, con
     for (int r = 0; r < R; ++r) pr[r] = P + std::min<int64_t>(t0 + r, n - 1) * ps;
     const int64_t rows = std::min<int64_t>(R, n - t0);
     for (int64_t c0 = 0; c0 < cols; c0 += C * L) {
-      pf.step();
+      pf.step(R * C * K);
       vec acc[R][C];
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
@@ -380,7 +384,7 @@ T2T_INLINE void gemm_reduce(const acc_t* P, int64_t ps, const acc_t* X, int64_t 
   constexpr int J = I::J3, C = I::C3, L = S::kLanes;
   for (int64_t j0 = 0; j0 < mp; j0 += J) {
     for (int64_t c0 = 0; c0 < cols; c0 += C * L) {
-      pf.step();
+      pf.step(J * C * n);
       vec acc[J][C];
 #pragma GCC unroll 16
       for (int j = 0; j < J; ++j)
@@ -407,18 +411,42 @@ T2T_INLINE void gemm_reduce(const acc_t* P, int64_t ps, const acc_t* X, int64_t 
   }
 }
 
+// Work of the tile loops in units of one vector FMA (for spreading the prefetches): a tile of gemm_rows or
+// gemm_rows2, a block of gemm_reduce, a row of feature_rows (about 20 vector operations per exponential)
+template <class I, typename acc_t>
+constexpr int64_t feature_row_work(int64_t Ep, int64_t mp) {
+  return (Ep + 20 * mp) / Simd<acc_t, I::kBytes>::kLanes;
+}
+template <class I, typename acc_t>
+int64_t rows_work(int64_t n, int64_t K, int64_t cols) {
+  return (n + I::R1 - 1) / I::R1 * (cols / (I::C1 * Simd<acc_t, I::kBytes>::kLanes)) * I::R1 * I::C1 * K;
+}
+template <class I, typename acc_t>
+int64_t rows2_work(int64_t n, int64_t K, int64_t cols) {
+  return (n + I::R2 - 1) / I::R2 * (cols / (I::C2 * Simd<acc_t, I::kBytes>::kLanes)) * I::R2 * I::C2 * K;
+}
+template <class I, typename acc_t>
+int64_t reduce_work(int64_t n, int64_t mp, int64_t cols) {
+  return mp / I::J3 * (cols / (I::C3 * Simd<acc_t, I::kBytes>::kLanes)) * I::J3 * I::C3 * n;
+}
+template <class I, typename acc_t>
+int64_t features_work(int64_t n, int64_t Ep, int64_t mp) {
+  return n * feature_row_work<I, acc_t>(Ep, mp);
+}
+
 // phi[t] = exp(phi[t] - |x_t|^2 / 2) / sqrt(m) for the n rows of phi (n, mp), which hold x w^T on entry; the padding
 // columns (m < mp) are zeroed through mask (1 on the m real columns, 0 beyond). X rows (xs apart) are Ep wide, zero
 // beyond E. With kSum: ssum += sum_t phi[t]; with kDot: d[t] = phi[t] . s.
 template <class I, bool kSum, bool kDot, typename acc_t>
 T2T_INLINE void feature_rows(acc_t* phi, const acc_t* X, int64_t xs, int64_t n, int64_t Ep, int64_t m, int64_t mp,
-                             const acc_t* mask, acc_t* ssum, const acc_t* s, acc_t* d) {
+                             const acc_t* mask, acc_t* ssum, const acc_t* s, acc_t* d, Prefetcher& pf) {
   using S = Simd<acc_t, I::kBytes>;
   using vec = typename S::vec;
   constexpr int L = S::kLanes;
   const ScaledExp<acc_t, I::kBytes> exp_scaled(acc_t(1) / std::sqrt(acc_t(m)));
   const bool masked = m < mp;
   for (int64_t t = 0; t < n; ++t) {
+    pf.step(feature_row_work<I, acc_t>(Ep, mp));
     const acc_t* xr = X + t * xs;
     vec sq = vec{};
     for (int64_t e = 0; e < Ep; e += L) {
@@ -546,20 +574,6 @@ T2T_INLINE Prefetcher prefetch_rows(const Ctx<acc_t>& c, int64_t next, const Row
   return pf;
 }
 
-// how many times each tile loop calls Prefetcher::step
-template <class I, typename acc_t>
-int64_t rows_steps(int64_t n, int64_t cols) {
-  return (n + I::R1 - 1) / I::R1 * (cols / (I::C1 * Simd<acc_t, I::kBytes>::kLanes));
-}
-template <class I, typename acc_t>
-int64_t rows2_steps(int64_t n, int64_t cols) {
-  return (n + I::R2 - 1) / I::R2 * (cols / (I::C2 * Simd<acc_t, I::kBytes>::kLanes));
-}
-template <class I, typename acc_t>
-int64_t reduce_steps(int64_t mp, int64_t cols) {
-  return mp / I::J3 * (cols / (I::C3 * Simd<acc_t, I::kBytes>::kLanes));
-}
-
 // Forward pass 1: partial [phi(k)^T v | sum_t phi(k)] of one chunk.
 template <class I, typename scalar_t, typename acc_t>
 T2T_INLINE void forward_reduce_task(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {
@@ -573,9 +587,10 @@ T2T_INLINE void forward_reduce_task(const Ctx<acc_t>& c, int64_t i, int64_t next
   acc_t* ssum = part + c.mp * c.Ep;
   std::fill(ssum, ssum + c.mp, acc_t(0));
   Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, &c.in2,
-                                          rows_steps<I, acc_t>(n, c.mp) + reduce_steps<I, acc_t>(c.mp, c.Ep));
+                                          rows_work<I, acc_t>(n, c.E, c.mp) + features_work<I, acc_t>(n, c.Ep, c.mp) +
+                                              reduce_work<I, acc_t>(n, c.mp, c.Ep));
   gemm_rows<I>(xk, ks, n, c.E, c.wt, c.mp, phi, c.mp, pf);
-  feature_rows<I, true, false>(phi, xk, ks, n, c.Ep, c.m, c.mp, c.mask, ssum, (const acc_t*)nullptr, (acc_t*)nullptr);
+  feature_rows<I, true, false>(phi, xk, ks, n, c.Ep, c.m, c.mp, c.mask, ssum, (const acc_t*)nullptr, (acc_t*)nullptr, pf);
   gemm_reduce<I>(phi, c.mp, xv, vs, n, c.mp, c.Ep, part, pf);
 }
 
@@ -590,9 +605,10 @@ T2T_INLINE void forward_output_task(const Ctx<acc_t>& c, int64_t i, int64_t next
   const acc_t* xq = load_rows<scalar_t>(c.in1, b, t0, n, c.E, c.Ep, s + sc.xa, &qs);
   acc_t *phi = s + sc.phi, *inv = s + sc.rv;
   Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, nullptr,
-                                          rows_steps<I, acc_t>(n, c.mp) + rows2_steps<I, acc_t>(n, c.Ep));
+                                          rows_work<I, acc_t>(n, c.E, c.mp) + features_work<I, acc_t>(n, c.Ep, c.mp) +
+                                              rows2_work<I, acc_t>(n, c.m, c.Ep));
   gemm_rows<I>(xq, qs, n, c.E, c.wt, c.mp, phi, c.mp, pf);
-  feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, c.m, c.mp, c.mask, (acc_t*)nullptr, ksum, inv);
+  feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, c.m, c.mp, c.mask, (acc_t*)nullptr, ksum, inv, pf);
   for (int64_t t = 0; t < n; ++t) inv[t] = acc_t(1) / (inv[t] + c.eps);
   acc_t* y = out_rows<scalar_t>(c.out1, b, t0, c.T, c.E, c.Ep, s + sc.oa, &ys);
   gemm_rows2<I, Epilogue::kScaleRows>(phi, c.mp, n, c.m, A, c.Ep, y, ys, inv, (const acc_t*)nullptr, 0, pf,
@@ -620,9 +636,10 @@ T2T_INLINE void backward_q_task(const Ctx<acc_t>& c, int64_t i, int64_t next, ac
   acc_t* gs = part + mp * c.Ep;
   Prefetcher pf = prefetch_rows<scalar_t>(
       c, next, c.in1, &c.in2,
-      2 * rows_steps<I, acc_t>(n, mp) + reduce_steps<I, acc_t>(mp, c.Ep) + rows2_steps<I, acc_t>(n, c.Ep));
+      2 * rows_work<I, acc_t>(n, c.E, mp) + features_work<I, acc_t>(n, c.Ep, mp) + reduce_work<I, acc_t>(n, mp, c.Ep) +
+          rows2_work<I, acc_t>(n, c.m, c.Ep));
   gemm_rows<I>(xq, qs, n, c.E, c.wt, mp, phi, mp, pf);
-  feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, c.m, mp, c.mask, (acc_t*)nullptr, ksum, d);
+  feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, c.m, mp, c.mask, (acc_t*)nullptr, ksum, d, pf);
   gemm_rows<I>(g, gs_, n, c.E, c.stateT + b * c.E * mp, mp, h, mp, pf);
   std::fill(gs, gs + mp, acc_t(0));
   for (int64_t t = 0; t < n; ++t) {
@@ -665,10 +682,11 @@ T2T_INLINE void backward_kv_task(const Ctx<acc_t>& c, int64_t i, int64_t next, a
   const acc_t* xv = load_rows<scalar_t>(c.in2, b, t0, n, c.E, c.Ep, s + sc.xb, &vs);
   acc_t *phi = s + sc.phi, *h = s + sc.h, *rsum = s + sc.rv;
   Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, &c.in2,
-                                          2 * rows_steps<I, acc_t>(n, mp) + 2 * rows2_steps<I, acc_t>(n, c.Ep));
+                                          2 * rows_work<I, acc_t>(n, c.E, mp) + features_work<I, acc_t>(n, c.Ep, mp) +
+                                              2 * rows2_work<I, acc_t>(n, c.m, c.Ep));
   gemm_rows<I>(xk, ks, n, c.E, c.wt, mp, phi, mp, pf);
   feature_rows<I, false, false>(phi, xk, ks, n, c.Ep, c.m, mp, c.mask, (acc_t*)nullptr, (const acc_t*)nullptr,
-                                (acc_t*)nullptr);
+                                (acc_t*)nullptr, pf);
   gemm_rows<I>(xv, vs, n, c.E, c.stateT + b * c.E * mp, mp, h, mp, pf);
   for (int64_t t = 0; t < n; ++t) {
     const acc_t* pr = phi + t * mp;
