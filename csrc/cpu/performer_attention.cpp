@@ -51,8 +51,9 @@ constexpr int64_t kStreamBytes = int64_t(4) << 20;
 // (a fork-join barrier would). A thread claims its next task before running the current one, which is told it (to
 // prefetch that task's input rows). (at::parallel_for would run serially here: it is an inline template over
 // OpenMP and this extension is compiled without -fopenmp.)
+
 // Per-thread scratch, kept between calls (no allocation or first-touch page faults per call): a few hundred KB per
-// thread that ever ran a task.
+// thread that ever ran a task. nullptr when out of memory.
 void* thread_scratch(int64_t bytes) {
   struct Buffer {
     void* data = nullptr;
@@ -64,24 +65,21 @@ void* thread_scratch(int64_t bytes) {
     std::free(buffer.data);
     buffer.bytes = (bytes + 4095) / 4096 * 4096;
     buffer.data = std::aligned_alloc(64, buffer.bytes);
-    TORCH_CHECK(buffer.data != nullptr, "performer_attention (cpp): out of memory for ", buffer.bytes, " bytes");
+    if (buffer.data == nullptr) buffer.bytes = 0;
   }
   return buffer.data;
 }
 
 struct TaskQueue {
   std::atomic<int64_t> next{0}, done{0};
-  int64_t num_tasks = 0, scratch_bytes = 0;
+  int64_t num_tasks = 0;
   const void* task = nullptr;  // valid until the caller has seen all tasks done
   void (*call)(const void* task, int64_t i, int64_t next, void* scratch) = nullptr;
 
-  void work() {
-    int64_t i = next.fetch_add(1);
-    if (i >= num_tasks) return;
-    void* slot = thread_scratch(scratch_bytes);
-    while (i < num_tasks) {
+  void work(void* scratch) {
+    for (int64_t i = next.fetch_add(1); i < num_tasks;) {
       const int64_t following = next.fetch_add(1);
-      call(task, i, following, slot);
+      call(task, i, following, scratch);
 #if defined(__GNUC__) && defined(__x86_64__)
       asm volatile("sfence" ::: "memory");  // order the task's streaming stores before its completion
 #endif
@@ -94,24 +92,28 @@ struct TaskQueue {
 template <typename Task>
 void parallel_tasks(int64_t num_tasks, int64_t scratch_bytes, const Task& task) {
   if (num_tasks <= 0) return;
+  void* scratch = thread_scratch(scratch_bytes);
+  TORCH_CHECK(scratch != nullptr || scratch_bytes == 0, "performer_attention (cpp): out of memory for ",
+              scratch_bytes, " bytes of scratch");
   int64_t threads = std::min<int64_t>(at::get_num_threads(), num_tasks);
   if (at::in_parallel_region()) threads = 1;
   auto queue = std::make_shared<TaskQueue>();
   queue->num_tasks = num_tasks;
-  queue->scratch_bytes = scratch_bytes;
   queue->task = &task;
   queue->call = [](const void* t, int64_t i, int64_t next, void* scratch) {
     (*static_cast<const Task*>(t))(i, next, scratch);
   };
   for (int64_t h = 1; h < threads; ++h) {
-    at::launch([queue] {
+    at::launch([queue, scratch_bytes] {
+      void* helper_scratch = thread_scratch(scratch_bytes);
+      if (helper_scratch == nullptr && scratch_bytes > 0) return;  // leaves the tasks to the others
       c10::ParallelGuard guard(true);
-      queue->work();
+      queue->work(helper_scratch);
     });
   }
   {
     c10::ParallelGuard guard(true);
-    queue->work();
+    queue->work(scratch);
   }
   while (queue->done.load(std::memory_order_acquire) < num_tasks) std::this_thread::yield();
 }
@@ -793,17 +795,20 @@ void padded_sizes(Isa isa, int64_t m, int64_t E, int64_t* mp, int64_t* Ep) {
 // ------------------------------------------------------------------------------------------------------------------
 // Host side
 
-// partials (B, chunks, size) -> out (B, size), summed in chunk order.
+// partials (B, chunks, size) -> out (B, size), summed in chunk order; in parallel over (batch, slice of size).
 template <typename acc_t>
 void sum_partials(const acc_t* partials, int64_t B, int64_t chunks, int64_t size, acc_t* out) {
-  for (int64_t b = 0; b < B; ++b) {
+  constexpr int64_t kSlice = 512;
+  const int64_t slices = (size + kSlice - 1) / kSlice;
+  parallel_tasks(B * slices, 0, [&](int64_t task, int64_t, void*) {
+    const int64_t b = task / slices, i0 = (task % slices) * kSlice, i1 = std::min(size, i0 + kSlice);
     acc_t* o = out + b * size;
-    std::fill(o, o + size, acc_t(0));
+    std::fill(o + i0, o + i1, acc_t(0));
     for (int64_t c = 0; c < chunks; ++c) {
       const acc_t* p = partials + (b * chunks + c) * size;
-      for (int64_t i = 0; i < size; ++i) o[i] += p[i];
+      for (int64_t i = i0; i < i1; ++i) o[i] += p[i];
     }
-  }
+  });
 }
 
 // per batch: the (mp, Ep) block at the start of each state_size record, transposed to (E, mp) for the real E columns
