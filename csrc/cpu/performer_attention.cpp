@@ -35,6 +35,14 @@
 
 #define T2T_INLINE inline __attribute__((always_inline))
 
+#if defined(__GNUC__) && defined(__linux__) && !defined(_OPENMP)
+// The OpenMP runtime PyTorch's CPU ops run on (libgomp, loaded with libtorch_cpu); weak, so a build without it
+// still loads (the tasks then go to the inter-op pool). What `#pragma omp parallel` compiles to.
+extern "C" void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags)
+    __attribute__((weak));
+#define T2T_HAVE_GOMP 1
+#endif
+
 namespace t2t_kernels {
 namespace {
 
@@ -44,13 +52,14 @@ constexpr int64_t kChunk = 128;  // rows per task; fixed, so the order of the su
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 // ------------------------------------------------------------------------------------------------------------------
-// Parallel loop over tasks. The calling thread works through the tasks and hands helpers on PyTorch's inter-op
-// thread pool (at::launch) a share: all take the next task from a shared counter and every task writes only its own
-// outputs, so which thread ran it changes no bit of the result. The caller waits only for tasks a helper has taken;
-// a helper that starts late (busy machine) finds nothing left and returns, so nobody waits on a descheduled thread
-// (a fork-join barrier would). A thread claims its next task before running the current one, which is told it (to
-// prefetch that task's input rows). (at::parallel_for would run serially here: it is an inline template over
-// OpenMP and this extension is compiled without -fopenmp.)
+// Parallel loop over tasks. Threads take the next task from a shared counter (so a thread slowed down by other work
+// does fewer tasks) and every task writes only its own outputs, so which thread ran it changes no bit of the result.
+// A thread claims its next task before running the current one, which is told it (to prefetch its input rows).
+// The threads are PyTorch's own OpenMP team (at::parallel_for would run serially here: it is an inline template over
+// OpenMP and this extension is compiled without -fopenmp, so the runtime is called directly, as the pragma would):
+// right after another ATen op its workers are still spinning and start at once, and no second pool competes with
+// them for the cores. Without libgomp, helpers on the inter-op pool (at::launch) take a share; the caller waits only
+// for the tasks a helper has taken, never for a helper that has not started.
 
 // Per-thread scratch, kept between calls (no allocation or first-touch page faults per call): a few hundred KB per
 // thread that ever ran a task. nullptr when out of memory.
@@ -89,6 +98,20 @@ struct TaskQueue {
   }
 };
 
+struct TeamArgs {
+  TaskQueue* queue;
+  int64_t scratch_bytes;
+};
+
+void team_worker(void* data) {
+  const TeamArgs& args = *static_cast<const TeamArgs*>(data);
+  if (args.queue->next.load(std::memory_order_relaxed) >= args.queue->num_tasks) return;  // nothing left
+  void* scratch = thread_scratch(args.scratch_bytes);
+  if (scratch == nullptr && args.scratch_bytes > 0) return;  // out of memory: leaves the tasks to the others
+  c10::ParallelGuard guard(true);
+  args.queue->work(scratch);
+}
+
 template <typename Task>
 void parallel_tasks(int64_t num_tasks, int64_t scratch_bytes, const Task& task) {
   if (num_tasks <= 0) return;
@@ -103,6 +126,14 @@ void parallel_tasks(int64_t num_tasks, int64_t scratch_bytes, const Task& task) 
   queue->call = [](const void* t, int64_t i, int64_t next, void* scratch) {
     (*static_cast<const Task*>(t))(i, next, scratch);
   };
+#if defined(T2T_HAVE_GOMP)
+  if (threads > 1 && GOMP_parallel != nullptr) {
+    TeamArgs args{queue.get(), scratch_bytes};
+    GOMP_parallel(&team_worker, &args, static_cast<unsigned>(threads), 0);  // the caller is thread 0 of the team
+    TORCH_INTERNAL_ASSERT(queue->done.load(std::memory_order_acquire) == num_tasks);  // the caller runs what is left
+    return;
+  }
+#endif
   for (int64_t h = 1; h < threads; ++h) {
     at::launch([queue, scratch_bytes] {
       void* helper_scratch = thread_scratch(scratch_bytes);
