@@ -34,6 +34,8 @@
 #include <type_traits>
 
 #define T2T_INLINE inline __attribute__((always_inline))
+// 32/64-byte vectors pass between always-inline helpers only, so the note that their ABI differs without AVX is moot
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #if defined(__GNUC__) && defined(__linux__) && !defined(_OPENMP)
 // The OpenMP runtime PyTorch's CPU ops run on (libgomp, loaded with libtorch_cpu); weak, so a build without it
