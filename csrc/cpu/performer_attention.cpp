@@ -38,8 +38,9 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #if defined(__GNUC__) && defined(__linux__) && !defined(_OPENMP)
-// The OpenMP runtime PyTorch's CPU ops run on (libgomp, loaded with libtorch_cpu); weak, so a build without it
-// still loads (the tasks then go to the inter-op pool). What `#pragma omp parallel` compiles to.
+// Built without -fopenmp: the entry point `#pragma omp parallel` compiles to, in the OpenMP runtime PyTorch's CPU
+// ops run on (libgomp, loaded with libtorch_cpu); weak, so a torch without it still loads (the tasks then go to the
+// inter-op pool).
 extern "C" void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags)
     __attribute__((weak));
 #define T2T_HAVE_GOMP 1
@@ -57,11 +58,10 @@ constexpr int64_t kStreamBytes = int64_t(4) << 20;
 // Parallel loop over tasks. Threads take the next task from a shared counter (so a thread slowed down by other work
 // does fewer tasks) and every task writes only its own outputs, so which thread ran it changes no bit of the result.
 // A thread claims its next task before running the current one, which is told it (to prefetch its input rows).
-// The threads are PyTorch's own OpenMP team (at::parallel_for would run serially here: it is an inline template over
-// OpenMP and this extension is compiled without -fopenmp, so the runtime is called directly, as the pragma would):
-// right after another ATen op its workers are still spinning and start at once, and no second pool competes with
-// them for the cores. Without libgomp, helpers on the inter-op pool (at::launch) take a share; the caller waits only
-// for the tasks a helper has taken, never for a helper that has not started.
+// The threads are PyTorch's own OpenMP team (`#pragma omp parallel`, or with a build without -fopenmp the runtime
+// entry point it compiles to): right after another ATen op its workers are still spinning and start at once, and no
+// second pool competes with them for the cores. Without OpenMP, helpers on the inter-op pool (at::launch) take a
+// share; the caller waits only for the tasks a helper has taken, never for a helper that has not started.
 
 // Per-thread scratch, kept between calls (no allocation or first-touch page faults per call): a few hundred KB per
 // thread that ever ran a task. nullptr when out of memory.
@@ -128,7 +128,15 @@ void parallel_tasks(int64_t num_tasks, int64_t scratch_bytes, const Task& task) 
   queue->call = [](const void* t, int64_t i, int64_t next, void* scratch) {
     (*static_cast<const Task*>(t))(i, next, scratch);
   };
-#if defined(T2T_HAVE_GOMP)
+#if defined(_OPENMP)
+  if (threads > 1) {
+    TeamArgs args{queue.get(), scratch_bytes};
+#pragma omp parallel num_threads(threads)
+    team_worker(&args);
+    TORCH_INTERNAL_ASSERT(queue->done.load(std::memory_order_acquire) == num_tasks);  // the caller runs what is left
+    return;
+  }
+#elif defined(T2T_HAVE_GOMP)
   if (threads > 1 && GOMP_parallel != nullptr) {
     TeamArgs args{queue.get(), scratch_bytes};
     GOMP_parallel(&team_worker, &args, static_cast<unsigned>(threads), 0);  // the caller is thread 0 of the team
