@@ -1,33 +1,171 @@
 // CPU kernels of t2t_kernels::performer_attention and its backward (DESIGN §4).
 //
-// Every pass walks (batch, chunk of kChunk rows) tasks with at::parallel_for. A task computes the features
-// phi(x) of its rows into a small scratch tile (never a (B, T, m) tensor); reductions over T write one partial per
-// task and are summed in chunk order afterwards, so results do not depend on the number of threads.
-// Math runs in fp32 (fp64 for fp64 inputs); the hot tile loops get an AVX2+FMA clone picked at load time.
+// Every pass walks (batch, chunk of kChunk rows) tasks in parallel. A task computes the features phi(x) of its rows
+// into a small per-thread scratch tile (never a (B, T, m) tensor); reductions over T write one partial per task and
+// are summed in chunk order afterwards, so results do not depend on the number of threads or on which thread ran
+// which task.
+//
+// Inside a task everything is a small matrix product over the chunk, done by register-blocked tile loops:
+//   gemm_rows   out (n, cols) = X (n, K) B (K, cols)      x w^T, g A^T, v gA^T        (K = E, cols = m)
+//   gemm_rows2  out (n, cols) = P (n, K) M (K, cols)      phi A, phi gA, (G*P) w      (K = m, cols = E), with the
+//                                                          row scaling / "- x * rowsum" epilogue fused
+//   gemm_reduce out (m, cols) = P (n, m)^T X (n, cols)    phi^T v, phi^T gn           (sum over the chunk's rows)
+// and the per-row work between them (exp, |x|^2, the denominators, the gradient through phi) is vectorised over m.
+// Math runs in fp32 (fp64 for fp64 inputs). Columns are padded internally (m -> mp, E -> Ep) to whole register
+// blocks; padding is zero and never written out.
+//
+// The float and double loops are built three times: AVX-512, AVX2+FMA and plain (SSE2), picked once at load time
+// from the CPU's features (T2T_CPU_ISA=avx2|plain lowers the choice, for testing the fallbacks).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
-#include <vector>
+#include <numeric>
+#include <memory>
+#include <thread>
+#include <type_traits>
 
 #define T2T_INLINE inline __attribute__((always_inline))
+// 32/64-byte vectors pass between always-inline helpers only, so the note that their ABI differs without AVX is moot
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#if defined(__GNUC__) && defined(__linux__) && !defined(_OPENMP)
+// Built without -fopenmp: the entry point `#pragma omp parallel` compiles to, in the OpenMP runtime PyTorch's CPU
+// ops run on (libgomp, loaded with libtorch_cpu); weak, so a torch without it still loads (the tasks then go to the
+// inter-op pool).
+extern "C" void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags)
+    __attribute__((weak));
+#define T2T_HAVE_GOMP 1
+#endif
 
 namespace t2t_kernels {
 namespace {
 
 constexpr int64_t kChunk = 128;  // rows per task; fixed, so the order of the sums over T is fixed
+// outputs of at least this size are written with streaming stores (they would not stay in cache; measured ~5% faster
+// backward at T=3136, B=8; neutral at T=784)
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
-// Fixed-width vectors (GCC/Clang vector extensions): the compiler keeps them in registers, which it does not do
-// for a plain accumulator array, and lowers them to whatever SIMD the function is compiled for.
-template <typename acc_t>
+// ------------------------------------------------------------------------------------------------------------------
+// Parallel loop over tasks. Threads take the next task from a shared counter (so a thread slowed down by other work
+// does fewer tasks) and every task writes only its own outputs, so which thread ran it changes no bit of the result.
+// A thread claims its next task before running the current one, which is told it (to prefetch its input rows).
+// The threads are PyTorch's own OpenMP team (`#pragma omp parallel`, or with a build without -fopenmp the runtime
+// entry point it compiles to): right after another ATen op its workers are still spinning and start at once, and no
+// second pool competes with them for the cores. Without OpenMP, helpers on the inter-op pool (at::launch) take a
+// share; the caller waits only for the tasks a helper has taken, never for a helper that has not started.
+
+// Per-thread scratch, kept between calls (no allocation or first-touch page faults per call): a few hundred KB per
+// thread that ever ran a task. nullptr when out of memory.
+void* thread_scratch(int64_t bytes) {
+  struct Buffer {
+    void* data = nullptr;
+    int64_t bytes = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  if (buffer.bytes < bytes) {
+    std::free(buffer.data);
+    buffer.bytes = (bytes + 4095) / 4096 * 4096;
+    buffer.data = std::aligned_alloc(64, buffer.bytes);
+    if (buffer.data == nullptr) buffer.bytes = 0;
+  }
+  return buffer.data;
+}
+
+struct TaskQueue {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t num_tasks = 0;
+  const void* task = nullptr;  // valid until the caller has seen all tasks done
+  void (*call)(const void* task, int64_t i, int64_t next, void* scratch) = nullptr;
+
+  void work(void* scratch) {
+    for (int64_t i = next.fetch_add(1); i < num_tasks;) {
+      const int64_t following = next.fetch_add(1);
+      call(task, i, following, scratch);
+#if defined(__GNUC__) && defined(__x86_64__)
+      asm volatile("sfence" ::: "memory");  // order the task's streaming stores before its completion
+#endif
+      done.fetch_add(1, std::memory_order_release);
+      i = following;
+    }
+  }
+};
+
+struct TeamArgs {
+  TaskQueue* queue;
+  int64_t scratch_bytes;
+};
+
+void team_worker(void* data) {
+  const TeamArgs& args = *static_cast<const TeamArgs*>(data);
+  if (args.queue->next.load(std::memory_order_relaxed) >= args.queue->num_tasks) return;  // nothing left
+  void* scratch = thread_scratch(args.scratch_bytes);
+  if (scratch == nullptr && args.scratch_bytes > 0) return;  // out of memory: leaves the tasks to the others
+  c10::ParallelGuard guard(true);
+  args.queue->work(scratch);
+}
+
+template <typename Task>
+void parallel_tasks(int64_t num_tasks, int64_t scratch_bytes, const Task& task) {
+  if (num_tasks <= 0) return;
+  void* scratch = thread_scratch(scratch_bytes);
+  TORCH_CHECK(scratch != nullptr || scratch_bytes == 0, "performer_attention (cpp): out of memory for ",
+              scratch_bytes, " bytes of scratch");
+  int64_t threads = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  if (at::in_parallel_region()) threads = 1;
+  auto queue = std::make_shared<TaskQueue>();
+  queue->num_tasks = num_tasks;
+  queue->task = &task;
+  queue->call = [](const void* t, int64_t i, int64_t next, void* scratch) {
+    (*static_cast<const Task*>(t))(i, next, scratch);
+  };
+#if defined(_OPENMP)
+  if (threads > 1) {
+    TeamArgs args{queue.get(), scratch_bytes};
+#pragma omp parallel num_threads(threads)
+    team_worker(&args);
+    TORCH_INTERNAL_ASSERT(queue->done.load(std::memory_order_acquire) == num_tasks);  // the caller runs what is left
+    return;
+  }
+#elif defined(T2T_HAVE_GOMP)
+  if (threads > 1 && GOMP_parallel != nullptr) {
+    TeamArgs args{queue.get(), scratch_bytes};
+    GOMP_parallel(&team_worker, &args, static_cast<unsigned>(threads), 0);  // the caller is thread 0 of the team
+    TORCH_INTERNAL_ASSERT(queue->done.load(std::memory_order_acquire) == num_tasks);  // the caller runs what is left
+    return;
+  }
+#endif
+  for (int64_t h = 1; h < threads; ++h) {
+    at::launch([queue, scratch_bytes] {
+      void* helper_scratch = thread_scratch(scratch_bytes);
+      if (helper_scratch == nullptr && scratch_bytes > 0) return;  // leaves the tasks to the others
+      c10::ParallelGuard guard(true);
+      queue->work(helper_scratch);
+    });
+  }
+  {
+    c10::ParallelGuard guard(true);
+    queue->work(scratch);
+  }
+  while (queue->done.load(std::memory_order_acquire) < num_tasks) std::this_thread::yield();
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Fixed-width vectors (GCC/Clang vector extensions): kept in registers, lowered to the SIMD the function is built for.
+
+template <typename acc_t, int Bytes>
 struct Simd {
-  typedef acc_t vec __attribute__((vector_size(32)));
-  static constexpr int64_t kLanes = 32 / sizeof(acc_t);
+  typedef acc_t vec __attribute__((vector_size(Bytes)));
+  static constexpr int kLanes = Bytes / sizeof(acc_t);
   static T2T_INLINE vec load(const acc_t* p) {
     vec v;
     std::memcpy(&v, p, sizeof(v));
@@ -35,250 +173,720 @@ struct Simd {
   }
   static T2T_INLINE void store(acc_t* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
 };
-typedef int32_t int32x8 __attribute__((vector_size(32)));
 
-// exp of 8 floats: Cephes expf polynomial (~1 ulp); std::exp does not vectorise without -ffast-math.
-T2T_INLINE Simd<float>::vec exp_approx(Simd<float>::vec x) {
-  using vec = Simd<float>::vec;
-  const vec lo = vec{} - 87.0f, hi = vec{} + 88.0f;
-  const vec clamped = x < lo ? lo : (x > hi ? hi : x);
-  const vec magic = vec{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  const vec k = (clamped * 1.44269504088896341f + magic) - magic;
-  const vec r = clamped - k * 0.693359375f + k * 2.12194440e-4f;
-  vec p = vec{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vec e = p * r * r + r + 1.0f;
-  const int32x8 bits = (__builtin_convertvector(k, int32x8) + 127) << 23;
-  vec two_to_k;
-  std::memcpy(&two_to_k, &bits, sizeof(two_to_k));
-  return x < lo ? vec{} : e * two_to_k;
-}
-
-// x[i] = exp(x[i] + shift) * scale for i < n
-T2T_INLINE void exp_shift_scale(float* x, int64_t n, float shift, float scale) {
-  using S = Simd<float>;
-  int64_t i = 0;
-  for (; i + S::kLanes <= n; i += S::kLanes) S::store(x + i, exp_approx(S::load(x + i) + shift) * scale);
-  if (i < n) {  // the tail through one zero-padded vector
-    float tail[S::kLanes] = {};
-    std::copy(x + i, x + n, tail);
-    S::store(tail, exp_approx(S::load(tail) + shift) * scale);
-    std::copy(tail, tail + (n - i), x + i);
-  }
-}
-T2T_INLINE void exp_shift_scale(double* x, int64_t n, double shift, double scale) {
-  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] + shift) * scale;
-}
-
-// out[0:c] = x[0:r] M for row-major M (r, c). Columns go in blocks of kCols held in registers across the sum over
-// r (the shapes here have c = 32 or 64); leftover columns take a plain dot product.
-constexpr int64_t kCols = 32;
-template <typename acc_t>
-T2T_INLINE void row_times_matrix(const acc_t* x, const acc_t* M, int64_t r, int64_t c, acc_t* out) {
-  using S = Simd<acc_t>;
-  constexpr int64_t kVecs = kCols / S::kLanes;
-  int64_t c0 = 0;
-  for (; c0 + kCols <= c; c0 += kCols) {
-    typename S::vec acc[kVecs] = {};
-    for (int64_t j = 0; j < r; ++j) {
-      const acc_t* mj = M + j * c + c0;
-      for (int64_t v = 0; v < kVecs; ++v) acc[v] += x[j] * S::load(mj + v * S::kLanes);
-    }
-    for (int64_t v = 0; v < kVecs; ++v) S::store(out + c0 + v * S::kLanes, acc[v]);
-  }
-  for (; c0 < c; ++c0) {
-    acc_t acc = 0;
-    for (int64_t j = 0; j < r; ++j) acc += x[j] * M[j * c + c0];
-    out[c0] = acc;
+// sum of the lanes, halving the vector each step (fixed order)
+template <typename acc_t, int Bytes>
+T2T_INLINE acc_t hsum(typename Simd<acc_t, Bytes>::vec v) {
+  if constexpr (Bytes > 16) {
+    typename Simd<acc_t, Bytes / 2>::vec lo, hi;
+    std::memcpy(&lo, &v, Bytes / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return hsum<acc_t, Bytes / 2>(lo + hi);
+  } else if constexpr (sizeof(acc_t) == 4) {
+    typedef int32_t ivec __attribute__((vector_size(16)));
+    v += __builtin_shuffle(v, ivec{2, 3, 0, 1});
+    v += __builtin_shuffle(v, ivec{1, 0, 3, 2});
+    return v[0];
+  } else {
+    acc_t s = 0;
+    for (int i = 0; i < Simd<acc_t, Bytes>::kLanes; ++i) s += v[i];
+    return s;
   }
 }
 
-template <typename acc_t>
-T2T_INLINE acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
+// scale * exp(x) for a vector. float: the Cephes expf polynomial with the scale folded into its coefficients
+// (relative error <= 1.3e-7 against exp(x) * scale in double, measured over [-87, 88]; std::exp does not vectorise
+// without -ffast-math); x is clamped to [-88, 88] (NaN passes), k = round(x / ln 2) comes from the magic-number
+// rounding, whose low bits also give 2^k (zero below about -87.9: underflow to 0).
+template <typename acc_t, int Bytes>
+struct ScaledExp;
 
-// phi (n, m) = exp(x wt - |x|^2 / 2) * scale for the rows of x (n, E); wt is w transposed (E, m).
-template <typename acc_t>
-T2T_INLINE void features_impl(const acc_t* x, int64_t n, int64_t E, int64_t m, const acc_t* wt, acc_t scale,
-                              acc_t* phi) {
-  for (int64_t t = 0; t < n; ++t) {
-    const acc_t* xr = x + t * E;
-    acc_t* pr = phi + t * m;
-    row_times_matrix(xr, wt, E, m, pr);
-    exp_shift_scale(pr, m, -acc_t(0.5) * dot(xr, xr, E), scale);
+template <int Bytes>
+struct ScaledExp<float, Bytes> {
+  using vec = typename Simd<float, Bytes>::vec;
+  typedef int32_t ivec __attribute__((vector_size(Bytes)));
+  vec c0, c1, c2, c3, c4, c5, s;
+  explicit ScaledExp(float scale)
+      : c0(vec{} + 1.9875691500e-4f * scale),
+        c1(vec{} + 1.3981999507e-3f * scale),
+        c2(vec{} + 8.3334519073e-3f * scale),
+        c3(vec{} + 4.1665795894e-2f * scale),
+        c4(vec{} + 1.6666665459e-1f * scale),
+        c5(vec{} + 5.0000001201e-1f * scale),
+        s(vec{} + scale) {}
+  T2T_INLINE vec operator()(vec x) const {
+    const vec lo = vec{} - 88.0f, hi = vec{} + 88.0f;
+    x = x < lo ? lo : x;
+    x = x > hi ? hi : x;
+    const vec magic = vec{} + 12583039.0f;  // 1.5 * 2^23 + 127: t's low mantissa bits hold k + 127
+    const vec t = x * 1.44269504088896341f + magic;
+    const vec k = t - magic;
+    const vec r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    vec p = c0 * r + c1;
+    p = p * r + c2;
+    p = p * r + c3;
+    p = p * r + c4;
+    p = p * r + c5;
+    const vec e = p * (r * r) + (r * s + s);  // scale * exp(r)
+    ivec bits;
+    std::memcpy(&bits, &t, sizeof(bits));
+    bits <<= 23;  // (k + 127) << 23: 2^k
+    vec two_to_k;
+    std::memcpy(&two_to_k, &bits, sizeof(two_to_k));
+    return e * two_to_k;
   }
-}
-
-// out (n, c) = a (n, r) b (r, c), all row-major.
-template <typename acc_t>
-T2T_INLINE void gemm_nn_impl(const acc_t* a, const acc_t* b, int64_t n, int64_t r, int64_t c, acc_t* out) {
-  for (int64_t t = 0; t < n; ++t) row_times_matrix(a + t * r, b, r, c, out + t * c);
-}
-
-// out (r, c) += a (n, r)^T b (n, c): a partial sum over the n rows of a chunk, c in register blocks as above.
-template <typename acc_t>
-T2T_INLINE void gemm_tn_impl(const acc_t* a, const acc_t* b, int64_t n, int64_t r, int64_t c, acc_t* out) {
-  using S = Simd<acc_t>;
-  constexpr int64_t kVecs = kCols / S::kLanes;
-  for (int64_t j = 0; j < r; ++j) {
-    int64_t c0 = 0;
-    for (; c0 + kCols <= c; c0 += kCols) {
-      typename S::vec acc[kVecs] = {};
-      for (int64_t t = 0; t < n; ++t) {
-        const acc_t* bt = b + t * c + c0;
-        for (int64_t v = 0; v < kVecs; ++v) acc[v] += a[t * r + j] * S::load(bt + v * S::kLanes);
-      }
-      for (int64_t v = 0; v < kVecs; ++v) {
-        acc_t* o = out + j * c + c0 + v * S::kLanes;
-        S::store(o, S::load(o) + acc[v]);
-      }
-    }
-    for (; c0 < c; ++c0) {
-      acc_t acc = 0;
-      for (int64_t t = 0; t < n; ++t) acc += a[t * r + j] * b[t * c + c0];
-      out[j * c + c0] += acc;
-    }
-  }
-}
-
-// gx (n, E) = (G * P) w - x * rowsum(G * P), the gradient through phi; G is overwritten with G * P.
-template <typename acc_t>
-T2T_INLINE void feature_grad_impl(acc_t* G, const acc_t* P, const acc_t* x, const acc_t* w, int64_t n, int64_t E,
-                                  int64_t m, acc_t* gx) {
-  for (int64_t t = 0; t < n; ++t) {
-    acc_t* gr = G + t * m;
-    const acc_t* pr = P + t * m;
-    for (int64_t j = 0; j < m; ++j) gr[j] *= pr[j];
-    acc_t rowsum = 0;
-#pragma omp simd reduction(+ : rowsum)
-    for (int64_t j = 0; j < m; ++j) rowsum += gr[j];
-    acc_t* o = gx + t * E;
-    const acc_t* xr = x + t * E;
-    row_times_matrix(gr, w, m, E, o);
-    for (int64_t e = 0; e < E; ++e) o[e] -= xr[e] * rowsum;
-  }
-}
-
-// The float versions run an AVX2+FMA build of the loops when the CPU has it (checked once); fp64 is the checking
-// path and stays plain. (target_clones("arch=haswell") would test the CPU model, not its features.)
-#if defined(__GNUC__) && defined(__x86_64__)
-#define T2T_AVX2 __attribute__((target("avx2,fma")))
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#define T2T_FLOAT_KERNEL(name, params, args)            \
-  T2T_AVX2 void name##_avx2 params { name##_impl args; } \
-  void name##_plain params { name##_impl args; }          \
-  void name params {                                      \
-    if (cpu_has_avx2())                                   \
-      name##_avx2 args;                                   \
-    else                                                  \
-      name##_plain args;                                  \
-  }
-#else
-#define T2T_FLOAT_KERNEL(name, params, args) \
-  void name params { name##_impl args; }
-#endif
-
-T2T_FLOAT_KERNEL(features,
-                 (const float* x, int64_t n, int64_t E, int64_t m, const float* wt, float scale, float* phi),
-                 (x, n, E, m, wt, scale, phi))
-T2T_FLOAT_KERNEL(gemm_nn, (const float* a, const float* b, int64_t n, int64_t r, int64_t c, float* out),
-                 (a, b, n, r, c, out))
-T2T_FLOAT_KERNEL(gemm_tn, (const float* a, const float* b, int64_t n, int64_t r, int64_t c, float* out),
-                 (a, b, n, r, c, out))
-T2T_FLOAT_KERNEL(feature_grad,
-                 (float* G, const float* P, const float* x, const float* w, int64_t n, int64_t E, int64_t m, float* gx),
-                 (G, P, x, w, n, E, m, gx))
-void features(const double* x, int64_t n, int64_t E, int64_t m, const double* wt, double scale, double* phi) {
-  features_impl(x, n, E, m, wt, scale, phi);
-}
-void gemm_nn(const double* a, const double* b, int64_t n, int64_t r, int64_t c, double* out) {
-  gemm_nn_impl(a, b, n, r, c, out);
-}
-void gemm_tn(const double* a, const double* b, int64_t n, int64_t r, int64_t c, double* out) {
-  gemm_tn_impl(a, b, n, r, c, out);
-}
-void feature_grad(double* G, const double* P, const double* x, const double* w, int64_t n, int64_t E, int64_t m,
-                  double* gx) {
-  feature_grad_impl(G, P, x, w, n, E, m, gx);
-}
-
-// Rows [t0, t0 + n) of one batch element of x (B, T, E), unit last stride, converted to acc_t (n, E).
-template <typename scalar_t, typename acc_t>
-void load_rows(const at::Tensor& x, int64_t b, int64_t t0, int64_t n, acc_t* out) {
-  const int64_t E = x.size(2);
-  const scalar_t* base = x.data_ptr<scalar_t>() + b * x.stride(0) + t0 * x.stride(1);
-  for (int64_t t = 0; t < n; ++t) {
-    const scalar_t* row = base + t * x.stride(1);
-    for (int64_t e = 0; e < E; ++e) out[t * E + e] = static_cast<acc_t>(row[e]);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void store_rows(const acc_t* tile, int64_t n, at::Tensor& out, int64_t b, int64_t t0) {
-  const int64_t E = out.size(2);
-  scalar_t* dst = out.data_ptr<scalar_t>() + (b * out.size(1) + t0) * E;  // out is contiguous
-  for (int64_t i = 0; i < n * E; ++i) dst[i] = static_cast<scalar_t>(tile[i]);
-}
-
-int64_t num_chunks(int64_t T) { return (T + kChunk - 1) / kChunk; }
-
-// Runs task(b, t0, n, chunk_index, scratch) for every (batch, chunk) in parallel; scratch is per-thread.
-template <typename acc_t, typename Task>
-void for_each_chunk(int64_t B, int64_t T, int64_t scratch_size, const Task& task) {
-  const int64_t chunks = num_chunks(T);
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(scratch_size);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / chunks, c = i % chunks;
-      const int64_t t0 = c * kChunk;
-      task(b, t0, std::min(kChunk, T - t0), c, scratch.data());
-    }
-  });
-}
-
-// partials (B, chunks, size) -> out (B, size), summed in chunk order.
-template <typename acc_t>
-void sum_partials(const std::vector<acc_t>& partials, int64_t B, int64_t chunks, int64_t size, acc_t* out) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      acc_t* o = out + b * size;
-      std::fill(o, o + size, acc_t(0));
-      for (int64_t c = 0; c < chunks; ++c) {
-        const acc_t* p = partials.data() + (b * chunks + c) * size;
-        for (int64_t i = 0; i < size; ++i) o[i] += p[i];
-      }
-    }
-  });
-}
-
-// B matrices (r, c), batch_stride apart -> (B, c, r) contiguous
-template <typename acc_t>
-std::vector<acc_t> transposed(const acc_t* x, int64_t B, int64_t batch_stride, int64_t r, int64_t c) {
-  std::vector<acc_t> out(B * r * c);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < r; ++i)
-      for (int64_t j = 0; j < c; ++j) out[(b * c + j) * r + i] = x[b * batch_stride + i * c + j];
-  return out;
-}
-
-struct Weights {  // w in the accumulation dtype, as (m, E) and transposed (E, m)
-  at::Tensor w, wt;
 };
 
-Weights accumulation_weights(const at::Tensor& w, at::ScalarType acc) {
-  return {w.to(acc).contiguous(), w.to(acc).t().contiguous()};
+template <int Bytes>
+struct ScaledExp<double, Bytes> {
+  using vec = typename Simd<double, Bytes>::vec;
+  double s;
+  explicit ScaledExp(double scale) : s(scale) {}
+  T2T_INLINE vec operator()(vec x) const {
+    for (int i = 0; i < Simd<double, Bytes>::kLanes; ++i) x[i] = std::exp(x[i]) * s;
+    return x;
+  }
+};
+
+// Issues prefetches (into L2) for the input rows of the task a thread runs next, a few at each step() of the
+// current task's loops, so that the reads from memory overlap the arithmetic.
+struct Prefetcher {
+  static constexpr int kMaxSources = 2;
+  const char* base[kMaxSources] = {};
+  int64_t stride[kMaxSources] = {};  // bytes between rows
+  int64_t sources = 0, rows = 0, lines_per_row = 0;
+  int64_t total_lines = 0, total_work = 1, work_done = 0, issued = 0;
+  // position of the next line
+  const char* ptr = nullptr;
+  int64_t src = 0, row = 0, line = 0;
+
+  void add(const char* p, int64_t row_stride_bytes, int64_t row_bytes) {
+    base[sources] = p, stride[sources] = row_stride_bytes;
+    const bool aligned = reinterpret_cast<uintptr_t>(p) % 64 == 0 && row_stride_bytes % 64 == 0;
+    lines_per_row = std::max(lines_per_row, (row_bytes + 63) / 64 + (aligned ? 0 : 1));
+    if (sources++ == 0) ptr = p;
+  }
+  // spread the prefetches over the task in proportion to its work: the task's loops report `total_work` units in
+  // all through step(units)
+  void plan(int64_t total_work_units) {
+    total_lines = sources * rows * lines_per_row;
+    total_work = std::max<int64_t>(total_work_units, 1);
+  }
+  T2T_INLINE void step(int64_t work) {
+    work_done += work;
+    const int64_t target = std::min(total_lines, work_done * total_lines / total_work);
+    for (; issued < target; ++issued) {
+      __builtin_prefetch(ptr + line * 64, 0, 2);
+      if (++line == lines_per_row) {
+        line = 0;
+        ptr += stride[src];
+        if (++row == rows) {
+          row = 0;
+          if (++src < sources) ptr = base[src];
+        }
+      }
+    }
+  }
+};
+
+// Register blocking per instruction set: gemm_rows R1 rows x C1 vectors, gemm_rows2 R2 x C2, gemm_reduce J3 x C3.
+struct IsaAvx512 {
+  static constexpr int kBytes = 64;
+  static constexpr int R1 = 8, C1 = 2, R2 = 4, C2 = 4, J3 = 4, C3 = 4;
+};
+struct IsaAvx2 {  // 16 vector registers
+  static constexpr int kBytes = 32;
+  static constexpr int R1 = 6, C1 = 2, R2 = 6, C2 = 2, J3 = 4, C3 = 2;
+};
+struct IsaPlain : IsaAvx2 {};
+
+// out (n, cols) = X (n, K) B (K, cols): X rows xs apart, B row-major, out rows os apart; cols a multiple of C vectors.
+// A last partial block of rows repeats the last row and drops its extra results.
+template <class I, typename acc_t>
+T2T_INLINE void gemm_rows(const acc_t* X, int64_t xs, int64_t n, int64_t K, const acc_t* Bm, int64_t cols, acc_t* out,
+                          int64_t os, Prefetcher& pf) {
+  using S = Simd<acc_t, I::kBytes>;
+  using vec = typename S::vec;
+  constexpr int R = I::R1, C = I::C1, L = S::kLanes;
+  for (int64_t t0 = 0; t0 < n; t0 += R) {
+    const acc_t* xr[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) xr[r] = X + std::min<int64_t>(t0 + r, n - 1) * xs;
+    const int64_t rows = std::min<int64_t>(R, n - t0);
+    for (int64_t c0 = 0; c0 < cols; c0 += C * L) {
+      pf.step(R * C * K);
+      vec acc[R][C];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) acc[r][c] = vec{};
+      const acc_t* bk = Bm + c0;
+      for (int64_t k = 0; k < K; ++k, bk += cols) {
+        vec bv[C];
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) bv[c] = S::load(bk + c * L);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const acc_t a = xr[r][k];
+#pragma GCC unroll 16
+          for (int c = 0; c < C; ++c) acc[r][c] += a * bv[c];
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        if (r < rows)
+#pragma GCC unroll 16
+          for (int c = 0; c < C; ++c) S::store(out + (t0 + r) * os + c0 + c * L, acc[r][c]);
+    }
+  }
 }
+
+enum class Epilogue { kPlain, kScaleRows, kMinusXTimesRow };
+
+// A store that bypasses the caches (the rows of an output, written once): p aligned to the vector size. Inline asm,
+// which is not tied to the function's target; plain stores where the instruction set has no such vector store.
+template <class I, typename acc_t>
+T2T_INLINE void stream_store(acc_t* p, typename Simd<acc_t, I::kBytes>::vec v) {
+  using vec = typename Simd<acc_t, I::kBytes>::vec;
+#if defined(__GNUC__) && defined(__x86_64__)
+  if constexpr (std::is_same_v<I, IsaAvx512> && sizeof(acc_t) == 4) {
+    asm("vmovntps %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "v"(v));
+    return;
+  } else if constexpr (std::is_same_v<I, IsaAvx512> && sizeof(acc_t) == 8) {
+    asm("vmovntpd %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "v"(v));
+    return;
+  } else if constexpr (std::is_same_v<I, IsaAvx2> && sizeof(acc_t) == 4) {
+    asm("vmovntps %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "x"(v));
+    return;
+  } else if constexpr (std::is_same_v<I, IsaAvx2> && sizeof(acc_t) == 8) {
+    asm("vmovntpd %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "x"(v));
+    return;
+  }
+#endif
+  Simd<acc_t, I::kBytes>::store(p, v);
+}
+
+// out (n, cols) = P (n, K) M (K, cols), then per row t: kScaleRows multiplies by rs[t], kMinusXTimesRow subtracts
+// X[t] * rs[t] (X rows xs apart, at least cols wide). P rows ps apart, M row-major, out rows os apart.
+template <class I, Epilogue Epi, typename acc_t>
+T2T_INLINE void gemm_rows2(const acc_t* P, int64_t ps, int64_t n, int64_t K, const acc_t* Mm, int64_t cols, acc_t* out,
+                           int64_t os, const acc_t* rs, const acc_t* X, int64_t xs, Prefetcher& pf,
+                           bool stream = false) {
+  using S = Simd<acc_t, I::kBytes>;
+  using vec = typename S::vec;
+  constexpr int R = I::R2, C = I::C2, L = S::kLanes;
+  for (int64_t t0 = 0; t0 < n; t0 += R) {
+    const acc_t* pr[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) pr[r] = P + std::min<int64_t>(t0 + r, n - 1) * ps;
+    const int64_t rows = std::min<int64_t>(R, n - t0);
+    for (int64_t c0 = 0; c0 < cols; c0 += C * L) {
+      pf.step(R * C * K);
+      vec acc[R][C];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) acc[r][c] = vec{};
+      const acc_t* mk = Mm + c0;
+      for (int64_t k = 0; k < K; ++k, mk += cols) {
+        vec bv[C];
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) bv[c] = S::load(mk + c * L);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const acc_t a = pr[r][k];
+#pragma GCC unroll 16
+          for (int c = 0; c < C; ++c) acc[r][c] += a * bv[c];
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        if (r >= rows) continue;
+        const int64_t t = t0 + r;
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) {
+          vec o = acc[r][c];
+          if constexpr (Epi == Epilogue::kScaleRows) o = o * rs[t];
+          if constexpr (Epi == Epilogue::kMinusXTimesRow) o = o - S::load(X + t * xs + c0 + c * L) * rs[t];
+          if (stream)
+            stream_store<I>(out + t * os + c0 + c * L, o);
+          else
+            S::store(out + t * os + c0 + c * L, o);
+        }
+      }
+    }
+  }
+}
+
+// out (mp, cols) = P (n, mp)^T X (n, cols), written: the sum over the n rows, in row order. P rows ps apart, X rows xs
+// apart; mp a multiple of J3, cols of C3 vectors; out row-major.
+template <class I, typename acc_t>
+T2T_INLINE void gemm_reduce(const acc_t* P, int64_t ps, const acc_t* X, int64_t xs, int64_t n, int64_t mp, int64_t cols,
+                            acc_t* out, Prefetcher& pf) {
+  using S = Simd<acc_t, I::kBytes>;
+  using vec = typename S::vec;
+  constexpr int J = I::J3, C = I::C3, L = S::kLanes;
+  for (int64_t j0 = 0; j0 < mp; j0 += J) {
+    for (int64_t c0 = 0; c0 < cols; c0 += C * L) {
+      pf.step(J * C * n);
+      vec acc[J][C];
+#pragma GCC unroll 16
+      for (int j = 0; j < J; ++j)
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) acc[j][c] = vec{};
+      const acc_t* pt = P + j0;
+      const acc_t* xt = X + c0;
+      for (int64_t t = 0; t < n; ++t, pt += ps, xt += xs) {
+        vec bv[C];
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) bv[c] = S::load(xt + c * L);
+#pragma GCC unroll 16
+        for (int j = 0; j < J; ++j) {
+          const acc_t a = pt[j];
+#pragma GCC unroll 16
+          for (int c = 0; c < C; ++c) acc[j][c] += a * bv[c];
+        }
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < J; ++j)
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) S::store(out + (j0 + j) * cols + c0 + c * L, acc[j][c]);
+    }
+  }
+}
+
+// Work of the tile loops in units of one vector FMA (for spreading the prefetches): a tile of gemm_rows or
+// gemm_rows2, a block of gemm_reduce, a row of feature_rows (about 20 vector operations per exponential)
+template <class I, typename acc_t>
+constexpr int64_t feature_row_work(int64_t Ep, int64_t mp) {
+  return (Ep + 20 * mp) / Simd<acc_t, I::kBytes>::kLanes;
+}
+template <class I, typename acc_t>
+int64_t rows_work(int64_t n, int64_t K, int64_t cols) {
+  return (n + I::R1 - 1) / I::R1 * (cols / (I::C1 * Simd<acc_t, I::kBytes>::kLanes)) * I::R1 * I::C1 * K;
+}
+template <class I, typename acc_t>
+int64_t rows2_work(int64_t n, int64_t K, int64_t cols) {
+  return (n + I::R2 - 1) / I::R2 * (cols / (I::C2 * Simd<acc_t, I::kBytes>::kLanes)) * I::R2 * I::C2 * K;
+}
+template <class I, typename acc_t>
+int64_t reduce_work(int64_t n, int64_t mp, int64_t cols) {
+  return mp / I::J3 * (cols / (I::C3 * Simd<acc_t, I::kBytes>::kLanes)) * I::J3 * I::C3 * n;
+}
+template <class I, typename acc_t>
+int64_t features_work(int64_t n, int64_t Ep, int64_t mp) {
+  return n * feature_row_work<I, acc_t>(Ep, mp);
+}
+
+// phi[t] = exp(phi[t] - |x_t|^2 / 2) / sqrt(m) for the n rows of phi (n, mp), which hold x w^T on entry; the padding
+// columns (m < mp) are zeroed through mask (1 on the m real columns, 0 beyond). X rows (xs apart) are Ep wide, zero
+// beyond E. With kSum: ssum += sum_t phi[t]; with kDot: d[t] = phi[t] . s.
+template <class I, bool kSum, bool kDot, typename acc_t>
+T2T_INLINE void feature_rows(acc_t* phi, const acc_t* X, int64_t xs, int64_t n, int64_t Ep, int64_t m, int64_t mp,
+                             const acc_t* mask, acc_t* ssum, const acc_t* s, acc_t* d, Prefetcher& pf) {
+  using S = Simd<acc_t, I::kBytes>;
+  using vec = typename S::vec;
+  constexpr int L = S::kLanes;
+  const ScaledExp<acc_t, I::kBytes> exp_scaled(acc_t(1) / std::sqrt(acc_t(m)));
+  const bool masked = m < mp;
+  for (int64_t t = 0; t < n; ++t) {
+    pf.step(feature_row_work<I, acc_t>(Ep, mp));
+    const acc_t* xr = X + t * xs;
+    vec sq = vec{};
+    for (int64_t e = 0; e < Ep; e += L) {
+      const vec xv = S::load(xr + e);
+      sq += xv * xv;
+    }
+    const acc_t shift = acc_t(-0.5) * hsum<acc_t, I::kBytes>(sq);
+    acc_t* pr = phi + t * mp;
+    vec dv = vec{};
+    for (int64_t j = 0; j < mp; j += L) {
+      vec p = exp_scaled(S::load(pr + j) + shift);
+      if (masked) p *= S::load(mask + j);
+      S::store(pr + j, p);
+      if constexpr (kSum) S::store(ssum + j, S::load(ssum + j) + p);
+      if constexpr (kDot) dv += p * S::load(s + j);
+    }
+    if constexpr (kDot) d[t] = hsum<acc_t, I::kBytes>(dv);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Pass context and tasks
+
+struct Rows {  // a (B, T, E) input with unit last stride
+  const void* data;
+  int64_t batch_stride, row_stride;
+};
+
+Rows rows_of(const at::Tensor& x) { return {x.data_ptr(), x.stride(0), x.stride(1)}; }
+
+template <typename acc_t>
+struct Ctx {
+  int64_t T, E, m, mp, Ep, chunks, state_size, num_tasks;
+  acc_t eps;
+  bool stream;         // write the outputs with streaming stores
+  const acc_t* wt;     // w^T padded (E, mp)
+  const acc_t* w;      // w padded (mp, Ep)
+  const acc_t* mask;   // (mp): 1 on the m real columns, 0 on the padding
+  const acc_t* state;  // per batch, state_size apart: [M (mp, Ep) | s (mp)]  (A, s forward; gA, gs backward)
+  const acc_t* stateT; // per batch, E * mp apart: M^T (E, mp)
+  acc_t* partials;     // per task, state_size apart
+  Rows in1, in2;       // k, v (forward 1); q (forward 2); q, g (backward 1); k, v (backward 2)
+  void *out1, *out2;   // contiguous (B, T, E): y; gq; gk, gv
+};
+
+// per-task scratch, in units of acc_t
+struct Scratch {
+  int64_t xa, xb, phi, h, oa, ob, rv, size;
+  Scratch(int64_t mp, int64_t Ep) {
+    const int64_t tile = kChunk * Ep, ftile = kChunk * mp;
+    xa = 0, xb = xa + tile, phi = xb + tile, h = phi + ftile, oa = h + ftile, ob = oa + tile, rv = ob + tile;
+    size = rv + 2 * kChunk;
+  }
+};
+
+// rows [t0, t0 + n) of batch element b as acc_t, Ep wide: the input itself when it already is, else converted into
+// buf with zero padding. Returns the rows, their stride in *stride.
+template <typename scalar_t, typename acc_t>
+T2T_INLINE const acc_t* load_rows(const Rows& x, int64_t b, int64_t t0, int64_t n, int64_t E, int64_t Ep, acc_t* buf,
+                                  int64_t* stride) {
+  const scalar_t* base = static_cast<const scalar_t*>(x.data) + b * x.batch_stride + t0 * x.row_stride;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (E == Ep) {
+      *stride = x.row_stride;
+      return base;
+    }
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const scalar_t* row = base + t * x.row_stride;
+    acc_t* o = buf + t * Ep;
+    for (int64_t e = 0; e < E; ++e) o[e] = static_cast<acc_t>(row[e]);
+    for (int64_t e = E; e < Ep; ++e) o[e] = acc_t(0);
+  }
+  *stride = Ep;
+  return buf;
+}
+
+// where a task writes rows [t0, t0 + n) of a (B, T, E) output: the output itself when it has the acc_t layout,
+// else the staging tile (Ep wide), copied out by finish_rows
+template <typename scalar_t, typename acc_t>
+T2T_INLINE acc_t* out_rows(void* out, int64_t b, int64_t t0, int64_t T, int64_t E, int64_t Ep, acc_t* staging,
+                           int64_t* stride) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (E == Ep) {
+      *stride = E;
+      return static_cast<acc_t*>(out) + (b * T + t0) * E;
+    }
+  }
+  *stride = Ep;
+  return staging;
+}
+
+// whether a task writes its rows of an output (at out, rows os apart) with streaming stores: for outputs too big to
+// stay in cache (Ctx::stream), only to the output itself (not the staging tile), where every store is aligned
+template <class I, typename acc_t>
+T2T_INLINE bool streamable(const Ctx<acc_t>& c, const acc_t* out, int64_t os, const acc_t* staging) {
+  return c.stream && out != staging && reinterpret_cast<uintptr_t>(out) % I::kBytes == 0 &&
+         (os * static_cast<int64_t>(sizeof(acc_t))) % I::kBytes == 0;
+}
+
+template <typename scalar_t, typename acc_t>
+T2T_INLINE void finish_rows(void* out, int64_t b, int64_t t0, int64_t n, int64_t T, int64_t E, int64_t Ep,
+                            const acc_t* staging) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (E == Ep) return;
+  }
+  scalar_t* dst = static_cast<scalar_t*>(out) + (b * T + t0) * E;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t e = 0; e < E; ++e) dst[t * E + e] = static_cast<scalar_t>(staging[t * Ep + e]);
+}
+
+// The prefetcher for the rows of task `next` of the given inputs, spread over `work` units of the current task.
+template <typename scalar_t, typename acc_t>
+T2T_INLINE Prefetcher prefetch_rows(const Ctx<acc_t>& c, int64_t next, const Rows& x1, const Rows* x2, int64_t work) {
+  Prefetcher pf;
+  if (next >= c.num_tasks) return pf;
+  const int64_t b = next / c.chunks, t0 = (next % c.chunks) * kChunk;
+  pf.rows = std::min(kChunk, c.T - t0);
+  for (const Rows* x : {&x1, x2}) {
+    if (x == nullptr) continue;
+    const scalar_t* p = static_cast<const scalar_t*>(x->data) + b * x->batch_stride + t0 * x->row_stride;
+    pf.add(reinterpret_cast<const char*>(p), x->row_stride * sizeof(scalar_t), c.E * sizeof(scalar_t));
+  }
+  pf.plan(work);
+  return pf;
+}
+
+// Forward pass 1: partial [phi(k)^T v | sum_t phi(k)] of one chunk.
+template <class I, typename scalar_t, typename acc_t>
+T2T_INLINE void forward_reduce_task(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {
+  const Scratch sc(c.mp, c.Ep);
+  const int64_t b = i / c.chunks, t0 = (i % c.chunks) * kChunk, n = std::min(kChunk, c.T - t0);
+  int64_t ks, vs;
+  const acc_t* xk = load_rows<scalar_t>(c.in1, b, t0, n, c.E, c.Ep, s + sc.xa, &ks);
+  const acc_t* xv = load_rows<scalar_t>(c.in2, b, t0, n, c.E, c.Ep, s + sc.xb, &vs);
+  acc_t* phi = s + sc.phi;
+  acc_t* part = c.partials + i * c.state_size;
+  acc_t* ssum = part + c.mp * c.Ep;
+  std::fill(ssum, ssum + c.mp, acc_t(0));
+  Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, &c.in2,
+                                          rows_work<I, acc_t>(n, c.E, c.mp) + features_work<I, acc_t>(n, c.Ep, c.mp) +
+                                              reduce_work<I, acc_t>(n, c.mp, c.Ep));
+  gemm_rows<I>(xk, ks, n, c.E, c.wt, c.mp, phi, c.mp, pf);
+  feature_rows<I, true, false>(phi, xk, ks, n, c.Ep, c.m, c.mp, c.mask, ssum, (const acc_t*)nullptr, (acc_t*)nullptr, pf);
+  gemm_reduce<I>(phi, c.mp, xv, vs, n, c.mp, c.Ep, part, pf);
+}
+
+// Forward pass 2: y = phi(q) A / (phi(q) s + eps) for one chunk.
+template <class I, typename scalar_t, typename acc_t>
+T2T_INLINE void forward_output_task(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {
+  const Scratch sc(c.mp, c.Ep);
+  const int64_t b = i / c.chunks, t0 = (i % c.chunks) * kChunk, n = std::min(kChunk, c.T - t0);
+  const acc_t* A = c.state + b * c.state_size;
+  const acc_t* ksum = A + c.mp * c.Ep;
+  int64_t qs, ys;
+  const acc_t* xq = load_rows<scalar_t>(c.in1, b, t0, n, c.E, c.Ep, s + sc.xa, &qs);
+  acc_t *phi = s + sc.phi, *inv = s + sc.rv;
+  Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, nullptr,
+                                          rows_work<I, acc_t>(n, c.E, c.mp) + features_work<I, acc_t>(n, c.Ep, c.mp) +
+                                              rows2_work<I, acc_t>(n, c.m, c.Ep));
+  gemm_rows<I>(xq, qs, n, c.E, c.wt, c.mp, phi, c.mp, pf);
+  feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, c.m, c.mp, c.mask, (acc_t*)nullptr, ksum, inv, pf);
+  for (int64_t t = 0; t < n; ++t) inv[t] = acc_t(1) / (inv[t] + c.eps);
+  acc_t* y = out_rows<scalar_t>(c.out1, b, t0, c.T, c.E, c.Ep, s + sc.oa, &ys);
+  gemm_rows2<I, Epilogue::kScaleRows>(phi, c.mp, n, c.m, A, c.Ep, y, ys, inv, (const acc_t*)nullptr, 0, pf,
+                                      streamable<I>(c, y, ys, s + sc.oa));
+  finish_rows<scalar_t>(c.out1, b, t0, n, c.T, c.E, c.Ep, s + sc.oa);
+}
+
+// Backward pass 1 for one chunk: gq, and the partial [gA = phi(q)^T gn | gs = phi(q)^T gd].
+// With h = g A^T (n, m): g . n = phi . h, so gd = -(phi . h) / (d + eps)^2 and gQ' = h / (d + eps) + gd s.
+template <class I, typename scalar_t, typename acc_t>
+T2T_INLINE void backward_q_task(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {
+  using S = Simd<acc_t, I::kBytes>;
+  using vec = typename S::vec;
+  constexpr int L = S::kLanes;
+  const Scratch sc(c.mp, c.Ep);
+  const int64_t b = i / c.chunks, t0 = (i % c.chunks) * kChunk, n = std::min(kChunk, c.T - t0);
+  const int64_t mp = c.mp;
+  const acc_t* A = c.state + b * c.state_size;
+  const acc_t* ksum = A + mp * c.Ep;
+  int64_t qs, gs_, os;
+  const acc_t* xq = load_rows<scalar_t>(c.in1, b, t0, n, c.E, c.Ep, s + sc.xa, &qs);
+  const acc_t* g = load_rows<scalar_t>(c.in2, b, t0, n, c.E, c.Ep, s + sc.xb, &gs_);
+  acc_t *phi = s + sc.phi, *h = s + sc.h, *d = s + sc.rv, *rsum = d + kChunk;
+  acc_t* part = c.partials + i * c.state_size;
+  acc_t* gs = part + mp * c.Ep;
+  Prefetcher pf = prefetch_rows<scalar_t>(
+      c, next, c.in1, &c.in2,
+      2 * rows_work<I, acc_t>(n, c.E, mp) + features_work<I, acc_t>(n, c.Ep, mp) + reduce_work<I, acc_t>(n, mp, c.Ep) +
+          rows2_work<I, acc_t>(n, c.m, c.Ep));
+  gemm_rows<I>(xq, qs, n, c.E, c.wt, mp, phi, mp, pf);
+  feature_rows<I, false, true>(phi, xq, qs, n, c.Ep, c.m, mp, c.mask, (acc_t*)nullptr, ksum, d, pf);
+  gemm_rows<I>(g, gs_, n, c.E, c.stateT + b * c.E * mp, mp, h, mp, pf);
+  std::fill(gs, gs + mp, acc_t(0));
+  for (int64_t t = 0; t < n; ++t) {
+    acc_t *pr = phi + t * mp, *hr = h + t * mp;
+    const acc_t inv = acc_t(1) / (d[t] + c.eps);
+    vec ph = vec{};
+    for (int64_t j = 0; j < mp; j += L) ph += S::load(pr + j) * S::load(hr + j);
+    const acc_t gd = -(hsum<acc_t, I::kBytes>(ph) * inv) * inv;
+    vec rs = vec{};
+    for (int64_t j = 0; j < mp; j += L) {
+      const vec p = S::load(pr + j);
+      const vec gp = (S::load(hr + j) * inv + gd * S::load(ksum + j)) * p;  // gQ' * phi
+      S::store(hr + j, gp);
+      rs += gp;
+      S::store(gs + j, S::load(gs + j) + p * gd);
+      S::store(pr + j, p * inv);  // phi / (d + eps): gA = (phi / (d + eps))^T g
+    }
+    rsum[t] = hsum<acc_t, I::kBytes>(rs);
+  }
+  gemm_reduce<I>(phi, mp, g, gs_, n, mp, c.Ep, part, pf);
+  acc_t* gq = out_rows<scalar_t>(c.out1, b, t0, c.T, c.E, c.Ep, s + sc.oa, &os);
+  gemm_rows2<I, Epilogue::kMinusXTimesRow>(h, mp, n, c.m, c.w, c.Ep, gq, os, rsum, xq, qs, pf,
+                                           streamable<I>(c, gq, os, s + sc.oa));
+  finish_rows<scalar_t>(c.out1, b, t0, n, c.T, c.E, c.Ep, s + sc.oa);
+}
+
+// Backward pass 2 for one chunk: gK' = v gA^T + 1 gs^T, gk through phi, gv = phi(k) gA.
+template <class I, typename scalar_t, typename acc_t>
+T2T_INLINE void backward_kv_task(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {
+  using S = Simd<acc_t, I::kBytes>;
+  using vec = typename S::vec;
+  constexpr int L = S::kLanes;
+  const Scratch sc(c.mp, c.Ep);
+  const int64_t b = i / c.chunks, t0 = (i % c.chunks) * kChunk, n = std::min(kChunk, c.T - t0);
+  const int64_t mp = c.mp;
+  const acc_t* gA = c.state + b * c.state_size;
+  const acc_t* gsum = gA + mp * c.Ep;
+  int64_t ks, vs, os_k, os_v;
+  const acc_t* xk = load_rows<scalar_t>(c.in1, b, t0, n, c.E, c.Ep, s + sc.xa, &ks);
+  const acc_t* xv = load_rows<scalar_t>(c.in2, b, t0, n, c.E, c.Ep, s + sc.xb, &vs);
+  acc_t *phi = s + sc.phi, *h = s + sc.h, *rsum = s + sc.rv;
+  Prefetcher pf = prefetch_rows<scalar_t>(c, next, c.in1, &c.in2,
+                                          2 * rows_work<I, acc_t>(n, c.E, mp) + features_work<I, acc_t>(n, c.Ep, mp) +
+                                              2 * rows2_work<I, acc_t>(n, c.m, c.Ep));
+  gemm_rows<I>(xk, ks, n, c.E, c.wt, mp, phi, mp, pf);
+  feature_rows<I, false, false>(phi, xk, ks, n, c.Ep, c.m, mp, c.mask, (acc_t*)nullptr, (const acc_t*)nullptr,
+                                (acc_t*)nullptr, pf);
+  gemm_rows<I>(xv, vs, n, c.E, c.stateT + b * c.E * mp, mp, h, mp, pf);
+  for (int64_t t = 0; t < n; ++t) {
+    const acc_t* pr = phi + t * mp;
+    acc_t* hr = h + t * mp;
+    vec rs = vec{};
+    for (int64_t j = 0; j < mp; j += L) {
+      const vec gp = (S::load(hr + j) + S::load(gsum + j)) * S::load(pr + j);
+      S::store(hr + j, gp);
+      rs += gp;
+    }
+    rsum[t] = hsum<acc_t, I::kBytes>(rs);
+  }
+  acc_t* gv = out_rows<scalar_t>(c.out2, b, t0, c.T, c.E, c.Ep, s + sc.ob, &os_v);
+  gemm_rows2<I, Epilogue::kPlain>(phi, mp, n, c.m, gA, c.Ep, gv, os_v, (const acc_t*)nullptr, (const acc_t*)nullptr,
+                                  0, pf, streamable<I>(c, gv, os_v, s + sc.ob));
+  acc_t* gk = out_rows<scalar_t>(c.out1, b, t0, c.T, c.E, c.Ep, s + sc.oa, &os_k);
+  gemm_rows2<I, Epilogue::kMinusXTimesRow>(h, mp, n, c.m, c.w, c.Ep, gk, os_k, rsum, xk, ks, pf,
+                                           streamable<I>(c, gk, os_k, s + sc.oa));
+  finish_rows<scalar_t>(c.out2, b, t0, n, c.T, c.E, c.Ep, s + sc.ob);
+  finish_rows<scalar_t>(c.out1, b, t0, n, c.T, c.E, c.Ep, s + sc.oa);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// One build of each task per instruction set, picked once.
+
+enum class Isa { kPlain, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+  Isa best = Isa::kPlain;
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+    best = Isa::kAvx512;
+#endif
+  if (const char* env = std::getenv("T2T_CPU_ISA")) {
+    if (std::strcmp(env, "plain") == 0) best = Isa::kPlain;
+    if (std::strcmp(env, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
+  }
+  return best;
+}
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+template <typename acc_t>
+using TaskFn = void (*)(const Ctx<acc_t>&, int64_t, int64_t, acc_t*);
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define T2T_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw")))
+#define T2T_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define T2T_HAS_TARGETS 1
+#else
+#define T2T_TARGET_AVX512
+#define T2T_TARGET_AVX2
+#endif
+
+#define T2T_TASK_VARIANTS(task)                                                                          \
+  template <typename scalar_t, typename acc_t>                                                           \
+  T2T_TARGET_AVX512 void task##_avx512(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {          \
+    task<IsaAvx512, scalar_t>(c, i, next, s);                                                                  \
+  }                                                                                                      \
+  template <typename scalar_t, typename acc_t>                                                           \
+  T2T_TARGET_AVX2 void task##_avx2(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {            \
+    task<IsaAvx2, scalar_t>(c, i, next, s);                                                                    \
+  }                                                                                                      \
+  template <typename scalar_t, typename acc_t>                                                           \
+  void task##_plain(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {                             \
+    task<IsaPlain, scalar_t>(c, i, next, s);                                                                   \
+  }                                                                                                      \
+  template <typename scalar_t, typename acc_t>                                                           \
+  TaskFn<acc_t> task##_for(Isa isa) {                                                                    \
+    return isa == Isa::kAvx512 ? &task##_avx512<scalar_t, acc_t>                                        \
+           : isa == Isa::kAvx2 ? &task##_avx2<scalar_t, acc_t>                                          \
+                               : &task##_plain<scalar_t, acc_t>;                                         \
+  }
+
+T2T_TASK_VARIANTS(forward_reduce_task)
+T2T_TASK_VARIANTS(forward_output_task)
+T2T_TASK_VARIANTS(backward_q_task)
+T2T_TASK_VARIANTS(backward_kv_task)
+
+// Column padding: mp a multiple of the gemm_rows column block and of gemm_reduce's row block, Ep of both column
+// blocks of gemm_rows2 and gemm_reduce (for the instruction set in use, so a padding never splits a block).
+template <typename acc_t>
+void padded_sizes(Isa isa, int64_t m, int64_t E, int64_t* mp, int64_t* Ep) {
+  auto round_up = [](int64_t x, int64_t to) { return (x + to - 1) / to * to; };
+  auto lcm = [](int64_t a, int64_t b) { return a / std::gcd(a, b) * b; };
+  auto pick = [&](auto traits) {
+    using I = decltype(traits);
+    constexpr int64_t L = I::kBytes / sizeof(acc_t);
+    *mp = round_up(m, lcm(I::C1 * L, I::J3));
+    *Ep = round_up(E, lcm(I::C2 * L, I::C3 * L));
+  };
+  if (isa == Isa::kAvx512)
+    pick(IsaAvx512{});
+  else
+    pick(IsaAvx2{});
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Host side
+
+// partials (B, chunks, size) -> out (B, size), summed in chunk order; in parallel over (batch, slice of size).
+template <typename acc_t>
+void sum_partials(const acc_t* partials, int64_t B, int64_t chunks, int64_t size, acc_t* out) {
+  constexpr int64_t kSlice = 512;
+  const int64_t slices = (size + kSlice - 1) / kSlice;
+  parallel_tasks(B * slices, 0, [&](int64_t task, int64_t, void*) {
+    const int64_t b = task / slices, i0 = (task % slices) * kSlice, i1 = std::min(size, i0 + kSlice);
+    acc_t* o = out + b * size;
+    std::fill(o + i0, o + i1, acc_t(0));
+    for (int64_t c = 0; c < chunks; ++c) {
+      const acc_t* p = partials + (b * chunks + c) * size;
+      for (int64_t i = i0; i < i1; ++i) o[i] += p[i];
+    }
+  });
+}
+
+// per batch: the (mp, Ep) block at the start of each state_size record, transposed to (E, mp) for the real E columns
+template <typename acc_t>
+void transpose_states(const acc_t* state, int64_t B, int64_t state_size, int64_t mp, int64_t Ep, int64_t E,
+                      acc_t* out) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < mp; ++j)
+      for (int64_t e = 0; e < E; ++e) out[(b * E + e) * mp + j] = state[b * state_size + j * Ep + e];
+}
+
+// One host buffer per call: w padded (mp, Ep), w^T padded (E, mp), column mask (mp), and per batch the states
+// [M (mp, Ep) | s (mp)] and M^T (E, mp), plus the per-task partials; filled by plain loops (no small ATen ops).
+template <typename acc_t>
+struct Workspace {
+  std::unique_ptr<acc_t[]> buffer;
+  acc_t *w, *wt, *mask, *state, *stateT, *partials;
+
+  Workspace(const at::Tensor& w_in, int64_t B, int64_t chunks, int64_t mp, int64_t Ep) {
+    const int64_t m = w_in.size(0), E = w_in.size(1), state_size = mp * Ep + mp;
+    const int64_t sizes[] = {mp * Ep, E * mp, mp, B * state_size, B * E * mp, B * chunks * state_size};
+    int64_t total = 0;
+    for (int64_t n : sizes) total += (n + 15) / 16 * 16;
+    buffer.reset(new acc_t[total]);
+    acc_t** parts[] = {&w, &wt, &mask, &state, &stateT, &partials};
+    acc_t* p = buffer.get();
+    for (int i = 0; i < 6; ++i) *parts[i] = p, p += (sizes[i] + 15) / 16 * 16;
+    const at::Tensor wc = w_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* src = wc.data_ptr<acc_t>();
+    std::fill(w, w + mp * Ep, acc_t(0));
+    std::fill(wt, wt + E * mp, acc_t(0));
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t e = 0; e < E; ++e) w[j * Ep + e] = wt[e * mp + j] = src[j * E + e];
+    for (int64_t j = 0; j < mp; ++j) mask[j] = j < m ? acc_t(1) : acc_t(0);
+  }
+};
 
 at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
@@ -308,6 +916,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(eps > 0, "performer_attention (cpp): eps must be positive, got ", eps);
 }
 
+template <typename acc_t>
+void run_tasks(TaskFn<acc_t> fn, const Ctx<acc_t>& c, int64_t num_tasks, int64_t scratch_size) {
+  parallel_tasks(num_tasks, scratch_size * static_cast<int64_t>(sizeof(acc_t)),
+                 [&](int64_t i, int64_t next, void* scratch) { fn(c, i, next, static_cast<acc_t*>(scratch)); });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                        const at::Tensor& v_in, const at::Tensor& w_in,
                                                                        double eps) {
@@ -315,51 +929,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_attention_cpu(const at:
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const int64_t B = q.size(0), T = q.size(1), E = q.size(2), m = w_in.size(0);
   const auto acc = accumulation_dtype(q.scalar_type());
-  const Weights weights = accumulation_weights(w_in, acc);
   at::Tensor y = at::empty({B, T, E}, q.options());
   at::Tensor kv_state = at::empty({B, m, E}, q.options().dtype(acc));
   at::Tensor k_sum = at::empty({B, m}, q.options().dtype(acc));
+  if (B == 0 || T == 0) {
+    kv_state.zero_();
+    k_sum.zero_();
+    return {y, kv_state, k_sum};
+  }
+  const Isa isa = cpu_isa();
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "performer_attention_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const acc_t* wt = weights.wt.data_ptr<acc_t>();
-    const acc_t scale = acc_t(1) / std::sqrt(acc_t(m));
-    const int64_t chunks = num_chunks(T), state_size = m * E + m;
+    int64_t mp, Ep;
+    padded_sizes<acc_t>(isa, m, E, &mp, &Ep);
+    const int64_t chunks = (T + kChunk - 1) / kChunk, state_size = mp * Ep + mp;
+    Workspace<acc_t> ws(w_in, B, chunks, mp, Ep);
+    Ctx<acc_t> c{T, E, m, mp, Ep, chunks, state_size, B * chunks, static_cast<acc_t>(eps),
+                 B * T * E * q.element_size() >= kStreamBytes};
+    c.wt = ws.wt, c.w = ws.w, c.mask = ws.mask, c.partials = ws.partials, c.state = ws.state;
+    const int64_t scratch = Scratch(mp, Ep).size;
 
     // pass 1: per-chunk partials of [phi(k)^T v | sum_t phi(k)], then their sum in chunk order
-    std::vector<acc_t> partials(B * chunks * state_size);
-    for_each_chunk<acc_t>(B, T, kChunk * (2 * E + m), [&](int64_t b, int64_t t0, int64_t n, int64_t c, acc_t* s) {
-      acc_t *xk = s, *xv = s + kChunk * E, *phi = s + 2 * kChunk * E;
-      load_rows<scalar_t>(k, b, t0, n, xk);
-      load_rows<scalar_t>(v, b, t0, n, xv);
-      features(xk, n, E, m, wt, scale, phi);
-      acc_t* part = partials.data() + (b * chunks + c) * state_size;
-      std::fill(part, part + state_size, acc_t(0));
-      gemm_tn(phi, xv, n, m, E, part);
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < m; ++j) part[m * E + j] += phi[t * m + j];
-    });
-    std::vector<acc_t> state(B * state_size);
-    sum_partials(partials, B, chunks, state_size, state.data());
+    c.in1 = rows_of(k), c.in2 = rows_of(v);
+    run_tasks(forward_reduce_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch);
+    sum_partials(c.partials, B, chunks, state_size, ws.state);
+    acc_t *kv = kv_state.data_ptr<acc_t>(), *ks = k_sum.data_ptr<acc_t>();
     for (int64_t b = 0; b < B; ++b) {
-      std::copy_n(state.data() + b * state_size, m * E, kv_state.data_ptr<acc_t>() + b * m * E);
-      std::copy_n(state.data() + b * state_size + m * E, m, k_sum.data_ptr<acc_t>() + b * m);
+      const acc_t* st = ws.state + b * state_size;
+      for (int64_t j = 0; j < m; ++j) {
+        std::copy_n(st + j * Ep, E, kv + (b * m + j) * E);
+        ks[b * m + j] = st[mp * Ep + j];
+      }
     }
 
     // pass 2: y = phi(q) A / (phi(q) s + eps), per chunk
-    for_each_chunk<acc_t>(B, T, kChunk * (2 * E + m), [&](int64_t b, int64_t t0, int64_t n, int64_t, acc_t* s) {
-      acc_t *xq = s, *num = s + kChunk * E, *phi = s + 2 * kChunk * E;
-      const acc_t* A = state.data() + b * state_size;
-      const acc_t* ksum = A + m * E;
-      load_rows<scalar_t>(q, b, t0, n, xq);
-      features(xq, n, E, m, wt, scale, phi);
-      gemm_nn(phi, A, n, m, E, num);
-      for (int64_t t = 0; t < n; ++t) {
-        const acc_t inv = acc_t(1) / (dot(phi + t * m, ksum, m) + acc_t(eps));
-        for (int64_t e = 0; e < E; ++e) num[t * E + e] *= inv;
-      }
-      store_rows<scalar_t>(num, n, y, b, t0);
-    });
+    c.in1 = rows_of(q), c.out1 = y.data_ptr();
+    run_tasks(forward_output_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch);
   });
   return {y, kv_state, k_sum};
 }
@@ -383,74 +989,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_attention_backward_cpu(
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const at::Tensor grad_y = unit_last_stride(grad_y_in);
   const at::Tensor kv_state = kv_state_in.contiguous(), k_sum = k_sum_in.contiguous();
-  const Weights weights = accumulation_weights(w_in, acc);
   at::Tensor gq = at::empty({B, T, E}, q.options());
   at::Tensor gk = at::empty({B, T, E}, q.options());
   at::Tensor gv = at::empty({B, T, E}, q.options());
+  if (B == 0 || T == 0) return {gq, gk, gv};
+  const Isa isa = cpu_isa();
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "performer_attention_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const acc_t *w = weights.w.data_ptr<acc_t>(), *wt = weights.wt.data_ptr<acc_t>();
-    const acc_t* A = kv_state.data_ptr<acc_t>();
-    const acc_t* ksum = k_sum.data_ptr<acc_t>();
-    const acc_t scale = acc_t(1) / std::sqrt(acc_t(m));
-    const std::vector<acc_t> At = transposed(A, B, m * E, m, E);  // (B, E, m)
-    const int64_t chunks = num_chunks(T), state_size = m * E + m;
+    int64_t mp, Ep;
+    padded_sizes<acc_t>(isa, m, E, &mp, &Ep);
+    const int64_t chunks = (T + kChunk - 1) / kChunk, state_size = mp * Ep + mp;
+    Workspace<acc_t> ws(w_in, B, chunks, mp, Ep);
+    // [A | s] padded per batch, and A^T (E, mp)
+    const acc_t *kv = kv_state.data_ptr<acc_t>(), *ks = k_sum.data_ptr<acc_t>();
+    std::fill(ws.state, ws.state + B * state_size, acc_t(0));
+    for (int64_t b = 0; b < B; ++b) {
+      acc_t* st = ws.state + b * state_size;
+      for (int64_t j = 0; j < m; ++j) {
+        std::copy_n(kv + (b * m + j) * E, E, st + j * Ep);
+        st[mp * Ep + j] = ks[b * m + j];
+      }
+    }
+    transpose_states(ws.state, B, state_size, mp, Ep, E, ws.stateT);
+    Ctx<acc_t> c{T, E, m, mp, Ep, chunks, state_size, B * chunks, static_cast<acc_t>(eps),
+                 B * T * E * q.element_size() >= kStreamBytes};
+    c.wt = ws.wt, c.w = ws.w, c.mask = ws.mask, c.partials = ws.partials, c.state = ws.state, c.stateT = ws.stateT;
+    const int64_t scratch = Scratch(mp, Ep).size;
 
     // pass 1: gq per chunk, and per-chunk partials of [gA = phi(q)^T gn | gs = phi(q)^T gd]
-    std::vector<acc_t> partials(B * chunks * state_size);
-    const int64_t scratch1 = kChunk * (4 * E + 2 * m + 1);
-    for_each_chunk<acc_t>(B, T, scratch1, [&](int64_t b, int64_t t0, int64_t n, int64_t c, acc_t* s) {
-      acc_t *xq = s, *g = xq + kChunk * E, *num = g + kChunk * E, *gx = num + kChunk * E;
-      acc_t *phi = gx + kChunk * E, *gphi = phi + kChunk * m, *gd = gphi + kChunk * m;
-      const acc_t* Ab = A + b * m * E;
-      const acc_t* sb = ksum + b * m;
-      load_rows<scalar_t>(q, b, t0, n, xq);
-      load_rows<scalar_t>(grad_y, b, t0, n, g);
-      features(xq, n, E, m, wt, scale, phi);
-      gemm_nn(phi, Ab, n, m, E, num);
-      for (int64_t t = 0; t < n; ++t) {  // g becomes gn = g / (d + eps); gd = -sum_e g y / (d + eps)
-        const acc_t inv = acc_t(1) / (dot(phi + t * m, sb, m) + acc_t(eps));
-        acc_t gy = 0;
-        for (int64_t e = 0; e < E; ++e) {
-          g[t * E + e] *= inv;
-          gy += g[t * E + e] * num[t * E + e];
-        }
-        gd[t] = -gy * inv;
-      }
-      gemm_nn(g, At.data() + b * E * m, n, E, m, gphi);  // gQ' = gn A^T + gd s^T
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < m; ++j) gphi[t * m + j] += gd[t] * sb[j];
-      acc_t* part = partials.data() + (b * chunks + c) * state_size;
-      std::fill(part, part + state_size, acc_t(0));
-      gemm_tn(phi, g, n, m, E, part);
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < m; ++j) part[m * E + j] += phi[t * m + j] * gd[t];
-      feature_grad(gphi, phi, xq, w, n, E, m, gx);
-      store_rows<scalar_t>(gx, n, gq, b, t0);
-    });
-    std::vector<acc_t> grad_state(B * state_size);  // per batch [gA (m, E) | gs (m)]
-    sum_partials(partials, B, chunks, state_size, grad_state.data());
-    const std::vector<acc_t> gAt = transposed(grad_state.data(), B, state_size, m, E);  // (B, E, m)
+    c.in1 = rows_of(q), c.in2 = rows_of(grad_y), c.out1 = gq.data_ptr();
+    run_tasks(backward_q_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch);
+    // per batch [gA (mp, Ep) | gs (mp)], over the forward state (no longer needed), and gA^T
+    sum_partials(c.partials, B, chunks, state_size, ws.state);
+    transpose_states(ws.state, B, state_size, mp, Ep, E, ws.stateT);
 
     // pass 2: gK' = v gA^T + 1 gs^T, gk through phi, gv = phi(k) gA
-    const int64_t scratch2 = kChunk * (4 * E + 2 * m);
-    for_each_chunk<acc_t>(B, T, scratch2, [&](int64_t b, int64_t t0, int64_t n, int64_t, acc_t* s) {
-      acc_t *xk = s, *xv = xk + kChunk * E, *gx = xv + kChunk * E, *gvt = gx + kChunk * E;
-      acc_t *phi = gvt + kChunk * E, *gphi = phi + kChunk * m;
-      const acc_t* gA = grad_state.data() + b * state_size;
-      const acc_t* gs = gA + m * E;
-      load_rows<scalar_t>(k, b, t0, n, xk);
-      load_rows<scalar_t>(v, b, t0, n, xv);
-      features(xk, n, E, m, wt, scale, phi);
-      gemm_nn(xv, gAt.data() + b * E * m, n, E, m, gphi);
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < m; ++j) gphi[t * m + j] += gs[j];
-      gemm_nn(phi, gA, n, m, E, gvt);
-      feature_grad(gphi, phi, xk, w, n, E, m, gx);
-      store_rows<scalar_t>(gx, n, gk, b, t0);
-      store_rows<scalar_t>(gvt, n, gv, b, t0);
-    });
+    c.in1 = rows_of(k), c.in2 = rows_of(v), c.out1 = gk.data_ptr(), c.out2 = gv.data_ptr();
+    run_tasks(backward_kv_task_for<scalar_t, acc_t>(isa), c, B * chunks, scratch);
   });
   return {gq, gk, gv};
 }
