@@ -1,0 +1,27 @@
+"""The Performer CPU kernel picks AVX-512, AVX2 or plain code when the extension loads; CI machines run only the best
+one the CPU has. T2T_CPU_ISA forces the narrower paths, so each is checked against the float64 reference too (in a
+subprocess: the choice is made once per process)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2t_kernels.ops.performer_attention import BACKENDS
+
+
+@pytest.mark.skipif(BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is not None,
+                    reason="the cpp backend is not built")
+@pytest.mark.parametrize("isa", ["avx2", "plain"])
+def test_narrower_instruction_sets_match_the_reference(isa):
+    suite = Path(__file__).with_name("test_performer_attention.py")
+    env = dict(os.environ, T2T_CPU_ISA=isa)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider",
+         "-k", "cpp and (float64_reference or gradcheck or deterministic)"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-2000:]
