@@ -29,22 +29,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
-#include <memory>
-#include <thread>
 #include <type_traits>
 
 #define T2T_INLINE inline __attribute__((always_inline))
 // 32/64-byte vectors pass between always-inline helpers only, so the note that their ABI differs without AVX is moot
 #pragma GCC diagnostic ignored "-Wpsabi"
-
-#if defined(__GNUC__) && defined(__linux__) && !defined(_OPENMP)
-// Built without -fopenmp: the entry point `#pragma omp parallel` compiles to, in the OpenMP runtime PyTorch's CPU
-// ops run on (libgomp, loaded with libtorch_cpu); weak, so a torch without it still loads (the tasks then go to the
-// inter-op pool).
-extern "C" void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags)
-    __attribute__((weak));
-#define T2T_HAVE_GOMP 1
-#endif
 
 namespace t2t_kernels {
 namespace {
@@ -58,10 +47,8 @@ constexpr int64_t kStreamBytes = int64_t(4) << 20;
 // Parallel loop over tasks. Threads take the next task from a shared counter (so a thread slowed down by other work
 // does fewer tasks) and every task writes only its own outputs, so which thread ran it changes no bit of the result.
 // A thread claims its next task before running the current one, which is told it (to prefetch its input rows).
-// The threads are PyTorch's own OpenMP team (`#pragma omp parallel`, or with a build without -fopenmp the runtime
-// entry point it compiles to): right after another ATen op its workers are still spinning and start at once, and no
-// second pool competes with them for the cores. Without OpenMP, helpers on the inter-op pool (at::launch) take a
-// share; the caller waits only for the tasks a helper has taken, never for a helper that has not started.
+// The threads are at::parallel_for's, i.e. PyTorch's own OpenMP team in the usual builds: right after another ATen op
+// its workers are still spinning and start at once, and no second pool competes with them for the cores.
 
 // Per-thread scratch, kept between calls (no allocation or first-touch page faults per call): a few hundred KB per
 // thread that ever ran a task. nullptr when out of memory.
@@ -122,41 +109,22 @@ void parallel_tasks(int64_t num_tasks, int64_t scratch_bytes, const Task& task) 
               scratch_bytes, " bytes of scratch");
   int64_t threads = std::min<int64_t>(at::get_num_threads(), num_tasks);
   if (at::in_parallel_region()) threads = 1;
-  auto queue = std::make_shared<TaskQueue>();
-  queue->num_tasks = num_tasks;
-  queue->task = &task;
-  queue->call = [](const void* t, int64_t i, int64_t next, void* scratch) {
+  TaskQueue queue;
+  queue.num_tasks = num_tasks;
+  queue.task = &task;
+  queue.call = [](const void* t, int64_t i, int64_t next, void* scratch) {
     (*static_cast<const Task*>(t))(i, next, scratch);
   };
-#if defined(_OPENMP)
+  TeamArgs args{&queue, scratch_bytes};
   if (threads > 1) {
-    TeamArgs args{queue.get(), scratch_bytes};
-#pragma omp parallel num_threads(threads)
-    team_worker(&args);
-    TORCH_INTERNAL_ASSERT(queue->done.load(std::memory_order_acquire) == num_tasks);  // the caller runs what is left
-    return;
-  }
-#elif defined(T2T_HAVE_GOMP)
-  if (threads > 1 && GOMP_parallel != nullptr) {
-    TeamArgs args{queue.get(), scratch_bytes};
-    GOMP_parallel(&team_worker, &args, static_cast<unsigned>(threads), 0);  // the caller is thread 0 of the team
-    TORCH_INTERNAL_ASSERT(queue->done.load(std::memory_order_acquire) == num_tasks);  // the caller runs what is left
-    return;
-  }
-#endif
-  for (int64_t h = 1; h < threads; ++h) {
-    at::launch([queue, scratch_bytes] {
-      void* helper_scratch = thread_scratch(scratch_bytes);
-      if (helper_scratch == nullptr && scratch_bytes > 0) return;  // leaves the tasks to the others
-      c10::ParallelGuard guard(true);
-      queue->work(helper_scratch);
+    // one index per thread; each takes tasks from the queue until none is left
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) team_worker(&args);
     });
+  } else {
+    team_worker(&args);
   }
-  {
-    c10::ParallelGuard guard(true);
-    queue->work(scratch);
-  }
-  while (queue->done.load(std::memory_order_acquire) < num_tasks) std::this_thread::yield();
+  TORCH_INTERNAL_ASSERT(queue.done.load(std::memory_order_acquire) == num_tasks);
 }
 
 // ------------------------------------------------------------------------------------------------------------------
