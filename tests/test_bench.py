@@ -228,3 +228,28 @@ def test_gpu_targets_from_rows():
     assert got["fused vs eager"]["ratio"] == pytest.approx(600 / 1100) and got["fused vs eager"]["met"]
     timm = next(t for t in got.values() if "timm" in t["target"])
     assert timm["ratio"] == pytest.approx(0.9) and not timm["met"] and timm["conditions_match"]
+
+
+def test_soft_split_layer_norm_case_providers_agree():
+    """The split + LayerNorm pair (what a fused op would replace): every provider computes the same tokens, and its
+    byte floor is the plain soft split's."""
+    settings = Settings(**TINY, compile=False)
+    pairs = op_cases(settings, ops=("soft_split+layer_norm",), passes=(FORWARD,))
+    assert [c.name for c in pairs] == ["soft_split+layer_norm/stage0/forward", "soft_split+layer_norm/stage1/forward"]
+    plain = op_cases(settings, ops=("soft_split",), passes=(FORWARD,))[0]
+    assert pairs[0].byte_floor() == plain.byte_floor()
+    for case in pairs:
+        outputs = {}
+        for provider in case.providers():
+            if provider.reason is None and provider.name != "compile":
+                torch.manual_seed(0)  # each build draws its inputs: the same ones for every provider
+                outputs[provider.name] = case.build(provider.name)()
+        tokens = outputs["eager"]
+        torch.testing.assert_close(tokens.mean(-1), torch.zeros_like(tokens.mean(-1)), atol=0.2, rtol=0)
+        for name, out in outputs.items():
+            torch.testing.assert_close(out, tokens, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_unknown_op_case_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown op 'softsplit'"):
+        op_cases(Settings(**TINY), ops=("softsplit",))

@@ -186,6 +186,7 @@ class SoftSplitCase(OpCase):
     contiguous as the LayerNorm after it does."""
 
     backends = SOFT_SPLIT_BACKENDS
+    op_name = "soft_split"
 
     def __init__(self, settings, stage, pass_):
         cfg = SOFT_SPLIT_STAGES[stage]
@@ -194,7 +195,7 @@ class SoftSplitCase(OpCase):
         self.channels = cfg["channels"] or 3
         self.hw = (H // cfg["down"], W // cfg["down"])
         self.out_hw = tuple((n + 2 * self.p - self.k) // self.s + 1 for n in self.hw)
-        super().__init__(settings, "soft_split", stage, pass_)
+        super().__init__(settings, self.op_name, stage, pass_)
 
     def shape_text(self):
         return f"(C={self.channels}, {self.hw[0]}x{self.hw[1]}, k{self.k} s{self.s} p{self.p})"
@@ -236,6 +237,34 @@ class SoftSplitCase(OpCase):
             fn(as_image(leaf), *args).backward(grad_out)
 
         return Workload(step, probe=lambda: fn(as_image(leaf), *args))
+
+
+class SoftSplitLayerNormCase(SoftSplitCase):
+    """The soft splits of stages 0 and 1 and the LayerNorm that follows each (norm1 of the next T2T layer): the pair a
+    fused "soft split + LayerNorm" op would replace (issue 5, item 7). Its byte floor is the soft split's (read x,
+    write the normalised tokens), so "% copy BW" here against the plain soft split row shows what fusing could gain."""
+
+    op_name = "soft_split+layer_norm"
+
+    def __init__(self, settings, stage, pass_):
+        super().__init__(settings, stage, pass_)
+        features = self.channels * self.k * self.k
+        g = torch.Generator().manual_seed(0)  # a trained-looking affine, not the identity
+        self.norm_weight = (1 + 0.1 * torch.randn(features, generator=g)).to(settings.device, settings.dtype)
+        self.norm_bias = (0.1 * torch.randn(features, generator=g)).to(settings.device, settings.dtype)
+
+    def _normed(self, split):
+        def fn(x, k, s, p):
+            out = split(x, k, s, p)
+            return F.layer_norm(out, out.shape[-1:], self.norm_weight, self.norm_bias)
+        return fn
+
+    @property
+    def official(self):
+        return self._normed(SoftSplitCase.official)
+
+    def backend_fn(self, backend):
+        return self._normed(super().backend_fn(backend))
 
 
 class PerformerCase(OpCase):
@@ -292,9 +321,14 @@ class PerformerCase(OpCase):
 
 
 def op_cases(settings: Settings, ops=("soft_split", "performer_attention"), passes=(FORWARD, FORWARD_BACKWARD)):
+    kinds = {SoftSplitCase.op_name: (SoftSplitCase, SOFT_SPLIT_STAGES),
+             SoftSplitLayerNormCase.op_name: (SoftSplitLayerNormCase, ("stage0", "stage1")),  # a LayerNorm follows
+             "performer_attention": (PerformerCase, PERFORMER_STAGES)}
     cases = []
     for op in ops:
-        cls, stages = (SoftSplitCase, SOFT_SPLIT_STAGES) if op == "soft_split" else (PerformerCase, PERFORMER_STAGES)
+        if op not in kinds:
+            raise ValueError(f"ops: unknown op {op!r}; choose from {sorted(kinds)}")
+        cls, stages = kinds[op]
         cases += [cls(settings, stage, pass_) for stage in stages for pass_ in passes]
     return cases
 
