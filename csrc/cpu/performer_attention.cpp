@@ -268,47 +268,6 @@ struct IsaAvx2 {  // 16 vector registers
 };
 struct IsaPlain : IsaAvx2 {};
 
-// out (n, cols) = X (n, K) B (K, cols): X rows xs apart, B row-major, out rows os apart; cols a multiple of C vectors.
-// A last partial block of rows repeats the last row and drops its extra results.
-template <class I, typename acc_t>
-T2T_INLINE void gemm_rows(const acc_t* X, int64_t xs, int64_t n, int64_t K, const acc_t* Bm, int64_t cols, acc_t* out,
-                          int64_t os, Prefetcher& pf) {
-  using S = Simd<acc_t, I::kBytes>;
-  using vec = typename S::vec;
-  constexpr int R = I::R1, C = I::C1, L = S::kLanes;
-  for (int64_t t0 = 0; t0 < n; t0 += R) {
-    const acc_t* xr[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) xr[r] = X + std::min<int64_t>(t0 + r, n - 1) * xs;
-    const int64_t rows = std::min<int64_t>(R, n - t0);
-    for (int64_t c0 = 0; c0 < cols; c0 += C * L) {
-      pf.step(R * C * K);
-      vec acc[R][C];
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-        for (int c = 0; c < C; ++c) acc[r][c] = vec{};
-      const acc_t* bk = Bm + c0;
-      for (int64_t k = 0; k < K; ++k, bk += cols) {
-        vec bv[C];
-#pragma GCC unroll 16
-        for (int c = 0; c < C; ++c) bv[c] = S::load(bk + c * L);
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-          const acc_t a = xr[r][k];
-#pragma GCC unroll 16
-          for (int c = 0; c < C; ++c) acc[r][c] += a * bv[c];
-        }
-      }
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        if (r < rows)
-#pragma GCC unroll 16
-          for (int c = 0; c < C; ++c) S::store(out + (t0 + r) * os + c0 + c * L, acc[r][c]);
-    }
-  }
-}
-
 enum class Epilogue { kPlain, kScaleRows, kMinusXTimesRow };
 
 // A store that bypasses the caches (the rows of an output, written once): p aligned to the vector size. Inline asm,
@@ -336,13 +295,13 @@ T2T_INLINE void stream_store(acc_t* p, typename Simd<acc_t, I::kBytes>::vec v) {
 
 // out (n, cols) = P (n, K) M (K, cols), then per row t: kScaleRows multiplies by rs[t], kMinusXTimesRow subtracts
 // X[t] * rs[t] (X rows xs apart, at least cols wide). P rows ps apart, M row-major, out rows os apart.
-template <class I, Epilogue Epi, typename acc_t>
-T2T_INLINE void gemm_rows2(const acc_t* P, int64_t ps, int64_t n, int64_t K, const acc_t* Mm, int64_t cols, acc_t* out,
-                           int64_t os, const acc_t* rs, const acc_t* X, int64_t xs, Prefetcher& pf,
-                           bool stream = false) {
+// A last partial block of rows repeats the last row and drops its extra results. R x C vectors: the register tile.
+template <class I, int R, int C, Epilogue Epi, typename acc_t>
+T2T_INLINE void gemm_tiles(const acc_t* P, int64_t ps, int64_t n, int64_t K, const acc_t* Mm, int64_t cols, acc_t* out,
+                           int64_t os, const acc_t* rs, const acc_t* X, int64_t xs, Prefetcher& pf, bool stream) {
   using S = Simd<acc_t, I::kBytes>;
   using vec = typename S::vec;
-  constexpr int R = I::R2, C = I::C2, L = S::kLanes;
+  constexpr int L = S::kLanes;
   for (int64_t t0 = 0; t0 < n; t0 += R) {
     const acc_t* pr[R];
 #pragma GCC unroll 16
@@ -384,6 +343,22 @@ T2T_INLINE void gemm_rows2(const acc_t* P, int64_t ps, int64_t n, int64_t K, con
       }
     }
   }
+}
+
+// out (n, cols) = X (n, K) B (K, cols): X rows xs apart, B row-major, out rows os apart; cols a multiple of C1 vectors.
+template <class I, typename acc_t>
+T2T_INLINE void gemm_rows(const acc_t* X, int64_t xs, int64_t n, int64_t K, const acc_t* Bm, int64_t cols, acc_t* out,
+                          int64_t os, Prefetcher& pf) {
+  gemm_tiles<I, I::R1, I::C1, Epilogue::kPlain>(X, xs, n, K, Bm, cols, out, os, (const acc_t*)nullptr,
+                                                (const acc_t*)nullptr, 0, pf, false);
+}
+
+// gemm_tiles with the R2 x C2 tile and an epilogue (see above); cols a multiple of C2 vectors.
+template <class I, Epilogue Epi, typename acc_t>
+T2T_INLINE void gemm_rows2(const acc_t* P, int64_t ps, int64_t n, int64_t K, const acc_t* Mm, int64_t cols, acc_t* out,
+                           int64_t os, const acc_t* rs, const acc_t* X, int64_t xs, Prefetcher& pf,
+                           bool stream = false) {
+  gemm_tiles<I, I::R2, I::C2, Epi>(P, ps, n, K, Mm, cols, out, os, rs, X, xs, pf, stream);
 }
 
 // out (mp, cols) = P (n, mp)^T X (n, cols), written: the sum over the n rows, in row order. P rows ps apart, X rows xs
