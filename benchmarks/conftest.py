@@ -5,14 +5,12 @@ The cases themselves live in t2t_kernels/bench/cases.py, shared with `python -m 
 Environment: T2T_BENCH_DEVICE, T2T_BENCH_BATCH, T2T_BENCH_IMG, T2T_BENCH_DTYPE, T2T_BENCH_MODELS (comma list),
 T2T_BENCH_COMPILE_BACKEND.
 """
-import datetime
 import functools
 import os
 
 import pytest
 import torch
 
-import t2t_kernels
 from t2t_kernels.bench import runner
 from t2t_kernels.bench.cases import env_settings
 
@@ -126,22 +124,6 @@ def run_case_benchmark(benchmark, case, provider, rounds=None, memory=True):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    info = {
-        "device": torch.cuda.get_device_name(DEVICE) if ON_GPU else f"cpu: {runner.cpu_name()}",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "t2t_kernels": t2t_kernels.__version__,
-        "extension_loaded": t2t_kernels.ops.EXTENSION_LOADED,
-        "cpu_threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "batch": BATCH,
-        "settings": SETTINGS.describe(),
-        "copy_bandwidth": copy_bandwidth(),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception:
-        info["triton"] = None
+    info = runner.machine_info(DEVICE)
+    info.update(batch=BATCH, settings=SETTINGS.describe(), copy_bandwidth=copy_bandwidth())
     machine_info["t2t_kernels"] = info

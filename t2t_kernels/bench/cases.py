@@ -26,6 +26,8 @@ from ..ops import performer_attention, soft_split
 from ..ops._backends import OpBackends
 from ..ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
 from ..ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
+from ..ops.soft_split.reference import output_grid
+from ..ops.soft_split.reference import soft_split as soft_split_reference
 
 FORWARD, FORWARD_BACKWARD, TRAIN_STEP = "forward", "forward+backward", "train step"
 
@@ -194,15 +196,13 @@ class SoftSplitCase(OpCase):
         H, W = settings.img_size
         self.channels = cfg["channels"] or 3
         self.hw = (H // cfg["down"], W // cfg["down"])
-        self.out_hw = tuple((n + 2 * self.p - self.k) // self.s + 1 for n in self.hw)
+        self.out_hw = output_grid(self.hw, (self.k, self.k), (self.s, self.s), (self.p, self.p))
         super().__init__(settings, self.op_name, stage, pass_)
 
     def shape_text(self):
         return f"(C={self.channels}, {self.hw[0]}x{self.hw[1]}, k{self.k} s{self.s} p{self.p})"
 
-    @staticmethod
-    def official(x, k, s, p):
-        return F.unfold(x, k, padding=p, stride=s).transpose(1, 2).contiguous()
+    official = staticmethod(soft_split_reference)  # F.unfold + transpose, made contiguous
 
     def backend_fn(self, backend):
         return lambda x, k, s, p: soft_split(x, k, s, p, backend=backend)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 import platform
 import shlex
@@ -27,7 +28,8 @@ import time
 
 import torch
 
-from .cases import Case, Settings, dtype_name
+from ..ops._backends import triton_interpreting
+from .cases import Case, Settings
 
 
 def synchronize(device: torch.device) -> None:
@@ -191,22 +193,19 @@ def machine_info(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        info["triton"] = None
-    try:
-        import timm
-
-        info["timm"] = timm.__version__
-    except Exception:  # noqa: BLE001
-        info["timm"] = None
+    info["triton"], info["timm"] = _version("triton"), _version("timm")
     info["git"] = git_revision()
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interpreting():
         info["TRITON_INTERPRET"] = os.environ["TRITON_INTERPRET"]
     return info
+
+
+def _version(module: str) -> str | None:
+    """The module's version, or None when it does not import (a broken install raises more than ImportError)."""
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def command_line(argv) -> str:

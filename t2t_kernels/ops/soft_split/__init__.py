@@ -108,8 +108,8 @@ def _register(suffix: str) -> None:
     forward, backward = f"t2t_kernels::soft_split{suffix}", f"t2t_kernels::soft_split{suffix}_backward"
     if not op_exists(forward):
         return
-    backward_op = (torch.ops.t2t_kernels.soft_split_triton_backward if suffix
-                   else torch.ops.t2t_kernels.soft_split_backward)
+    forward_op = getattr(torch.ops.t2t_kernels, f"soft_split{suffix}")
+    backward_op = getattr(torch.ops.t2t_kernels, f"soft_split{suffix}_backward")
     torch.library.register_fake(forward)(_fake_forward)
     torch.library.register_fake(backward)(_fake_backward)
 
@@ -126,8 +126,6 @@ def _register(suffix: str) -> None:
     torch.library.register_autograd(forward, grad, setup_context=setup_context)
 
     # the fold's own derivative is the unfold: double backward (gradgradcheck, Hessian-vector products) works too
-    forward_op = torch.ops.t2t_kernels.soft_split_triton if suffix else torch.ops.t2t_kernels.soft_split
-
     def setup_backward_context(ctx, inputs, output):
         ctx.kernel_size, ctx.stride, ctx.padding = inputs[2:5]
 

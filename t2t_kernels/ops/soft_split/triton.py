@@ -14,11 +14,13 @@ large fixed tile keeps the interpreter's per-program overhead low.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .._backends import triton_interpreting
+from .reference import output_grid
 
 
 @triton.jit
@@ -87,10 +89,6 @@ def _soft_split_bwd_kernel(
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _pow2_at_most(n: int, cap: int) -> int:
     return min(cap, triton.next_power_of_2(max(1, n)))
 
@@ -126,7 +124,7 @@ def _autotuned_backward():
 def _check(name: str, t: torch.Tensor) -> None:
     if t.dtype not in _DTYPES:
         raise TypeError(f"soft_split (triton): {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if not (t.is_cuda or (t.device.type == "cpu" and _interpreting())):
+    if not (t.is_cuda or (t.device.type == "cpu" and triton_interpreting())):
         raise RuntimeError(
             f"soft_split (triton): {name} must be a CUDA tensor (or a CPU tensor under TRITON_INTERPRET=1), "
             f"got {t.device}"
@@ -141,7 +139,7 @@ def _geometry(input_size, kernel_size, stride, padding):
             f"soft_split (triton): invalid geometry: input {input_size}, kernel_size {kernel_size}, stride {stride}, "
             f"padding {padding}"
         )
-    oh, ow = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    oh, ow = output_grid((H, W), (kh, kw), (sh, sw), (ph, pw))
     return (B, C, H, W), dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw), (oh, ow)
 
 
@@ -156,7 +154,7 @@ def soft_split_forward(x: torch.Tensor, kernel_size, stride, padding) -> torch.T
     if out.numel() == 0:
         return out
     args = (x, out, H, W, ow, L, F, *x.stride())
-    if x.is_cuda and not _interpreting():
+    if x.is_cuda and not triton_interpreting():
         def grid(meta):
             return (B * triton.cdiv(L, meta["BLOCK_L"]), triton.cdiv(F, meta["BLOCK_F"]))
 
@@ -186,7 +184,7 @@ def soft_split_backward(grad_out: torch.Tensor, input_size, kernel_size, stride,
         return grad_x
     n_rows, n_cols = (B * H * W, C) if channels_last else (B * C * H, W)
     args = (grad_out, grad_x, C, H, W, oh, ow, L, F, n_rows, n_cols)
-    if grad_out.is_cuda and not _interpreting():
+    if grad_out.is_cuda and not triton_interpreting():
         def grid(meta):
             return (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(n_cols, meta["BLOCK_N"]))
 
