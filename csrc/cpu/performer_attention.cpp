@@ -477,6 +477,15 @@ struct Ctx {
   acc_t* partials;     // per task, state_size apart
   Rows in1, in2;       // k, v (forward 1); q (forward 2); q, g (backward 1); k, v (backward 2)
   void *out1, *out2;   // contiguous (B, T, E): y; gq; gk, gv
+
+  struct Chunk {
+    int64_t b, t0, n;  // batch element, first row, rows
+  };
+  // task i: rows [t0, t0 + n) of batch element b
+  Chunk chunk(int64_t i) const {
+    const int64_t t0 = (i % chunks) * kChunk;
+    return {i / chunks, t0, std::min(kChunk, T - t0)};
+  }
 };
 
 // per-task scratch, in units of acc_t
@@ -565,7 +574,7 @@ T2T_INLINE Prefetcher prefetch_rows(const Ctx<acc_t>& c, int64_t next, const Row
 template <class I, typename scalar_t, typename acc_t>
 T2T_INLINE void forward_reduce_task(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {
   const Scratch sc(c.mp, c.Ep);
-  const int64_t b = i / c.chunks, t0 = (i % c.chunks) * kChunk, n = std::min(kChunk, c.T - t0);
+  const auto [b, t0, n] = c.chunk(i);
   int64_t ks, vs;
   const acc_t* xk = load_rows<scalar_t>(c.in1, b, t0, n, c.E, c.Ep, s + sc.xa, &ks);
   const acc_t* xv = load_rows<scalar_t>(c.in2, b, t0, n, c.E, c.Ep, s + sc.xb, &vs);
@@ -585,7 +594,7 @@ T2T_INLINE void forward_reduce_task(const Ctx<acc_t>& c, int64_t i, int64_t next
 template <class I, typename scalar_t, typename acc_t>
 T2T_INLINE void forward_output_task(const Ctx<acc_t>& c, int64_t i, int64_t next, acc_t* s) {
   const Scratch sc(c.mp, c.Ep);
-  const int64_t b = i / c.chunks, t0 = (i % c.chunks) * kChunk, n = std::min(kChunk, c.T - t0);
+  const auto [b, t0, n] = c.chunk(i);
   const acc_t* A = c.state + b * c.state_size;
   const acc_t* ksum = A + c.mp * c.Ep;
   int64_t qs, ys;
@@ -611,7 +620,7 @@ T2T_INLINE void backward_q_task(const Ctx<acc_t>& c, int64_t i, int64_t next, ac
   using vec = typename S::vec;
   constexpr int L = S::kLanes;
   const Scratch sc(c.mp, c.Ep);
-  const int64_t b = i / c.chunks, t0 = (i % c.chunks) * kChunk, n = std::min(kChunk, c.T - t0);
+  const auto [b, t0, n] = c.chunk(i);
   const int64_t mp = c.mp;
   const acc_t* A = c.state + b * c.state_size;
   const acc_t* ksum = A + mp * c.Ep;
@@ -660,7 +669,7 @@ T2T_INLINE void backward_kv_task(const Ctx<acc_t>& c, int64_t i, int64_t next, a
   using vec = typename S::vec;
   constexpr int L = S::kLanes;
   const Scratch sc(c.mp, c.Ep);
-  const int64_t b = i / c.chunks, t0 = (i % c.chunks) * kChunk, n = std::min(kChunk, c.T - t0);
+  const auto [b, t0, n] = c.chunk(i);
   const int64_t mp = c.mp;
   const acc_t* gA = c.state + b * c.state_size;
   const acc_t* gsum = gA + mp * c.Ep;
