@@ -1,5 +1,5 @@
-// Shape checks and output geometry of t2t_kernels::soft_split, shared by the CPU and CUDA kernels so both give
-// the same errors.
+// Shape checks, output geometry and grad_x allocation of t2t_kernels::soft_split, shared by the CPU and CUDA kernels
+// so both give the same errors.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,6 +42,20 @@ inline Geometry make_geometry(const char* op, at::IntArrayRef size, at::IntArray
                   !__builtin_mul_overflow(g.C, g.kh * g.kw, &F) && !__builtin_mul_overflow(rows, F, &numel),
               op, ": the output size (B, L, C*kh*kw) overflows int64");
   return g;
+}
+
+// the backward's grad_out must be the forward's output shape for input_size
+inline void check_grad_out(const char* op, const char* backend, const at::Tensor& grad_out, const Geometry& g,
+                           at::IntArrayRef input_size) {
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == g.B && grad_out.size(1) == g.L() && grad_out.size(2) == g.F(),
+              op, " (", backend, "): grad_out must be (B, L, C*kh*kw) = (", g.B, ", ", g.L(), ", ", g.F(),
+              ") for input_size ", input_size, ", got shape ", grad_out.sizes());
+}
+
+// grad_x of input_size: contiguous, or channels_last memory (the token view's layout)
+inline at::Tensor empty_grad_x(at::IntArrayRef input_size, const at::TensorOptions& options, bool channels_last) {
+  return at::empty(input_size, options.memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                   : at::MemoryFormat::Contiguous));
 }
 
 }  // namespace soft_split_detail

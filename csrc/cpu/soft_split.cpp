@@ -24,6 +24,8 @@
 namespace t2t_kernels {
 namespace {
 
+using soft_split_detail::check_grad_out;
+using soft_split_detail::empty_grad_x;
 using soft_split_detail::Geometry;
 using soft_split_detail::make_geometry;
 
@@ -263,14 +265,9 @@ at::Tensor soft_split_backward_cpu(const at::Tensor& grad_out_in, at::IntArrayRe
   constexpr const char* op = "soft_split_backward";
   check_dtype(op, "grad_out", grad_out_in);
   const Geometry g = make_geometry(op, input_size, kernel_size, stride, padding);
-  TORCH_CHECK(grad_out_in.dim() == 3 && grad_out_in.size(0) == g.B && grad_out_in.size(1) == g.L() &&
-                  grad_out_in.size(2) == g.F(),
-              op, " (cpp): grad_out must be (B, L, C*kh*kw) = (", g.B, ", ", g.L(), ", ", g.F(),
-              ") for input_size ", input_size, ", got shape ", grad_out_in.sizes());
+  check_grad_out(op, "cpp", grad_out_in, g, input_size);
   const at::Tensor grad_out = grad_out_in.contiguous();
-  at::Tensor grad_x = at::empty(input_size, grad_out.options().memory_format(
-                                                channels_last ? at::MemoryFormat::ChannelsLast
-                                                              : at::MemoryFormat::Contiguous));
+  at::Tensor grad_x = empty_grad_x(input_size, grad_out.options(), channels_last);
   if (grad_x.numel() == 0) return grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "soft_split_backward_cpu",
                                   [&] { soft_split_backward_impl<scalar_t>(grad_out, grad_x, g, channels_last); });

@@ -25,6 +25,8 @@
 namespace t2t_kernels {
 namespace {
 
+using soft_split_detail::check_grad_out;
+using soft_split_detail::empty_grad_x;
 using soft_split_detail::Geometry;
 using soft_split_detail::make_geometry;
 
@@ -196,15 +198,10 @@ at::Tensor soft_split_backward_cuda(const at::Tensor& grad_out_in, at::IntArrayR
   constexpr const char* op = "soft_split_backward";
   check_tensor(op, "grad_out", grad_out_in);
   const Geometry g = make_geometry(op, input_size, kernel_size, stride, padding);
-  TORCH_CHECK(grad_out_in.dim() == 3 && grad_out_in.size(0) == g.B && grad_out_in.size(1) == g.L() &&
-                  grad_out_in.size(2) == g.F(),
-              op, " (cuda): grad_out must be (B, L, C*kh*kw) = (", g.B, ", ", g.L(), ", ", g.F(),
-              ") for input_size ", input_size, ", got shape ", grad_out_in.sizes());
+  check_grad_out(op, "cuda", grad_out_in, g, input_size);
   const c10::cuda::CUDAGuard device_guard(grad_out_in.device());
   const at::Tensor grad_out = grad_out_in.contiguous();
-  at::Tensor grad_x = at::empty(input_size, grad_out.options().memory_format(
-                                                channels_last ? at::MemoryFormat::ChannelsLast
-                                                              : at::MemoryFormat::Contiguous));
+  at::Tensor grad_x = empty_grad_x(input_size, grad_out.options(), channels_last);
   if (grad_x.numel() == 0) return grad_x;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad_out.device().index()).stream();
   switch (grad_out.scalar_type()) {
