@@ -20,6 +20,16 @@ TORCH_LIBRARY(t2t_kernels, m) {
   m.def(
       "soft_split_backward(Tensor grad_out, SymInt[4] input_size, int[2] kernel_size, int[2] stride, "
       "int[2] padding, bool channels_last=False) -> Tensor");
+  // layer_norm(soft_split(x), (C*kh*kw,), weight, bias, eps) without the raw soft split in memory: the normalised
+  // tokens (B, L, C*kh*kw) in x's dtype, and the per-token mean and rstd (B, L) in fp32 (fp64 for fp64) for backward.
+  // weight and bias may have another floating dtype than x (fp32 parameters under autocast).
+  m.def(
+      "soft_split_layer_norm(Tensor x, Tensor weight, Tensor bias, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, float eps) -> (Tensor, Tensor, Tensor)");
+  // (grad_x, grad_weight, grad_bias); grad_x contiguous, or channels_last memory when channels_last
+  m.def(
+      "soft_split_layer_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, bool channels_last=False) -> (Tensor, Tensor, Tensor)");
   // q, k, v (..., T, E), w (m, E) -> y (..., T, E) and the fp32 state kept for backward:
   // kv_state = phi(k)^T v (..., m, E) and k_sum = sum_t phi(k) (..., m)
   m.def("performer_attention(Tensor q, Tensor k, Tensor v, Tensor w, float eps) -> (Tensor, Tensor, Tensor)");

@@ -16,6 +16,9 @@
 #include "../soft_split_geometry.h"
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <utility>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -137,35 +140,54 @@ void forward_row_cmajor(const T* xb, T* out, const Geometry& g, int64_t oy, int6
   }
 }
 
+// Writes window row r = b*oh + oy of the soft split (ow * C*kh*kw elements) from x through its strides; holds the
+// per-thread buffers of the channels-innermost path. One per task: the fused layer norm reuses it, forward and backward.
+template <typename T>
+class RowGatherer {
+ public:
+  RowGatherer(const at::Tensor& x, const Geometry& g)
+      : xp_(x.const_data_ptr<T>()), sB_(x.stride(0)), sC_(x.stride(1)), sH_(x.stride(2)), sW_(x.stride(3)), g_(g),
+        cmajor_(g.C > 1 && sC_ < sW_),  // channels innermost when C's stride is the smallest (C = 1 gains nothing)
+        zeros_(cmajor_ ? g.C : 0, T(0)), taps_(cmajor_ ? g.kk() : 0) {}
+
+  void operator()(int64_t r, T* out) {
+    const int64_t oy = r % g_.oh;
+    const T* xb = xp_ + (r / g_.oh) * sB_;
+    if (cmajor_) {
+      if (g_.kk() == 9)
+        forward_row_cmajor<T, 9>(xb, out, g_, oy, sC_, sH_, sW_, zeros_.data(), taps_.data());
+      else
+        forward_row_cmajor<T, 0>(xb, out, g_, oy, sC_, sH_, sW_, zeros_.data(), taps_.data());
+    } else if (g_.kw == 7) {
+      forward_row_wmajor<T, 7>(xb, out, g_, oy, sC_, sH_, sW_);
+    } else if (g_.kw == 3) {
+      forward_row_wmajor<T, 3>(xb, out, g_, oy, sC_, sH_, sW_);
+    } else {
+      forward_row_wmajor<T, 0>(xb, out, g_, oy, sC_, sH_, sW_);
+    }
+  }
+
+ private:
+  const T* xp_;
+  int64_t sB_, sC_, sH_, sW_;
+  const Geometry& g_;
+  bool cmajor_;
+  std::vector<T> zeros_;  // what a tap in the padding reads
+  std::vector<const T*> taps_;
+};
+
+// window rows per parallel_for task: about 16K output elements
+inline int64_t window_row_grain(const Geometry& g) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.ow * g.F()));
+}
+
 template <typename T>
 void soft_split_forward_impl(const at::Tensor& x, at::Tensor& out, const Geometry& g) {
-  const T* xp = x.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
-  const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   const int64_t row = g.ow * g.F();  // output elements of one row of windows
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row));
-  // channels innermost when C's stride is the smallest (C = 1 has nothing to gain from it)
-  const bool cmajor = g.C > 1 && sC < sW;
-  at::parallel_for(0, g.B * g.oh, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> zeros(cmajor ? g.C : 0, T(0));  // what a tap in the padding reads
-    std::vector<const T*> taps(cmajor ? g.kk() : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / g.oh, oy = r % g.oh;
-      const T* xb = xp + b * sB;
-      T* o = op + r * row;
-      if (cmajor) {
-        if (g.kk() == 9)
-          forward_row_cmajor<T, 9>(xb, o, g, oy, sC, sH, sW, zeros.data(), taps.data());
-        else
-          forward_row_cmajor<T, 0>(xb, o, g, oy, sC, sH, sW, zeros.data(), taps.data());
-      } else if (g.kw == 7) {
-        forward_row_wmajor<T, 7>(xb, o, g, oy, sC, sH, sW);
-      } else if (g.kw == 3) {
-        forward_row_wmajor<T, 3>(xb, o, g, oy, sC, sH, sW);
-      } else {
-        forward_row_wmajor<T, 0>(xb, o, g, oy, sC, sH, sW);
-      }
-    }
+  at::parallel_for(0, g.B * g.oh, window_row_grain(g), [&](int64_t begin, int64_t end) {
+    RowGatherer<T> gather(x, g);
+    for (int64_t r = begin; r < end; ++r) gather(r, op + r * row);
   });
 }
 
@@ -226,29 +248,31 @@ void backward_row(const T* gb, acc_t* acc, const Geometry& g, int64_t y) {
 }
 
 template <typename T>
-void soft_split_backward_impl(const at::Tensor& grad_out, at::Tensor& grad_x, const Geometry& g, bool channels_last) {
-  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  const T* gp = grad_out.const_data_ptr<T>();
-  T* xp = grad_x.mutable_data_ptr<T>();
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// grad_x (T) = the fold of the token gradient gp (G: T, or acc_type<T> from the fused layer norm's backward)
+template <typename G, typename T>
+void fold_impl(const G* gp, T* xp, const Geometry& g, bool channels_last) {
+  using acc_t = acc_type<T>;
   const int64_t C = g.C, H = g.H, W = g.W;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * W));
   at::parallel_for(0, g.B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C * W);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, y = r % H;
-      const T* gb = gp + b * g.L() * g.F();
+      const G* gb = gp + b * g.L() * g.F();
       std::fill(acc.begin(), acc.end(), acc_t(0));
       if (channels_last) {
-        backward_row<T, acc_t, true, 0>(gb, acc.data(), g, y);
+        backward_row<G, acc_t, true, 0>(gb, acc.data(), g, y);
         T* dst = xp + r * W * C;  // (B, H, W, C) memory: row (b, y) is W*C contiguous elements
         for (int64_t n = 0; n < W * C; ++n) dst[n] = static_cast<T>(acc[n]);
       } else {
         if (g.kw == 7)
-          backward_row<T, acc_t, false, 7>(gb, acc.data(), g, y);
+          backward_row<G, acc_t, false, 7>(gb, acc.data(), g, y);
         else if (g.kw == 3)
-          backward_row<T, acc_t, false, 3>(gb, acc.data(), g, y);
+          backward_row<G, acc_t, false, 3>(gb, acc.data(), g, y);
         else
-          backward_row<T, acc_t, false, 0>(gb, acc.data(), g, y);
+          backward_row<G, acc_t, false, 0>(gb, acc.data(), g, y);
         for (int64_t c = 0; c < C; ++c) {
           T* dst = xp + ((b * C + c) * H + y) * W;
           const acc_t* a = acc.data() + c * W;
@@ -270,8 +294,188 @@ at::Tensor soft_split_backward_cpu(const at::Tensor& grad_out_in, at::IntArrayRe
   at::Tensor grad_x = empty_grad_x(input_size, grad_out.options(), channels_last);
   if (grad_x.numel() == 0) return grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "soft_split_backward_cpu",
-                                  [&] { soft_split_backward_impl<scalar_t>(grad_out, grad_x, g, channels_last); });
+                                  [&] {
+                                    fold_impl(grad_out.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), g,
+                                              channels_last);
+                                  });
   return grad_x;
+}
+
+// ---- soft split + layer norm ---------------------------------------------------------------------------------------
+// Forward: gather a row of windows into the output as the soft split does, then normalise each of its tokens while
+// it is in cache, so the raw (B, L, C*kh*kw) soft split never makes a round trip through memory; mean and rstd (B, L)
+// are kept (in acc_t) for backward. Backward: per row of windows, re-gather the tokens u from x and compute, in acc_t,
+//   grad_u = rstd * (g*w - mean_f(g*w) - xhat * mean_f(g*w*xhat)),  xhat = (u - mean) * rstd,
+// plus that row's partial sums of g*xhat and g (the weight and bias gradients). The partials are summed in row order,
+// so the result does not depend on the number of threads; grad_u folds into grad_x as in soft_split_backward.
+
+template <typename T, typename acc_t>
+void normalize_tokens(T* tokens, int64_t n, int64_t F, const acc_t* w, const acc_t* b, acc_t eps, acc_t* mean,
+                      acc_t* rstd) {
+  for (int64_t t = 0; t < n; ++t) {
+    T* u = tokens + t * F;
+    acc_t sum = 0, sq = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t f = 0; f < F; ++f) sum += static_cast<acc_t>(u[f]);
+    const acc_t mu = sum / static_cast<acc_t>(F);
+#pragma omp simd reduction(+ : sq)
+    for (int64_t f = 0; f < F; ++f) {
+      const acc_t d = static_cast<acc_t>(u[f]) - mu;
+      sq += d * d;
+    }
+    const acc_t rs = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(F) + eps);
+#pragma omp simd
+    for (int64_t f = 0; f < F; ++f) u[f] = static_cast<T>((static_cast<acc_t>(u[f]) - mu) * rs * w[f] + b[f]);
+    mean[t] = mu;
+    rstd[t] = rs;
+  }
+}
+
+template <typename T>
+void soft_split_layer_norm_forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                        at::Tensor& out, at::Tensor& mean, at::Tensor& rstd, const Geometry& g,
+                                        double eps) {
+  using acc_t = acc_type<T>;
+  const acc_t* w = weight.const_data_ptr<acc_t>();
+  const acc_t* b = bias.const_data_ptr<acc_t>();
+  T* op = out.mutable_data_ptr<T>();
+  acc_t* mp = mean.mutable_data_ptr<acc_t>();
+  acc_t* rp = rstd.mutable_data_ptr<acc_t>();
+  const int64_t row = g.ow * g.F();
+  at::parallel_for(0, g.B * g.oh, window_row_grain(g), [&](int64_t begin, int64_t end) {
+    RowGatherer<T> gather(x, g);
+    for (int64_t r = begin; r < end; ++r) {
+      gather(r, op + r * row);
+      normalize_tokens<T, acc_t>(op + r * row, g.ow, g.F(), w, b, static_cast<acc_t>(eps), mp + r * g.ow,
+                                 rp + r * g.ow);
+    }
+  });
+}
+
+template <typename T>
+void soft_split_layer_norm_backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& grad_u,
+                                         at::Tensor& partials, const Geometry& g) {
+  using acc_t = acc_type<T>;
+  const int64_t F = g.F(), row = g.ow * F;
+  const T* gp = grad_out.const_data_ptr<T>();
+  const acc_t* w = weight.const_data_ptr<acc_t>();
+  const acc_t* mp = mean.const_data_ptr<acc_t>();
+  const acc_t* rp = rstd.const_data_ptr<acc_t>();
+  acc_t* gup = grad_u.mutable_data_ptr<acc_t>();
+  acc_t* pp = partials.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, g.B * g.oh, window_row_grain(g), [&](int64_t begin, int64_t end) {
+    RowGatherer<T> gather(x, g);
+    std::vector<T> tokens(row);
+    for (int64_t r = begin; r < end; ++r) {
+      gather(r, tokens.data());
+      acc_t* pw = pp + r * 2 * F;  // this row's sums of g*xhat, then of g
+      acc_t* pb = pw + F;
+      std::fill(pw, pw + 2 * F, acc_t(0));
+      for (int64_t t = 0; t < g.ow; ++t) {
+        const int64_t n = r * g.ow + t;
+        const T* go = gp + n * F;
+        const T* u = tokens.data() + t * F;
+        acc_t* gu = gup + n * F;
+        const acc_t mu = mp[n], rs = rp[n];
+        acc_t sum_gw = 0, sum_gwx = 0;
+#pragma omp simd reduction(+ : sum_gw, sum_gwx)
+        for (int64_t f = 0; f < F; ++f) {
+          const acc_t gw = static_cast<acc_t>(go[f]) * w[f];
+          sum_gw += gw;
+          sum_gwx += gw * ((static_cast<acc_t>(u[f]) - mu) * rs);
+        }
+        const acc_t a = sum_gw / static_cast<acc_t>(F), c = sum_gwx / static_cast<acc_t>(F);
+#pragma omp simd
+        for (int64_t f = 0; f < F; ++f) {
+          const acc_t gf = static_cast<acc_t>(go[f]), xhat = (static_cast<acc_t>(u[f]) - mu) * rs;
+          gu[f] = rs * (gf * w[f] - a - xhat * c);
+          pw[f] += gf * xhat;
+          pb[f] += gf;
+        }
+      }
+    }
+  });
+}
+
+void check_param(const char* op, const char* name, const at::Tensor& t, const Geometry& g) {
+  check_dtype(op, name, t);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == g.F(), op, " (cpp): ", name, " must be (C*kh*kw,) = (", g.F(),
+              ",), got shape ", t.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_split_layer_norm_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::IntArrayRef kernel_size,
+    at::IntArrayRef stride, at::IntArrayRef padding, double eps) {
+  constexpr const char* op = "soft_split_layer_norm";
+  TORCH_CHECK(x.dim() == 4, op, " (cpp): x must be 4-D (B, C, H, W), got shape ", x.sizes());
+  check_dtype(op, "x", x);
+  const Geometry g = make_geometry(op, x.sizes(), kernel_size, stride, padding);
+  check_param(op, "weight", weight, g);
+  check_param(op, "bias", bias, g);
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps), op, " (cpp): eps must be finite and non-negative, got ", eps);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({g.B, g.L(), g.F()}, x.options());
+  at::Tensor mean = at::empty({g.B, g.L()}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({g.B, g.L()}, x.options().dtype(acc));
+  if (out.numel() == 0) return {out, mean, rstd};
+  const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "soft_split_layer_norm_cpu",
+                                  [&] { soft_split_layer_norm_forward_impl<scalar_t>(x, w, b, out, mean, rstd, g, eps); });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_split_layer_norm_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean_in,
+    const at::Tensor& rstd_in, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    bool channels_last) {
+  constexpr const char* op = "soft_split_layer_norm_backward";
+  TORCH_CHECK(x.dim() == 4, op, " (cpp): x must be 4-D (B, C, H, W), got shape ", x.sizes());
+  check_dtype(op, "x", x);
+  check_dtype(op, "grad_out", grad_out_in);
+  TORCH_CHECK(grad_out_in.scalar_type() == x.scalar_type(), op, " (cpp): grad_out must have x's dtype ",
+              x.scalar_type(), ", got ", grad_out_in.scalar_type());
+  const Geometry g = make_geometry(op, x.sizes(), kernel_size, stride, padding);
+  check_grad_out(op, "cpp", grad_out_in, g, x.sizes());
+  check_param(op, "weight", weight, g);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean_in}, {"rstd", rstd_in}}) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == g.B && t.size(1) == g.L() && t.scalar_type() == acc, op, " (cpp): ",
+                name, " must be (B, L) = (", g.B, ", ", g.L(), ") of dtype ", acc, ", got shape ", t.sizes(),
+                " of dtype ", t.scalar_type());
+  }
+  at::Tensor grad_x = empty_grad_x(x.sizes(), x.options(), channels_last);
+  at::Tensor grad_weight = at::zeros({g.F()}, x.options().dtype(acc));
+  at::Tensor grad_bias = at::zeros({g.F()}, x.options().dtype(acc));
+  if (grad_out_in.numel() == 0) {
+    grad_x.zero_();
+    return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
+  }
+  const at::Tensor grad_out = grad_out_in.contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const at::Tensor w = weight.to(acc).contiguous();
+  at::Tensor grad_u = at::empty({g.B, g.L(), g.F()}, x.options().dtype(acc));
+  at::Tensor partials = at::empty({g.B * g.oh, 2, g.F()}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "soft_split_layer_norm_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    soft_split_layer_norm_backward_impl<scalar_t>(grad_out, x, w, mean, rstd, grad_u, partials, g);
+    fold_impl(grad_u.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), g, channels_last);
+  });
+  // the rows' partial sums, added in row order: a fixed order whatever the number of threads
+  const at::Tensor sums = partials.view({g.B * g.oh, 2 * g.F()});
+  AT_DISPATCH_FLOATING_TYPES(acc, "soft_split_layer_norm_param_grads", [&] {
+    const scalar_t* p = sums.const_data_ptr<scalar_t>();
+    scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+    const int64_t rows = sums.size(0), F = g.F();
+    at::parallel_for(0, 2 * F, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t f = begin; f < end; ++f) {
+        scalar_t s = 0;
+        for (int64_t r = 0; r < rows; ++r) s += p[r * 2 * F + f];
+        (f < F ? gw[f] : gb[f - F]) = s;
+      }
+    });
+  });
+  return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
 }
 
 }  // namespace
@@ -279,6 +483,8 @@ at::Tensor soft_split_backward_cpu(const at::Tensor& grad_out_in, at::IntArrayRe
 TORCH_LIBRARY_IMPL(t2t_kernels, CPU, m) {
   m.impl("soft_split", &soft_split_cpu);
   m.impl("soft_split_backward", &soft_split_backward_cpu);
+  m.impl("soft_split_layer_norm", &soft_split_layer_norm_cpu);
+  m.impl("soft_split_layer_norm_backward", &soft_split_layer_norm_backward_cpu);
 }
 
 }  // namespace t2t_kernels

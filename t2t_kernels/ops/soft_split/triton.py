@@ -24,6 +24,25 @@ from .reference import output_grid
 
 
 @triton.jit
+def gather_windows(
+    x_ptr, b, l_offs, f_offs, H, W, OW, L, F, stride_xb, stride_xc, stride_xh, stride_xw,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+):
+    """The (len(l_offs) windows x len(f_offs) features) tile of batch b's soft split, zero in the padding and outside
+    (L, F); returns (values in x's dtype, mask of the tile's elements inside (L, F)). The fused layer norm uses it too."""
+    oy, ox = l_offs // OW, l_offs % OW
+    c, r = f_offs // (KH * KW), f_offs % (KH * KW)
+    i, j = r // KW, r % KW
+    y = oy[:, None] * SH - PH + i[None, :]
+    x = ox[:, None] * SW - PW + j[None, :]
+    in_tile = (l_offs[:, None] < L) & (f_offs[None, :] < F)
+    inside = in_tile & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    src = (b.to(tl.int64) * stride_xb + c[None, :].to(tl.int64) * stride_xc + y.to(tl.int64) * stride_xh
+           + x.to(tl.int64) * stride_xw)
+    return tl.load(x_ptr + tl.where(inside, src, 0), mask=inside, other=0.0), in_tile
+
+
+@triton.jit
 def _soft_split_fwd_kernel(
     x_ptr, out_ptr,
     H, W, OW, L, F,
@@ -36,16 +55,8 @@ def _soft_split_fwd_kernel(
     b = pid // n_l_blocks
     l_offs = (pid % n_l_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
     f_offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    oy, ox = l_offs // OW, l_offs % OW
-    c, r = f_offs // (KH * KW), f_offs % (KH * KW)
-    i, j = r // KW, r % KW
-    y = oy[:, None] * SH - PH + i[None, :]
-    x = ox[:, None] * SW - PW + j[None, :]
-    in_tile = (l_offs[:, None] < L) & (f_offs[None, :] < F)
-    inside = in_tile & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-    src = (b.to(tl.int64) * stride_xb + c[None, :].to(tl.int64) * stride_xc + y.to(tl.int64) * stride_xh
-           + x.to(tl.int64) * stride_xw)
-    value = tl.load(x_ptr + tl.where(inside, src, 0), mask=inside, other=0.0)
+    value, in_tile = gather_windows(x_ptr, b, l_offs, f_offs, H, W, OW, L, F, stride_xb, stride_xc, stride_xh,
+                                    stride_xw, KH, KW, SH, SW, PH, PW)
     dst = (b.to(tl.int64) * L + l_offs[:, None]) * F + f_offs[None, :]
     tl.store(out_ptr + dst, value, mask=in_tile)
 
@@ -121,22 +132,23 @@ def _autotuned_backward():
     )
 
 
-def _check(name: str, t: torch.Tensor) -> None:
+def check_tensor(name: str, t: torch.Tensor, op: str = "soft_split") -> None:
     if t.dtype not in _DTYPES:
-        raise TypeError(f"soft_split (triton): {name} must be float32, float16 or bfloat16, got {t.dtype}")
+        raise TypeError(f"{op} (triton): {name} must be float32, float16 or bfloat16, got {t.dtype}")
     if not (t.is_cuda or (t.device.type == "cpu" and triton_interpreting())):
         raise RuntimeError(
-            f"soft_split (triton): {name} must be a CUDA tensor (or a CPU tensor under TRITON_INTERPRET=1), "
+            f"{op} (triton): {name} must be a CUDA tensor (or a CPU tensor under TRITON_INTERPRET=1), "
             f"got {t.device}"
         )
 
 
-def _geometry(input_size, kernel_size, stride, padding):
+def geometry(input_size, kernel_size, stride, padding, op: str = "soft_split"):
+    """((B, C, H, W), the kernels' constexpr geometry, (oh, ow)) after checking it."""
     B, C, H, W = (int(n) for n in input_size)
     (kh, kw), (sh, sw), (ph, pw) = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding))
     if min(kh, kw, sh, sw, C, H, W) < 1 or min(ph, pw) < 0 or H + 2 * ph < kh or W + 2 * pw < kw:
         raise ValueError(
-            f"soft_split (triton): invalid geometry: input {input_size}, kernel_size {kernel_size}, stride {stride}, "
+            f"{op} (triton): invalid geometry: input {input_size}, kernel_size {kernel_size}, stride {stride}, "
             f"padding {padding}"
         )
     oh, ow = output_grid((H, W), (kh, kw), (sh, sw), (ph, pw))
@@ -147,8 +159,8 @@ def soft_split_forward(x: torch.Tensor, kernel_size, stride, padding) -> torch.T
     """(B, C, H, W) with any strides -> contiguous (B, L, C*kh*kw)."""
     if x.dim() != 4:
         raise ValueError(f"soft_split (triton): x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    _check("x", x)
-    (B, C, H, W), geo, (oh, ow) = _geometry(x.shape, kernel_size, stride, padding)
+    check_tensor("x", x)
+    (B, C, H, W), geo, (oh, ow) = geometry(x.shape, kernel_size, stride, padding)
     L, F = oh * ow, C * geo["KH"] * geo["KW"]
     out = torch.empty((B, L, F), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
@@ -167,10 +179,11 @@ def soft_split_forward(x: torch.Tensor, kernel_size, stride, padding) -> torch.T
 
 
 def soft_split_backward(grad_out: torch.Tensor, input_size, kernel_size, stride, padding,
-                        channels_last: bool = False) -> torch.Tensor:
-    """The fold of grad_out (B, L, C*kh*kw) into grad_x of input_size (B, C, H, W), contiguous or channels_last."""
-    _check("grad_out", grad_out)
-    (B, C, H, W), geo, (oh, ow) = _geometry(input_size, kernel_size, stride, padding)
+                        channels_last: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The fold of grad_out (B, L, C*kh*kw) into grad_x of input_size (B, C, H, W), contiguous or channels_last, in
+    dtype (default grad_out's: the fused layer norm folds an fp32 token gradient into a bf16/fp16 grad_x)."""
+    check_tensor("grad_out", grad_out)
+    (B, C, H, W), geo, (oh, ow) = geometry(input_size, kernel_size, stride, padding)
     L, F = oh * ow, C * geo["KH"] * geo["KW"]
     if tuple(grad_out.shape) != (B, L, F):
         raise ValueError(
@@ -179,7 +192,7 @@ def soft_split_backward(grad_out: torch.Tensor, input_size, kernel_size, stride,
         )
     grad_out = grad_out.contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    grad_x = torch.empty((B, C, H, W), device=grad_out.device, dtype=grad_out.dtype, memory_format=fmt)
+    grad_x = torch.empty((B, C, H, W), device=grad_out.device, dtype=dtype or grad_out.dtype, memory_format=fmt)
     if grad_x.numel() == 0:
         return grad_x
     n_rows, n_cols = (B * H * W, C) if channels_last else (B * C * H, W)

@@ -1,0 +1,145 @@
+"""soft_split_layer_norm: the soft split and the LayerNorm that follows it (norm1 of the next T2T layer) as one op.
+
+The raw soft split never reaches memory: each row of windows is gathered and its tokens normalised while they are in
+cache. Forward keeps only x and the per-token mean and rstd (B, L); backward re-gathers the tokens from x, so saving
+for backward costs the input, not the (k/s)^2-times larger split. Backends: "eager" (reference.py), "cpp" (the
+compiled op t2t_kernels::soft_split_layer_norm, csrc/cpu/soft_split.cpp), "triton" (t2t_kernels::
+soft_split_layer_norm_triton, triton.py). There is no fused CUDA kernel: backend="cuda" runs the CUDA soft split and
+torch's layer_norm. Outputs are in x's dtype with statistics in fp32; weight and bias may be fp32 for a low-precision
+x (autocast keeps parameters fp32), and their gradients come back in their own dtype.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._backends import OpBackends
+from .._registry import op_exists, to_pair
+from ..soft_split import check_soft_split_args, grad_is_channels_last, soft_split
+from . import reference
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = OpBackends(
+    name="soft_split_layer_norm",
+    dtypes={"cpp": _FLOATS + (torch.float64,), "triton": _FLOATS},
+    auto_order={"cuda": ("triton",), "cpu": ("cpp",)},
+)
+
+
+def _check_param(name: str, t, x: Tensor, features: int) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise TypeError(f"soft_split_layer_norm: {name} must be a floating-point Tensor or None, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}")
+    if tuple(t.shape) != (features,):
+        raise ValueError(f"soft_split_layer_norm: {name} must have shape (C*kh*kw,) = ({features},) for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"soft_split_layer_norm: {name} is on {t.device} but x is on {x.device}")
+
+
+def soft_split_layer_norm(x: Tensor, kernel_size, stride, padding, weight: Tensor | None = None,
+                          bias: Tensor | None = None, eps: float = 1e-5, backend: str | None = None) -> Tensor:
+    """``F.layer_norm(soft_split(x, kernel_size, stride, padding), (C*kh*kw,), weight, bias, eps)`` in one pass.
+
+    x is (B, C, H, W) with any strides (as for soft_split); weight and bias are (C*kh*kw,) or None. Returns the
+    normalised tokens (B, L, C*kh*kw), contiguous, in x's dtype.
+    backend: "eager", "cpp", "cuda", "triton", or None/"auto" for the best one available for x.
+    """
+    k, s, p = to_pair(kernel_size, "kernel_size"), to_pair(stride, "stride"), to_pair(padding, "padding")
+    check_soft_split_args(x, k, s, p)
+    features = x.shape[1] * k[0] * k[1]
+    _check_param("weight", weight, x, features)
+    _check_param("bias", bias, x, features)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"soft_split_layer_norm: eps must be a non-negative finite number, got {eps!r}")
+    if backend == "cuda":  # no fused CUDA kernel: the CUDA soft split, then torch's layer norm
+        tokens = soft_split(x, k, s, p, backend="cuda")
+        return F.layer_norm(tokens, (features,), weight, bias, eps)
+    name = BACKENDS.resolve(backend, x)
+    if name == "eager":
+        return reference.soft_split_layer_norm(x, k, s, p, weight, bias, eps)
+    weight = weight if weight is not None else x.new_ones(features)
+    bias = bias if bias is not None else x.new_zeros(features)
+    op = (torch.ops.t2t_kernels.soft_split_layer_norm_triton if name == "triton"
+          else torch.ops.t2t_kernels.soft_split_layer_norm)
+    return op(x, weight, bias, k, s, p, float(eps))[0]
+
+
+@torch.library.custom_op("t2t_kernels::soft_split_layer_norm_triton", mutates_args=())
+def _soft_split_layer_norm_triton(
+    x: Tensor, weight: Tensor, bias: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+    padding: Sequence[int], eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from .triton import soft_split_layer_norm_forward
+
+    return soft_split_layer_norm_forward(x, weight, bias, kernel_size, stride, padding, eps)
+
+
+@torch.library.custom_op("t2t_kernels::soft_split_layer_norm_triton_backward", mutates_args=())
+def _soft_split_layer_norm_triton_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, kernel_size: Sequence[int],
+    stride: Sequence[int], padding: Sequence[int], channels_last: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from .triton import soft_split_layer_norm_backward
+
+    return soft_split_layer_norm_backward(grad_out, x, weight, mean, rstd, kernel_size, stride, padding, channels_last)
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(x, weight, bias, kernel_size, stride, padding, eps):
+    B, C, H, W = x.shape
+    oh, ow = reference.soft_split_reference.output_grid((H, W), kernel_size, stride, padding)
+    stats = x.new_empty((B, oh * ow), dtype=statistics_dtype(x.dtype))
+    return x.new_empty((B, oh * ow, C * kernel_size[0] * kernel_size[1])), stats, torch.empty_like(stats)
+
+
+def _fake_backward(grad_out, x, weight, mean, rstd, kernel_size, stride, padding, channels_last=False):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x.new_empty(x.shape).contiguous(memory_format=fmt), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _register(suffix: str) -> None:
+    forward = f"t2t_kernels::soft_split_layer_norm{suffix}"
+    if not op_exists(forward):
+        return
+    backward_op = getattr(torch.ops.t2t_kernels, f"soft_split_layer_norm{suffix}_backward")
+    torch.library.register_fake(forward)(_fake_forward)
+    torch.library.register_fake(f"{forward}_backward")(_fake_backward)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, ctx.kernel_size, ctx.stride, ctx.padding, ctx.eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.channels_last = grad_is_channels_last(x)
+
+    def grad(ctx, grad_out, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        geometry = (ctx.kernel_size, ctx.stride, ctx.padding)
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): differentiate the reference instead, so the graph of the gradient
+            # is built by autograd; the fused backward op has no derivative of its own
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(t.requires_grad) for t in (x, weight, bias)]
+                out = reference.soft_split_layer_norm(leaves[0], *geometry, leaves[1], leaves[2], ctx.eps)
+                wanted = [t for t in leaves if t.requires_grad]
+                grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+                grad_x, grad_weight, grad_bias = (next(grads) if t.requires_grad else None for t in leaves)
+        else:
+            grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, mean, rstd, *geometry,
+                                                         ctx.channels_last)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+    torch.library.register_autograd(forward, grad, setup_context=setup_context)
+
+
+_register("")
+_register("_triton")
