@@ -1,4 +1,5 @@
-"""The two fused ops of the T2T module. Each lives in its own folder: reference.py (eager, the truth),
+"""The fused ops of the T2T module: soft_split, performer_attention, and soft_split_layer_norm (the soft split
+with the LayerNorm that follows it). Each lives in its own folder: reference.py (eager, the truth),
 triton.py (kernels), __init__.py (custom ops, fake kernels, autograd, backend dispatch)."""
 from .._extension import EXTENSION_ERROR, EXTENSION_LOADED
 from ._backends import BACKENDS
@@ -6,6 +7,8 @@ from .performer_attention import BACKENDS as PERFORMER_BACKENDS
 from .performer_attention import performer_attention
 from .soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
 from .soft_split import soft_split
+from .soft_split_layer_norm import BACKENDS as SOFT_SPLIT_LAYER_NORM_BACKENDS
+from .soft_split_layer_norm import soft_split_layer_norm
 
-__all__ = ["soft_split", "performer_attention", "BACKENDS", "EXTENSION_LOADED", "EXTENSION_ERROR",
-           "SOFT_SPLIT_BACKENDS", "PERFORMER_BACKENDS"]
+__all__ = ["soft_split", "performer_attention", "soft_split_layer_norm", "BACKENDS", "EXTENSION_LOADED",
+           "EXTENSION_ERROR", "SOFT_SPLIT_BACKENDS", "PERFORMER_BACKENDS", "SOFT_SPLIT_LAYER_NORM_BACKENDS"]
