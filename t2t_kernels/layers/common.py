@@ -6,8 +6,9 @@ from torch.utils.checkpoint import checkpoint
 
 
 def maybe_checkpoint(enabled: bool, layer, x: torch.Tensor) -> torch.Tensor:
-    """layer(x), recomputed in backward instead of keeping its activations when enabled (and grads are needed)."""
-    if enabled and torch.is_grad_enabled() and x.requires_grad:
+    """layer(x), recomputed in backward instead of keeping its activations when enabled (and grads are needed).
+    Non-reentrant checkpointing also covers an x that needs no gradient (the image into the first T2T layer)."""
+    if enabled and torch.is_grad_enabled():
         return checkpoint(layer, x, use_reentrant=False)
     return layer(x)
 

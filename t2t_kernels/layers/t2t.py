@@ -3,25 +3,35 @@ t2t_vit.py), with its soft splits and Performer attention on the fused ops."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
 
-from ..ops import performer_attention, soft_split
+from ..ops import performer_attention, soft_split, soft_split_layer_norm
 from ..ops._backends import check_backend_arg
 from .common import DropPath, Mlp, maybe_checkpoint, multihead_attention
 
 
 class SoftSplit(nn.Module):
-    """nn.Unfold + transpose as one op: (B, C, H, W) with any strides -> (B, L, C*k*k). Has no weights (no keys)."""
+    """nn.Unfold + transpose as one op: (B, C, H, W) with any strides -> (B, L, C*k*k). Has no weights (no keys).
+
+    forward(x, norm=layer_norm) returns norm(split(x)) through the fused soft_split_layer_norm op: the T2T module
+    hands it the next layer's norm1, whose parameters (and state-dict keys) stay in that layer.
+    """
 
     def __init__(self, kernel_size, stride, padding, backend: str | None = "auto"):
         super().__init__()
         check_backend_arg(backend)
         self.kernel_size, self.stride, self.padding, self.backend = kernel_size, stride, padding, backend
 
-    def forward(self, x):
-        return soft_split(x, self.kernel_size, self.stride, self.padding, backend=self.backend)
+    def forward(self, x, norm: nn.Module | None = None):
+        if norm is None:
+            return soft_split(x, self.kernel_size, self.stride, self.padding, backend=self.backend)
+        if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:  # nothing to fuse with
+            return norm(soft_split(x, self.kernel_size, self.stride, self.padding, backend=self.backend))
+        return soft_split_layer_norm(x, self.kernel_size, self.stride, self.padding, norm.weight, norm.bias, norm.eps,
+                                     backend=self.backend)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, backend={self.backend!r}"
@@ -58,8 +68,9 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
         y = performer_attention(q, k, v, self.w, eps=self.epsilon, backend=self.backend)
         return v + self.dp(self.proj(y))  # skip from v: the input width differs from emb
 
-    def forward(self, x):
-        x = self.single_attn(self.norm1(x))
+    def forward(self, x, normalized: bool = False):
+        """normalized=True: x has been through norm1 already (the T2T module fuses it into the soft split)."""
+        x = self.single_attn(x if normalized else self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -100,8 +111,9 @@ class Token_transformer(nn.Module):  # noqa: N801  (official class name)
         self.mlp = Mlp(in_features=in_dim, hidden_features=int(in_dim * mlp_ratio), out_features=in_dim,
                        act_layer=act_layer, drop=drop)
 
-    def forward(self, x):
-        x = self.attn(self.norm1(x))
+    def forward(self, x, normalized: bool = False):
+        """normalized=True: x has been through norm1 already (the T2T module fuses it into the soft split)."""
+        x = self.attn(x if normalized else self.norm1(x))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -142,9 +154,15 @@ class T2T_module(nn.Module):  # noqa: N801  (official class name)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.grad_checkpointing = False
 
+    @staticmethod
+    def split_and_attend(split: SoftSplit, attention: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """attention(split(image)), with the split and the attention layer's norm1 as one fused op."""
+        return attention(split(image, norm=attention.norm1), normalized=True)
+
     def forward(self, x):
         H, W = x.shape[-2:]
-        x = maybe_checkpoint(self.grad_checkpointing, self.attention1, self.soft_split0(x))
-        x = self.soft_split1(tokens_as_image(x, (H // 4, W // 4)))
-        x = maybe_checkpoint(self.grad_checkpointing, self.attention2, x)
+        stage1 = partial(self.split_and_attend, self.soft_split0, self.attention1)
+        stage2 = partial(self.split_and_attend, self.soft_split1, self.attention2)
+        x = maybe_checkpoint(self.grad_checkpointing, stage1, x)
+        x = maybe_checkpoint(self.grad_checkpointing, stage2, tokens_as_image(x, (H // 4, W // 4)))
         return self.project(self.soft_split2(tokens_as_image(x, (H // 8, W // 8))))
