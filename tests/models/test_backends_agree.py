@@ -3,11 +3,12 @@ import pytest
 import torch
 
 import t2t_kernels
-from t2t_kernels.ops import PERFORMER_BACKENDS, SOFT_SPLIT_BACKENDS
+from t2t_kernels.ops import PERFORMER_BACKENDS, SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS
 
 
 def _fused_backends():
-    usable = set(SOFT_SPLIT_BACKENDS.available("cpu")) & set(PERFORMER_BACKENDS.available("cpu"))
+    usable = set.intersection(*(set(b.available("cpu")) for b in (SOFT_SPLIT_BACKENDS, PERFORMER_BACKENDS,
+                                                                  SOFT_SPLIT_LAYER_NORM_BACKENDS)))
     # triton runs here only through the interpreter: one small variant is enough (see the cases below)
     return [b for b in ("cpp", "triton") if b in usable]
 
