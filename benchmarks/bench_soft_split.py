@@ -1,4 +1,5 @@
-"""soft_split: forward and forward+backward at the three soft splits of T2T-ViT-14 at 224.
+"""soft_split: forward and forward+backward at the three soft splits of T2T-ViT-14 at 224; soft_split+layer_norm:
+the first two with the LayerNorm after each (eager: F.unfold then F.layer_norm; ours: the fused op).
 
 stage0: the image (B, 3, 224, 224), k7 s4 p2; stage1/stage2: tokens (B, 3136, 64) and (B, 784, 64) seen as images
 (B, 64, 56, 56) and (B, 64, 28, 28) through the official transpose + reshape (a free view), k3 s2 p1.
@@ -9,7 +10,7 @@ device sync (conftest.run_timed). extra_info carries the byte floor (read x once
 adds read grad_out, write grad_x) and its fraction of the copy bandwidth; at the end of the session a table of
 speedups over eager and compile, all measured in this run, goes to the terminal (conftest.pytest_terminal_summary).
 
-CPU target (B=8, fp32): cpp >= 3x eager forward and forward+backward.
+CPU target (B=8, fp32): cpp soft split >= 3x eager forward and forward+backward.
 """
 import dataclasses
 
@@ -25,7 +26,8 @@ DTYPES = (torch.bfloat16, torch.float32) if ON_GPU else (torch.float32,)
 
 def cases(pass_):
     return [case for dtype in DTYPES
-            for case in op_cases(dataclasses.replace(SETTINGS, dtype=dtype), ops=("soft_split",), passes=(pass_,))]
+            for case in op_cases(dataclasses.replace(SETTINGS, dtype=dtype), ops=("soft_split", "soft_split+layer_norm"),
+                                 passes=(pass_,))]
 
 
 @pytest.mark.parametrize("case,provider", case_params(cases(FORWARD)))

@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import BACKENDS as BACKEND_NAMES
-from ..ops import performer_attention, soft_split
+from ..ops import performer_attention, soft_split, soft_split_layer_norm
 from ..ops._backends import OpBackends
 from ..ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
 from ..ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
 from ..ops.soft_split.reference import output_grid
 from ..ops.soft_split.reference import soft_split as soft_split_reference
+from ..ops.soft_split_layer_norm import BACKENDS as SOFT_SPLIT_LAYER_NORM_BACKENDS
+from ..ops.soft_split_layer_norm.reference import soft_split_layer_norm as soft_split_layer_norm_reference
 
 FORWARD, FORWARD_BACKWARD, TRAIN_STEP = "forward", "forward+backward", "train step"
 
@@ -240,10 +242,11 @@ class SoftSplitCase(OpCase):
 
 
 class SoftSplitLayerNormCase(SoftSplitCase):
-    """The soft splits of stages 0 and 1 and the LayerNorm that follows each (norm1 of the next T2T layer): the pair a
-    fused "soft split + LayerNorm" op would replace (issue 5, item 7). Its byte floor is the soft split's (read x,
-    write the normalised tokens), so "% copy BW" here against the plain soft split row shows what fusing could gain."""
+    """The soft splits of stages 0 and 1 with the LayerNorm that follows each (norm1 of the next T2T layer). Eager is
+    the official F.unfold + transpose then F.layer_norm; the backends run the fused soft_split_layer_norm op. Its byte
+    floor is the soft split's (read x, write the normalised tokens)."""
 
+    backends = SOFT_SPLIT_LAYER_NORM_BACKENDS
     op_name = "soft_split+layer_norm"
 
     def __init__(self, settings, stage, pass_):
@@ -252,19 +255,16 @@ class SoftSplitLayerNormCase(SoftSplitCase):
         g = torch.Generator().manual_seed(0)  # a trained-looking affine, not the identity
         self.norm_weight = (1 + 0.1 * torch.randn(features, generator=g)).to(settings.device, settings.dtype)
         self.norm_bias = (0.1 * torch.randn(features, generator=g)).to(settings.device, settings.dtype)
+        if self.backward:
+            self.norm_weight.requires_grad_(True)
+            self.norm_bias.requires_grad_(True)
 
-    def _normed(self, split):
-        def fn(x, k, s, p):
-            out = split(x, k, s, p)
-            return F.layer_norm(out, out.shape[-1:], self.norm_weight, self.norm_bias)
-        return fn
-
-    @property
-    def official(self):
-        return self._normed(SoftSplitCase.official)
+    def official(self, x, k, s, p):
+        return soft_split_layer_norm_reference(x, k, s, p, self.norm_weight, self.norm_bias, 1e-5)
 
     def backend_fn(self, backend):
-        return self._normed(super().backend_fn(backend))
+        return lambda x, k, s, p: soft_split_layer_norm(x, k, s, p, self.norm_weight, self.norm_bias, 1e-5,
+                                                        backend=backend)
 
 
 class PerformerCase(OpCase):
@@ -431,7 +431,7 @@ class ModelCase(Case):
     def auto_text(self) -> str:
         """Which backend "auto" picks for each op on this device and dtype."""
         probe = torch.empty(0, device=self.settings.device, dtype=self.settings.dtype)
-        return ", ".join(f"{b.name} {b.resolve('auto', probe)}" for b in (SOFT_SPLIT_BACKENDS, PERFORMER_BACKENDS))
+        return ", ".join(f"{b.name} {b.resolve('auto', probe)}" for b in (SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS, PERFORMER_BACKENDS))
 
     def make_model(self):
         # the same weights for every provider; building (the trunc-normal init) costs more than a copy

@@ -46,8 +46,10 @@ class OpBackends:
 
     def unavailable_reason(self, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when `backend` can run this op on tensors of `device` and `dtype`, else why not."""
-        if backend != "eager" and dtype not in self.dtypes.get(backend, ()):
-            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes.get(backend, ())) or "none"
+        if backend != "eager" and backend not in self.dtypes:
+            return f"{self.name} has no {backend} kernel"
+        if backend != "eager" and dtype not in self.dtypes[backend]:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes[backend])
             return f"dtype {dtype} is not supported by backend {backend!r} (supported: {names})"
         if backend in ("cpp", "cuda"):
             wanted = "cpu" if backend == "cpp" else "cuda"
