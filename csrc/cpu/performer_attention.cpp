@@ -15,7 +15,7 @@
 // blocks; padding is zero and never written out.
 //
 // The float and double loops are built three times: AVX-512, AVX2+FMA and plain (SSE2), picked once at load time
-// from the CPU's features (T2T_CPU_ISA=avx2|plain lowers the choice, for testing the fallbacks).
+// from the CPU's features (isa.h; T2T_CPU_ISA=avx2|plain lowers the choice, for testing the fallbacks).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,7 +31,8 @@
 #include <numeric>
 #include <type_traits>
 
-#define T2T_INLINE inline __attribute__((always_inline))
+#include "isa.h"
+
 // 32/64-byte vectors pass between always-inline helpers only, so the note that their ABI differs without AVX is moot
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -708,40 +709,8 @@ T2T_INLINE void backward_kv_task(const Ctx<acc_t>& c, int64_t i, int64_t next, a
 // ------------------------------------------------------------------------------------------------------------------
 // One build of each task per instruction set, picked once.
 
-enum class Isa { kPlain, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-  Isa best = Isa::kPlain;
-#if defined(__GNUC__) && defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-    best = Isa::kAvx512;
-#endif
-  if (const char* env = std::getenv("T2T_CPU_ISA")) {
-    if (std::strcmp(env, "plain") == 0) best = Isa::kPlain;
-    if (std::strcmp(env, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
-  }
-  return best;
-}
-
-Isa cpu_isa() {
-  static const Isa isa = detect_isa();
-  return isa;
-}
-
 template <typename acc_t>
 using TaskFn = void (*)(const Ctx<acc_t>&, int64_t, int64_t, acc_t*);
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define T2T_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw")))
-#define T2T_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define T2T_HAS_TARGETS 1
-#else
-#define T2T_TARGET_AVX512
-#define T2T_TARGET_AVX2
-#endif
 
 #define T2T_TASK_VARIANTS(task)                                                                          \
   template <typename scalar_t, typename acc_t>                                                           \

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "../soft_split_geometry.h"
+#include "isa.h"
 
 #include <algorithm>
 #include <cmath>
@@ -309,27 +310,60 @@ at::Tensor soft_split_backward_cpu(const at::Tensor& grad_out_in, at::IntArrayRe
 // plus that row's partial sums of g*xhat and g (the weight and bias gradients). The partials are summed in row order,
 // so the result does not depend on the number of threads; grad_u folds into grad_x as in soft_split_backward.
 
+// The per-token math, compiled per instruction set (isa.h): plain loops over the features that auto-vectorise.
 template <typename T, typename acc_t>
-void normalize_tokens(T* tokens, int64_t n, int64_t F, const acc_t* w, const acc_t* b, acc_t eps, acc_t* mean,
-                      acc_t* rstd) {
-  for (int64_t t = 0; t < n; ++t) {
-    T* u = tokens + t * F;
-    acc_t sum = 0, sq = 0;
+struct NormalizeTokens {  // n tokens of F features in place, and their mean and rstd
+  static T2T_INLINE void run(T* tokens, int64_t n, int64_t F, const acc_t* w, const acc_t* b, acc_t eps, acc_t* mean,
+                             acc_t* rstd) {
+    for (int64_t t = 0; t < n; ++t) {
+      T* u = tokens + t * F;
+      acc_t sum = 0, sq = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t f = 0; f < F; ++f) sum += static_cast<acc_t>(u[f]);
-    const acc_t mu = sum / static_cast<acc_t>(F);
+      for (int64_t f = 0; f < F; ++f) sum += static_cast<acc_t>(u[f]);
+      const acc_t mu = sum / static_cast<acc_t>(F);
 #pragma omp simd reduction(+ : sq)
-    for (int64_t f = 0; f < F; ++f) {
-      const acc_t d = static_cast<acc_t>(u[f]) - mu;
-      sq += d * d;
-    }
-    const acc_t rs = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(F) + eps);
+      for (int64_t f = 0; f < F; ++f) {
+        const acc_t d = static_cast<acc_t>(u[f]) - mu;
+        sq += d * d;
+      }
+      const acc_t rs = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(F) + eps);
 #pragma omp simd
-    for (int64_t f = 0; f < F; ++f) u[f] = static_cast<T>((static_cast<acc_t>(u[f]) - mu) * rs * w[f] + b[f]);
-    mean[t] = mu;
-    rstd[t] = rs;
+      for (int64_t f = 0; f < F; ++f) u[f] = static_cast<T>((static_cast<acc_t>(u[f]) - mu) * rs * w[f] + b[f]);
+      mean[t] = mu;
+      rstd[t] = rs;
+    }
   }
-}
+};
+
+template <typename T, typename acc_t>
+struct TokenGrads {  // grad_u of n tokens, and their g*xhat and g added to partial[0:F] and partial[F:2F]
+  static T2T_INLINE void run(const T* grad_out, const T* tokens, const acc_t* w, const acc_t* mean, const acc_t* rstd,
+                             int64_t n, int64_t F, acc_t* grad_u, acc_t* partial) {
+    acc_t* pw = partial;
+    acc_t* pb = partial + F;
+    for (int64_t t = 0; t < n; ++t) {
+      const T* go = grad_out + t * F;
+      const T* u = tokens + t * F;
+      acc_t* gu = grad_u + t * F;
+      const acc_t mu = mean[t], rs = rstd[t];
+      acc_t sum_gw = 0, sum_gwx = 0;
+#pragma omp simd reduction(+ : sum_gw, sum_gwx)
+      for (int64_t f = 0; f < F; ++f) {
+        const acc_t gw = static_cast<acc_t>(go[f]) * w[f];
+        sum_gw += gw;
+        sum_gwx += gw * ((static_cast<acc_t>(u[f]) - mu) * rs);
+      }
+      const acc_t a = sum_gw / static_cast<acc_t>(F), c = sum_gwx / static_cast<acc_t>(F);
+#pragma omp simd
+      for (int64_t f = 0; f < F; ++f) {
+        const acc_t gf = static_cast<acc_t>(go[f]), xhat = (static_cast<acc_t>(u[f]) - mu) * rs;
+        gu[f] = rs * (gf * w[f] - a - xhat * c);
+        pw[f] += gf * xhat;
+        pb[f] += gf;
+      }
+    }
+  }
+};
 
 template <typename T>
 void soft_split_layer_norm_forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -342,12 +376,12 @@ void soft_split_layer_norm_forward_impl(const at::Tensor& x, const at::Tensor& w
   acc_t* mp = mean.mutable_data_ptr<acc_t>();
   acc_t* rp = rstd.mutable_data_ptr<acc_t>();
   const int64_t row = g.ow * g.F();
+  const auto normalize = isa_variant<NormalizeTokens<T, acc_t>>(cpu_isa());
   at::parallel_for(0, g.B * g.oh, window_row_grain(g), [&](int64_t begin, int64_t end) {
     RowGatherer<T> gather(x, g);
     for (int64_t r = begin; r < end; ++r) {
       gather(r, op + r * row);
-      normalize_tokens<T, acc_t>(op + r * row, g.ow, g.F(), w, b, static_cast<acc_t>(eps), mp + r * g.ow,
-                                 rp + r * g.ow);
+      normalize(op + r * row, g.ow, g.F(), w, b, static_cast<acc_t>(eps), mp + r * g.ow, rp + r * g.ow);
     }
   });
 }
@@ -364,36 +398,16 @@ void soft_split_layer_norm_backward_impl(const at::Tensor& grad_out, const at::T
   const acc_t* rp = rstd.const_data_ptr<acc_t>();
   acc_t* gup = grad_u.mutable_data_ptr<acc_t>();
   acc_t* pp = partials.mutable_data_ptr<acc_t>();
+  const auto token_grads = isa_variant<TokenGrads<T, acc_t>>(cpu_isa());
   at::parallel_for(0, g.B * g.oh, window_row_grain(g), [&](int64_t begin, int64_t end) {
     RowGatherer<T> gather(x, g);
     std::vector<T> tokens(row);
     for (int64_t r = begin; r < end; ++r) {
       gather(r, tokens.data());
-      acc_t* pw = pp + r * 2 * F;  // this row's sums of g*xhat, then of g
-      acc_t* pb = pw + F;
-      std::fill(pw, pw + 2 * F, acc_t(0));
-      for (int64_t t = 0; t < g.ow; ++t) {
-        const int64_t n = r * g.ow + t;
-        const T* go = gp + n * F;
-        const T* u = tokens.data() + t * F;
-        acc_t* gu = gup + n * F;
-        const acc_t mu = mp[n], rs = rp[n];
-        acc_t sum_gw = 0, sum_gwx = 0;
-#pragma omp simd reduction(+ : sum_gw, sum_gwx)
-        for (int64_t f = 0; f < F; ++f) {
-          const acc_t gw = static_cast<acc_t>(go[f]) * w[f];
-          sum_gw += gw;
-          sum_gwx += gw * ((static_cast<acc_t>(u[f]) - mu) * rs);
-        }
-        const acc_t a = sum_gw / static_cast<acc_t>(F), c = sum_gwx / static_cast<acc_t>(F);
-#pragma omp simd
-        for (int64_t f = 0; f < F; ++f) {
-          const acc_t gf = static_cast<acc_t>(go[f]), xhat = (static_cast<acc_t>(u[f]) - mu) * rs;
-          gu[f] = rs * (gf * w[f] - a - xhat * c);
-          pw[f] += gf * xhat;
-          pb[f] += gf;
-        }
-      }
+      acc_t* partial = pp + r * 2 * F;  // this row of windows' sums of g*xhat, then of g
+      std::fill(partial, partial + 2 * F, acc_t(0));
+      const int64_t n = r * g.ow;  // its first token
+      token_grads(gp + n * F, tokens.data(), w, mp + n, rp + n, g.ow, F, gup + n * F, partial);
     }
   });
 }
