@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from t2t_kernels.ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
 from t2t_kernels.ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
+from t2t_kernels.ops.soft_split_layer_norm import BACKENDS as SOFT_SPLIT_LAYER_NORM_BACKENDS
 
-OPS = {"soft_split": SOFT_SPLIT_BACKENDS, "performer_attention": PERFORMER_BACKENDS}
+OPS = {"soft_split": SOFT_SPLIT_BACKENDS, "soft_split_layer_norm": SOFT_SPLIT_LAYER_NORM_BACKENDS,
+       "performer_attention": PERFORMER_BACKENDS}
 GPU_BACKENDS = ("cuda", "triton")
 
 

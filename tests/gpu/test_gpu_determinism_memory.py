@@ -1,4 +1,4 @@
-"""CUDA backends: bitwise determinism run to run (forward and backward, model shapes and odd ones), no growth of
+"""CUDA backends of soft_split, soft_split_layer_norm and performer_attention: bitwise determinism run to run (forward and backward, model shapes and odd ones), no growth of
 allocated GPU memory over repeated calls, and correct results when several host threads launch at once."""
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_utils import assert_close_scaled, gpu_backend_params, skip_unless_runs
-from t2t_kernels.ops import performer_attention, soft_split
+from t2t_kernels.ops import performer_attention, soft_split, soft_split_layer_norm
 from t2t_kernels.ops.performer_attention import reference as performer_reference
 
 pytestmark = pytest.mark.cuda
@@ -22,18 +22,38 @@ SOFT_SPLIT_SHAPES = [
 PERFORMER_SHAPES = [(16, 3136, 64, 32), (16, 784, 64, 32), (3, 1001, 40, 7), (5, 1, 64, 32), (2, 127, 1, 1)]
 
 
-def soft_split_run(shape, backend, dtype, seed=0):
+def soft_split_input(shape, dtype, gen):
+    """(leaf, (B, C, H, W) view of it): an image, or tokens (B, H*W, C) through the model's transpose view."""
     B, C, H, W, k, s, p, tokens = shape
+    base = torch.randn((B, H * W, C) if tokens else (B, C, H, W), device="cuda", generator=gen).to(dtype)
+    base.requires_grad_()
+    return base, (base.transpose(1, 2).view(B, C, H, W) if tokens else base)
+
+
+def norm_params(shape, gen):
+    """fp32 LayerNorm weight and bias for the split's C*k*k features (fp32 parameters, as under autocast)."""
+    B, C, H, W, k, s, p, tokens = shape
+    weight = 1 + 0.1 * torch.randn(C * k * k, device="cuda", generator=gen)
+    return weight, 0.1 * torch.randn(C * k * k, device="cuda", generator=gen)
+
+
+def soft_split_run(shape, backend, dtype, seed=0):
+    k, s, p = shape[4:7]
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    if tokens:
-        base = torch.randn(B, H * W, C, device="cuda", generator=gen).to(dtype).requires_grad_()
-        x = base.transpose(1, 2).view(B, C, H, W)
-    else:
-        base = torch.randn(B, C, H, W, device="cuda", generator=gen).to(dtype).requires_grad_()
-        x = base
+    base, x = soft_split_input(shape, dtype, gen)
     y = soft_split(x, k, s, p, backend=backend)
     y.backward(torch.randn(y.shape, device="cuda", generator=gen).to(dtype))
     return y.detach(), base.grad
+
+
+def soft_split_layer_norm_run(shape, backend, dtype, seed=0):
+    k, s, p = shape[4:7]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    base, x = soft_split_input(shape, dtype, gen)
+    weight, bias = (t.requires_grad_() for t in norm_params(shape, gen))
+    y = soft_split_layer_norm(x, k, s, p, weight, bias, backend=backend)
+    y.backward(torch.randn(y.shape, device="cuda", generator=gen).to(dtype))
+    return y.detach(), base.grad, weight.grad, bias.grad
 
 
 def performer_run(shape, backend, dtype, seed=0):
@@ -47,7 +67,9 @@ def performer_run(shape, backend, dtype, seed=0):
     return y.detach(), qkv.grad
 
 
-RUNS = {"soft_split": (soft_split_run, SOFT_SPLIT_SHAPES), "performer_attention": (performer_run, PERFORMER_SHAPES)}
+RUNS = {"soft_split": (soft_split_run, SOFT_SPLIT_SHAPES),
+        "soft_split_layer_norm": (soft_split_layer_norm_run, SOFT_SPLIT_SHAPES[:2] + SOFT_SPLIT_SHAPES[3:]),
+        "performer_attention": (performer_run, PERFORMER_SHAPES)}
 
 
 def params(op):
@@ -55,7 +77,10 @@ def params(op):
             for b, d in ((p.values[0], p.values[1]) for p in gpu_backend_params(op))]
 
 
-@pytest.mark.parametrize("op,backend,dtype", params("soft_split") + params("performer_attention"))
+ALL_OPS = [param for op in RUNS for param in params(op)]
+
+
+@pytest.mark.parametrize("op,backend,dtype", ALL_OPS)
 def test_bitwise_deterministic_run_to_run(op, backend, dtype):
     """Three runs of forward + backward give the same bits, with other kernels (and another shape) run in between,
     so no result depends on leftover memory, launch order or atomics."""
@@ -71,7 +96,7 @@ def test_bitwise_deterministic_run_to_run(op, backend, dtype):
                 assert torch.equal(a, b), f"{op} {backend} {dtype} {shape}: results differ run to run"
 
 
-@pytest.mark.parametrize("op,backend,dtype", params("soft_split") + params("performer_attention"))
+@pytest.mark.parametrize("op,backend,dtype", ALL_OPS)
 def test_repeated_calls_do_not_grow_gpu_memory(op, backend, dtype):
     skip_unless_runs(op, backend, dtype)
     run, shapes = RUNS[op]
@@ -89,14 +114,20 @@ def test_repeated_calls_do_not_grow_gpu_memory(op, backend, dtype):
 def reference_of(op, shape, dtype, seed):
     """float64 output and input grad of the same inputs as soft_split_run/performer_run (same generator draws)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    if op == "soft_split":
-        B, C, H, W, k, s, p, tokens = shape
-        base = torch.randn((B, H * W, C) if tokens else (B, C, H, W), device="cuda", generator=gen).to(dtype)
-        base = base.double().requires_grad_()
-        x = base.transpose(1, 2).view(B, C, H, W) if tokens else base
+    if op in ("soft_split", "soft_split_layer_norm"):
+        k, s, p = shape[4:7]
+        base, _ = soft_split_input(shape, dtype, gen)
+        base = base.detach().double().requires_grad_()
+        B, C, H, W = shape[:4]
+        x = base.transpose(1, 2).view(B, C, H, W) if shape[7] else base
         y = F.unfold(x, k, padding=p, stride=s).transpose(1, 2)
+        if op == "soft_split":
+            y.backward(torch.randn(y.shape, device="cuda", generator=gen).to(dtype).double())
+            return y.detach(), base.grad
+        weight, bias = (t.double().requires_grad_() for t in norm_params(shape, gen))
+        y = F.layer_norm(y, y.shape[-1:], weight, bias)
         y.backward(torch.randn(y.shape, device="cuda", generator=gen).to(dtype).double())
-        return y.detach(), base.grad
+        return y.detach(), base.grad, weight.grad, bias.grad
     B, T, E, m = shape
     qkv = (0.5 * torch.randn(B, T, 3 * E, device="cuda", generator=gen)).to(dtype).double().requires_grad_()
     w = torch.randn(m, E, device="cuda", generator=gen)
@@ -106,7 +137,7 @@ def reference_of(op, shape, dtype, seed):
     return y.detach(), qkv.grad
 
 
-@pytest.mark.parametrize("op,backend,dtype", params("soft_split") + params("performer_attention"))
+@pytest.mark.parametrize("op,backend,dtype", ALL_OPS)
 def test_launches_from_several_threads(op, backend, dtype):
     """Eight host threads launch forward + backward at once (Triton's launcher and the CUDA kernels from threads);
     each result matches the float64 reference."""
@@ -122,11 +153,11 @@ def test_launches_from_several_threads(op, backend, dtype):
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(work, jobs))
-    for (shape, seed), (y, grad) in zip(jobs, results):
-        y_ref, grad_ref = reference_of(op, shape, dtype, seed)
+    for (shape, seed), (y, *grads) in zip(jobs, results):
+        y_ref, *grads_ref = reference_of(op, shape, dtype, seed)
         if op == "soft_split":
             assert torch.equal(y.double(), y_ref), shape
-            assert_close_scaled(grad, grad_ref, dtype, f"grad {shape}")
         else:
             assert_close_scaled(y, y_ref, dtype, f"y {shape}")
-            assert_close_scaled(grad, grad_ref, dtype, f"grad {shape}")
+        for n, (grad, grad_ref) in enumerate(zip(grads, grads_ref)):
+            assert_close_scaled(grad, grad_ref, dtype, f"grad {n} {shape}")
