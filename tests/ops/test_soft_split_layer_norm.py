@@ -1,0 +1,701 @@
+"""soft_split_layer_norm against float64 F.layer_norm(F.unfold(x).transpose(1, 2)), for every backend that runs here.
+
+The truth is the formula itself evaluated in float64 on the same (rounded) inputs, weight, bias and grad_out; every
+backend is compared with it in the output and in the gradients of x (through the view that makes x), weight and bias.
+Triton runs on CPU tensors through its interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU), so its
+shapes stay small; "cuda" (the CUDA soft split, then torch's layer_norm) and the GPU tests skip without a GPU.
+Every torch.empty is NaN-filled (tests/conftest.py): an output or gradient element a kernel leaves unwritten fails.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from t2t_kernels.ops import soft_split_layer_norm
+from t2t_kernels.ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
+from t2t_kernels.ops.soft_split import grad_is_channels_last
+from t2t_kernels.ops.soft_split_layer_norm import BACKENDS, reference
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# Max |error| / max(1, max |float64 reference|), per tensor (out, grad of x, of weight, of bias).
+# fp32/fp64: 128 units of roundoff (u = 2^-24, 2^-53) for sums of up to a few hundred terms; measured <= 1.1e-6 (fp32,
+# ~18u) and <= 1e-15 (fp64, ~9u). fp16/bf16: the kernels compute in fp32 and round once to the output dtype, so they
+# are within one rounding of the float64 result: measured <= 0.97u (u = 2^-11 fp16, 2^-8 bf16) for cpp. The bound is
+# 2u because the Triton *interpreter* (the CPU runs of these tests) converts fp32 -> bf16 by truncation, not
+# round-to-nearest, an error of up to 1 ulp = 2u (measured 1.9u); on a GPU the conversion rounds to nearest.
+TOLERANCES = {
+    torch.float64: 128 * 2.0**-53,
+    torch.float32: 128 * 2.0**-24,
+    torch.float16: 2 * 2.0**-11,
+    torch.bfloat16: 2 * 2.0**-8 + 1e-5,
+}
+# torch's own unfold + layer_norm in fp16/bf16 (backend "eager", and "cuda"'s layer_norm) is less accurate than the
+# kernels: grad of x up to 1.2e-3 (fp16) / 9.5e-3 (bf16), weight and bias gradients (summed over the tokens by torch)
+# up to 4.0e-3 (fp16) / 4.2e-2 (bf16), measured over these shapes and layouts with 4 seeds. Bounds: about 2x that.
+TORCH_LOW_PRECISION_TOLERANCES = {torch.float16: 1e-2, torch.bfloat16: 8e-2}
+
+DTYPES = {
+    "eager": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+    "cpp": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+KERNELS = ("cpp", "triton")  # the backends with a fused kernel (custom ops with their own backward)
+# (B, C, H, W, kernel_size, stride, padding): the model's two settings (k7 s4 p2 on the image, k3 s2 p1 on tokens),
+# odd and non-square sizes with a rectangular kernel/stride/padding, stride > kernel, stride 1, C = 1, B = 1, and a
+# wide token (C*kh*kw = 576, as in the model's later stages)
+SHAPES = [
+    (2, 3, 16, 16, 7, 4, 2),
+    (1, 8, 8, 8, 3, 2, 1),
+    (2, 3, 17, 13, (7, 5), (4, 3), (2, 1)),
+    (2, 4, 11, 9, 2, 3, 1),
+    (1, 5, 9, 10, 3, 1, 1),
+    (3, 1, 8, 7, (3, 2), (2, 1), (0, 1)),
+    (2, 64, 7, 6, 3, 2, 1),
+]
+VIEWS = {  # layout -> (leaf shape from (B, C, H, W), the view of the leaf that is the (B, C, H, W) input)
+    "contiguous": (lambda B, C, H, W: (B, C, H, W), lambda t, B, C, H, W: t),
+    "channels_last": (lambda B, C, H, W: (B, H, W, C), lambda t, B, C, H, W: t.permute(0, 3, 1, 2)),
+    # tokens (B, N, C) as the image (B, C, H, W): the free view the T2T module uses
+    "token_view": (lambda B, C, H, W: (B, H * W, C), lambda t, B, C, H, W: t.transpose(1, 2).view(B, C, H, W)),
+    # every dim strided and W not innermost: a sliced, transposed buffer
+    "strided": (lambda B, C, H, W: (B, C, 2 * W, H + 1), lambda t, B, C, H, W: t[:, :, ::2, 1:].transpose(2, 3)),
+    # channels innermost but not unit-stride: every other channel of a channels_last buffer
+    "channels_last_sliced": (lambda B, C, H, W: (B, H, W, 2 * C), lambda t, B, C, H, W: t.permute(0, 3, 1, 2)[:, ::2]),
+}
+LAYOUTS = tuple(VIEWS)
+
+
+def pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def shape_id(shape):
+    B, C, H, W, k, s, p = shape
+    return f"B{B}-C{C}-{H}x{W}-k{k}-s{s}-p{p}".replace(" ", "").replace("(", "").replace(")", "").replace(",", "_")
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def unavailable_reason(backend, dtype=torch.float32, device="cpu"):
+    # backend="cuda" is the CUDA soft split followed by torch's layer_norm (no fused kernel, so this op's BACKENDS
+    # does not list it): it runs where the CUDA soft split does
+    backends = SOFT_SPLIT_BACKENDS if backend == "cuda" else BACKENDS
+    return backends.unavailable_reason(backend, torch.device(device), dtype)
+
+
+def skip_unless_available(backend, dtype=torch.float32, device="cpu"):
+    reason = unavailable_reason(backend, dtype, device)
+    if reason:
+        pytest.skip(reason)
+
+
+def device_for(backend):
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+def make_input(B, C, H, W, layout, dtype=torch.float32, device="cpu"):
+    """A random leaf tensor and a function giving the (B, C, H, W) view of it with the strides of `layout`."""
+    leaf_shape, view = VIEWS[layout]
+    leaf = torch.randn(leaf_shape(B, C, H, W), device=device, dtype=dtype)
+    return leaf, lambda t: view(t, B, C, H, W)
+
+
+def make_params(features, dtype, device="cpu"):
+    """Random, non-trivial weight (around 1) and bias (around 0)."""
+    weight = (1 + 0.5 * torch.randn(features, device=device)).to(dtype)
+    bias = (0.5 * torch.randn(features, device=device)).to(dtype)
+    return weight, bias
+
+
+def formula(x, k, s, p, weight, bias, eps):
+    """The definition, F.layer_norm(F.unfold(x).transpose(1, 2)) over the C*kh*kw features of each token, with the
+    layer norm written out in elementary ops: autograd then differentiates the two-pass form. (F.layer_norm's own
+    backward forms x*rstd - mean*rstd, which in float64 still loses ~1e-14 where rstd is large, e.g. one-feature tokens
+    whose exact gradient is 0; test_reference_is_the_formula ties the two together.)"""
+    tokens = F.unfold(x, k, padding=p, stride=s).transpose(1, 2)
+    centred = tokens - tokens.mean(-1, keepdim=True)
+    out = centred * ((centred * centred).mean(-1, keepdim=True) + eps).rsqrt()
+    out = out * weight if weight is not None else out
+    return out + bias if bias is not None else out
+
+
+def tolerance(backend, dtype):
+    if backend in ("eager", "cuda") and dtype in LOW_PRECISION:
+        return TORCH_LOW_PRECISION_TOLERANCES[dtype]
+    return TOLERANCES[dtype]
+
+
+def relative_error(actual, expected):
+    """max |actual - expected| / max(1, max |expected|), NaN-aware (a NaN counts as an infinite error)."""
+    if expected.numel() == 0:
+        return 0.0
+    scale = expected.abs().max().clamp_min(1.0)
+    return ((actual.double() - expected).abs().nan_to_num(nan=float("inf")).max() / scale).item()
+
+
+def assert_close_to(actual, expected, tol, what):
+    assert tuple(actual.shape) == tuple(expected.shape), (what, tuple(actual.shape), tuple(expected.shape))
+    assert not actual.isnan().any(), f"{what}: {int(actual.isnan().sum())} NaN elements"
+    error = relative_error(actual, expected)
+    assert error <= tol, f"{what}: max error {error:.3g} x max(1, max|float64 reference|) > tolerance {tol:g}"
+
+
+def check_against_float64(backend, leaf, view, k, s, p, *, param_dtype=None, weight=True, bias=True, eps=1e-5):
+    """soft_split_layer_norm(view(leaf)) and its gradients (leaf's through the view, weight's, bias') against the
+    float64 formula on the same values. param_dtype: weight/bias dtype (default: leaf's). Returns the relative
+    errors."""
+    dtype, device = leaf.dtype, leaf.device
+    param_dtype = param_dtype or dtype
+    k, s, p = pair(k), pair(s), pair(p)
+    leaf = leaf.detach().requires_grad_()
+    x = view(leaf)
+    B, C, H, W = x.shape
+    features = C * k[0] * k[1]
+    w, b = make_params(features, param_dtype, device)
+    w = w.requires_grad_() if weight else None
+    b = b.requires_grad_() if bias else None
+    out = soft_split_layer_norm(x, k, s, p, w, b, eps, backend=backend)
+    oh, ow = ((n + 2 * pp - kk) // ss + 1 for n, kk, ss, pp in zip((H, W), k, s, p))
+    assert out.dtype == dtype and tuple(out.shape) == (B, oh * ow, features) and out.is_contiguous()
+    grad_out = torch.randn_like(out)
+    inputs = [t for t in (leaf, w, b) if t is not None]
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    leaf64, rest = inputs64[0], iter(inputs64[1:])
+    w64, b64 = (next(rest) if weight else None), (next(rest) if bias else None)
+    expected = formula(view(leaf64), k, s, p, w64, b64, eps)
+    expected_grads = torch.autograd.grad(expected, inputs64, grad_out.double())
+
+    errors = {}
+    names = ["grad_x"] + (["grad_weight"] if weight else []) + (["grad_bias"] if bias else [])
+    for name, actual, want, source in zip(["out"] + names, (out, *grads), (expected, *expected_grads),
+                                          (leaf, *inputs)):
+        is_param = name in ("grad_weight", "grad_bias")
+        if name != "out":
+            assert actual.dtype == source.dtype and actual.shape == source.shape, (name, actual.dtype, actual.shape)
+        # the kernels accumulate parameter gradients in fp32 and round them once to the parameters' dtype;
+        # torch's layer_norm (eager, cuda) is held to x's dtype's (looser) bound
+        tol_dtype = param_dtype if is_param and backend in KERNELS else dtype
+        errors[name] = relative_error(actual, want.detach())
+        assert_close_to(actual, want.detach(), tolerance(backend, tol_dtype), f"{backend} {dtype_name(dtype)} {name}")
+    return errors
+
+
+def backend_dtype_params():
+    return [pytest.param(b, d, id=f"{b}-{dtype_name(d)}") for b in DTYPES for d in DTYPES[b]]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_matches_float64(backend, dtype, shape, layout):
+    device = device_for(backend)
+    skip_unless_available(backend, dtype, device)
+    B, C, H, W, k, s, p = shape
+    check_against_float64(backend, *make_input(B, C, H, W, layout, dtype, device), k, s, p)
+
+
+def test_reference_is_the_formula():
+    """reference.py (the eager backend) is F.layer_norm(F.unfold(x).transpose(1, 2)), and equals the written-out
+    formula the tests compare with, in float64, output and gradients."""
+    x = torch.randn(2, 3, 11, 9, dtype=torch.float64)
+    inputs = (x, *make_params(3 * 7 * 5, torch.float64))
+    inputs = [t.requires_grad_() for t in inputs]
+    got = reference.soft_split_layer_norm(inputs[0], (7, 5), (4, 3), (2, 1), *inputs[1:], 1e-5)
+    tokens = F.unfold(inputs[0], (7, 5), padding=(2, 1), stride=(4, 3)).transpose(1, 2)
+    assert torch.equal(got, F.layer_norm(tokens, (105,), *inputs[1:], 1e-5))
+    want = formula(inputs[0], (7, 5), (4, 3), (2, 1), *inputs[1:], 1e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+    grad_out = torch.randn_like(got)
+    for g, e in zip(torch.autograd.grad(got, inputs, grad_out), torch.autograd.grad(want, inputs, grad_out)):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-13 * e.abs().max().item())
+
+
+# eps = 0 on triton: the interpreter (numpy) warns about 1/0 in the tile's padding rows past the last token, which
+# are never stored
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+@pytest.mark.parametrize("eps", [0.0, 1e-3, 0.5])
+def test_eps(backend, eps):
+    """eps is added to the variance inside the square root, as in F.layer_norm (0 is allowed)."""
+    skip_unless_available(backend)
+    check_against_float64(backend, *make_input(2, 3, 9, 8, "token_view"), 3, 2, 1, eps=eps)
+
+
+# --- mixed dtypes: fp16/bf16 x with fp32 weight and bias (autocast keeps the parameters fp32) ------------------------
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "token_view"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_name)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_fp32_params_with_low_precision_x(backend, dtype, layout):
+    """Output in x's dtype; weight and bias gradients in fp32, accurate to fp32 (the kernels never round them to
+    x's dtype), the output and grad of x to x's dtype."""
+    skip_unless_available(backend, dtype)
+    for B, C, H, W, k, s, p in (SHAPES[0], SHAPES[2], SHAPES[6]):
+        errors = check_against_float64(backend, *make_input(B, C, H, W, layout, dtype), k, s, p,
+                                       param_dtype=torch.float32)
+        assert errors["grad_weight"] <= TOLERANCES[torch.float32] and errors["grad_bias"] <= TOLERANCES[torch.float32]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="with weight=None the fused ops return bias' gradient in x's dtype")
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_name)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_fp32_bias_without_weight(backend, dtype):
+    """weight=None with an fp32 bias: the bias' gradient should be as accurate as with an fp32 weight. Today the public
+    function passes ones in x's dtype as the weight and the ops return both parameter gradients in the weight's dtype
+    (csrc/cpu/soft_split.cpp `grad_bias.to(weight.scalar_type())`, triton.py `.to(weight.dtype)`, the fake kernel's
+    empty_like(weight)); autograd casts the fp16/bf16 result back to fp32, so it has x's precision (measured 2e-3 for
+    bf16 where fp32 weight gives 1e-7). (torch's F.layer_norm rejects this combination outright.)"""
+    skip_unless_available(backend, dtype)
+    errors = check_against_float64(backend, *make_input(2, 3, 9, 8, "token_view", dtype), 3, 2, 1,
+                                   param_dtype=torch.float32, weight=False)
+    assert errors["grad_bias"] <= TOLERANCES[torch.float32], errors
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_statistics(backend):
+    """The op's mean and rstd are the float64 statistics of each token (fp32 for fp16/bf16/fp32 x, fp64 for fp64)."""
+    op = {"cpp": "soft_split_layer_norm", "triton": "soft_split_layer_norm_triton"}[backend]
+    for dtype in DTYPES[backend]:
+        skip_unless_available(backend, dtype)
+        x = torch.randn(2, 3, 9, 8).to(dtype)
+        w, b = make_params(27, torch.float32)
+        out, mean, rstd = getattr(torch.ops.t2t_kernels, op)(x, w, b, [3, 3], [2, 2], [1, 1], 1e-5)
+        stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        assert out.dtype == dtype and mean.dtype == stats_dtype and rstd.dtype == stats_dtype
+        tokens = F.unfold(x.double(), 3, padding=1, stride=2).transpose(1, 2)
+        var, mu = torch.var_mean(tokens, dim=-1, correction=0)
+        tol = TOLERANCES[stats_dtype]
+        assert_close_to(mean, mu, tol, f"{backend} {dtype_name(dtype)} mean")
+        assert_close_to(rstd, (var + 1e-5).rsqrt(), tol, f"{backend} {dtype_name(dtype)} rstd")
+
+
+# --- weight / bias None, layouts of the results ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", ["none", "weight_only", "bias_only"])
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_optional_weight_and_bias(backend, params):
+    skip_unless_available(backend)
+    weight, bias = params == "weight_only", params == "bias_only"
+    for layout in ("contiguous", "token_view"):
+        check_against_float64(backend, *make_input(2, 3, 10, 9, layout), 3, 2, 1, weight=weight, bias=bias)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_none_is_ones_and_zeros(backend):
+    """weight=None / bias=None give bitwise the output (and grad of x) of an explicit ones / zeros."""
+    skip_unless_available(backend)
+    x0 = torch.randn(2, 4, 9, 7)
+    results = []
+    for w, b in ((None, None), (torch.ones(36), torch.zeros(36))):
+        x = x0.clone().requires_grad_()
+        out = soft_split_layer_norm(x, 3, 2, 1, w, b, backend=backend)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view(out.shape).cos())
+        results.append((out, x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_result_layouts(backend):
+    """The output is contiguous; grad_x is channels_last for a channels_last image and for the token view (so the
+    tokens' gradient comes back contiguous, no transposed copy), contiguous for a contiguous or strided image."""
+    skip_unless_available(backend)
+    expect_channels_last = {"contiguous": False, "channels_last": True, "token_view": True, "strided": False}
+    for layout, channels_last in expect_channels_last.items():
+        leaf, view = make_input(2, 6, 8, 8, layout)
+        leaf.requires_grad_()
+        x = view(leaf)
+        assert grad_is_channels_last(x) == channels_last
+        w, b = make_params(54, torch.float32)
+        out = soft_split_layer_norm(x, 3, 2, 1, w, b, backend=backend)
+        assert out.is_contiguous()
+        (grad_x,) = torch.autograd.grad(out, x, torch.randn_like(out), retain_graph=True)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert grad_x.is_contiguous(memory_format=fmt), (layout, grad_x.stride())
+        out.backward(torch.randn_like(out))
+        if layout in ("contiguous", "token_view"):
+            assert leaf.grad.is_contiguous(), (layout, leaf.grad.stride())
+
+
+# --- autograd: gradcheck, double backward ------------------------------------------------------------------------
+
+
+# The custom ops' double backward differentiates the reference on *detached* copies of x, weight and bias
+# (t2t_kernels/ops/soft_split_layer_norm/__init__.py, grad(): `leaves = [t.detach().requires_grad_(...)]`), so the
+# gradient's graph reaches grad_out but not x, weight or bias: second derivatives with respect to them come back
+# None (zero in gradgradcheck). strict: these start failing (XPASS) once that is fixed; then drop the mark.
+DOUBLE_BACKWARD_CUT = pytest.mark.xfail(
+    strict=True, raises=(AssertionError, RuntimeError),  # (gradcheck's GradcheckError is a RuntimeError)
+    reason="double backward through the cpp/triton op is cut from x, weight and bias (detach in grad())")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "token_view"])
+def test_gradcheck_float64(layout):
+    skip_unless_available("cpp", torch.float64)
+    leaf, view = make_input(2, 2, 5, 4, layout, torch.float64)
+    w, b = make_params(2 * 3 * 2, torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (leaf, w, b))
+
+    def fn(leaf, w, b):
+        return soft_split_layer_norm(view(leaf), (3, 2), (2, 1), (1, 1), w, b, backend="cpp")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@DOUBLE_BACKWARD_CUT
+@pytest.mark.parametrize("layout", ["contiguous", "token_view"])
+def test_gradgradcheck_float64(layout):
+    skip_unless_available("cpp", torch.float64)
+    leaf, view = make_input(2, 2, 5, 4, layout, torch.float64)
+    w, b = make_params(2 * 3 * 2, torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (leaf, w, b))
+
+    def fn(leaf, w, b):
+        return soft_split_layer_norm(view(leaf), (3, 2), (2, 1), (1, 1), w, b, backend="cpp")
+
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def gradient_penalty_grads(backend, dtype):
+    """d/d(x, weight, grad_out) of |grad_x|^2 + |grad_weight|^2 (None where the graph does not reach)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 6, dtype=dtype, requires_grad=True)
+    w, b = (t.requires_grad_() for t in make_params(27, dtype))
+    out = soft_split_layer_norm(x, 3, 2, 1, w, b, backend=backend)
+    grad_out = torch.randn_like(out).requires_grad_()
+    gx, gw, _ = torch.autograd.grad(out, (x, w, b), grad_out, create_graph=True)
+    return torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w, grad_out), allow_unused=True)
+
+
+@DOUBLE_BACKWARD_CUT
+@pytest.mark.parametrize("backend", KERNELS)
+def test_double_backward_matches_eager(backend):
+    """A gradient penalty through the fused op equals the same through the eager formula."""
+    dtype = torch.float64 if backend == "cpp" else torch.float32
+    skip_unless_available(backend, dtype)
+    got, want = gradient_penalty_grads(backend, dtype), gradient_penalty_grads("eager", dtype)
+    for name, g, e in zip(("x", "weight", "grad_out"), got, want):
+        assert g is not None, f"the second derivative with respect to {name} is missing (graph cut)"
+        torch.testing.assert_close(g, e, rtol=TOLERANCES[dtype] * 8, atol=TOLERANCES[dtype] * 8)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_double_backward_through_grad_out(backend):
+    """The part of double backward that works today: the gradient's dependence on grad_out (linear)."""
+    dtype = torch.float64 if backend == "cpp" else torch.float32
+    skip_unless_available(backend, dtype)
+    got, want = gradient_penalty_grads(backend, dtype), gradient_penalty_grads("eager", dtype)
+    torch.testing.assert_close(got[2], want[2], rtol=TOLERANCES[dtype] * 8, atol=TOLERANCES[dtype] * 8)
+
+
+# --- opcheck, torch.compile -----------------------------------------------------------------------------------------
+
+
+def op_names(backend):
+    suffix = "_triton" if backend == "triton" else ""
+    op = f"soft_split_layer_norm{suffix}"
+    return getattr(torch.ops.t2t_kernels, op), getattr(torch.ops.t2t_kernels, op + "_backward")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "token_view"])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_opcheck(backend, layout):
+    skip_unless_available(backend)
+    op, backward = op_names(backend)
+    leaf, view = make_input(2, 3, 7, 6, layout)
+    x = view(leaf).requires_grad_()
+    w, b = (t.requires_grad_() for t in make_params(27, torch.float32))
+    geometry = ([3, 3], [2, 2], [1, 1])
+    torch.library.opcheck(op, (x, w, b, *geometry, 1e-5))
+    out, mean, rstd = op(x.detach(), w.detach(), b.detach(), *geometry, 1e-5)
+    grad_out = torch.randn_like(out)
+    for channels_last in (False, True):
+        torch.library.opcheck(backward, (grad_out, x.detach(), w.detach(), mean, rstd, *geometry, channels_last))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) through the token view and the op: no graph break, same values and grads."""
+    skip_unless_available(backend)
+
+    def t2t_step(tokens, image, w0, b0, w1, b1):
+        B, N, C = tokens.shape
+        a = soft_split_layer_norm(image, 7, 4, 2, w0, b0, backend=backend)
+        b = soft_split_layer_norm(tokens.transpose(1, 2).reshape(B, C, 4, 4), 3, 2, 1, w1, b1, eps=1e-6,
+                                  backend=backend)
+        return a.sin().sum() + b.cos().sum()
+
+    compiled = torch.compile(t2t_step, fullgraph=True)
+    inputs = [torch.randn(2, 16, 5), torch.randn(2, 3, 16, 16), *make_params(147, torch.float32),
+              *make_params(45, torch.float32)]
+    args = [t.clone().requires_grad_() for t in inputs]
+    expected_args = [t.clone().requires_grad_() for t in inputs]
+    got = compiled(*args)
+    want = t2t_step(*expected_args)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    for a, e in zip(args, expected_args):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_compiled_graphs_use_the_fused_ops(backend):
+    """Under torch.compile the forward graph calls the fused op and the backward graph its fused backward (not the
+    reference's unfold + layer_norm, which the op's autograd uses only for double backward)."""
+    skip_unless_available(backend)
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def fn(x, w, b):
+        return soft_split_layer_norm(x, 3, 2, 1, w, b, backend=backend).sin().sum()
+
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w, b = (t.requires_grad_() for t in make_params(27, torch.float32))
+    torch.compile(fn, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")),
+                  fullgraph=True)(x, w, b).backward()
+    op = "soft_split_layer_norm_triton" if backend == "triton" else "soft_split_layer_norm"
+    assert f"t2t_kernels.{op}.default" in graphs["forward"], graphs["forward"]
+    assert f"t2t_kernels.{op}_backward.default" in graphs["backward"], graphs["backward"]
+    assert not any("aten" in t and ("layer_norm" in t or "im2col" in t) for t in graphs["backward"]), graphs["backward"]
+
+
+# --- edges: windows in the padding, empty batch -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+@pytest.mark.parametrize("case", [(2, 2, 1, 1, 3), (3, 4, 2, 3, 5), (1, 1, 3, 1, 7), (5, 3, (2, 1), (2, 1), (4, 2)),
+                                  (3, 4, 5, 2, 4)],
+                         ids=lambda case: "H{}-W{}-k{}-s{}-p{}".format(*case))
+def test_padding_dominated_windows(backend, case):
+    """padding >= kernel_size: whole tokens lie in the padding (all zeros: variance 0, out = bias). With every fresh
+    allocation NaN-filled, out and all gradients must be NaN-free and match float64."""
+    skip_unless_available(backend)
+    assert torch.empty(8).isnan().all(), "tests/conftest.py's NaN poisoning is off"
+    H, W, k, s, p = case
+    for layout in ("contiguous", "token_view"):
+        check_against_float64(backend, *make_input(2, 3, H, W, layout), k, s, p)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_empty_batch(backend):
+    skip_unless_available(backend)
+    x = torch.randn(0, 3, 8, 7, requires_grad=True)
+    w, b = (t.requires_grad_() for t in make_params(27, torch.float32))
+    out = soft_split_layer_norm(x, 3, 2, 1, w, b, backend=backend)
+    assert out.shape == (0, 16, 27) and out.dtype == x.dtype
+    out.backward(torch.ones_like(out))
+    assert x.grad.shape == x.shape
+    for grad in (w.grad, b.grad):
+        assert grad is not None and grad.dtype == torch.float32 and torch.equal(grad, torch.zeros(27))
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_inference_mode(backend):
+    skip_unless_available(backend)
+    x = torch.randn(2, 3, 9, 9)
+    w, b = make_params(27, torch.float32)
+    with torch.inference_mode():
+        out = soft_split_layer_norm(x, 3, 2, 1, w, b, backend=backend)
+    assert_close_to(out, formula(x.double(), 3, 2, 1, w.double(), b.double(), 1e-5), TOLERANCES[torch.float32], "out")
+
+
+# --- determinism ---------------------------------------------------------------------------------------------------
+
+
+def run_once(backend, x0, w0, b0, num_threads=None):
+    threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
+        out = soft_split_layer_norm(x, 3, 2, 1, w, b, backend=backend)
+        out.backward(torch.arange(out.numel(), dtype=torch.float32).view(out.shape).sin().to(out.dtype))
+    finally:
+        torch.set_num_threads(threads)
+    return out, x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_cpp_deterministic_across_threads(dtype):
+    """Bitwise the same output and gradients in two runs, with 1 and with 2 threads. (2 x 32 rows of 16 windows of
+    144 features: several parallel_for tasks per thread, so the partial sums of weight/bias really are split.)"""
+    skip_unless_available("cpp", dtype)
+    x0 = torch.randn(2, 32, 32, 16).to(dtype).permute(0, 3, 1, 2)  # channels_last, the token view's strides
+    w0, b0 = make_params(144, torch.float32)
+    results = [run_once("cpp", x0, w0, b0, n) for n in (1, 2, 2, 1)]
+    for other in results[1:]:
+        for first, second in zip(results[0], other):
+            assert torch.equal(first, second)
+
+
+def test_triton_deterministic():
+    skip_unless_available("triton")
+    x0 = torch.randn(3, 6, 9, 9)
+    w0, b0 = make_params(54, torch.float32)
+    first, second = run_once("triton", x0, w0, b0), run_once("triton", x0, w0, b0)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# --- backend choice ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES["cpp"], ids=dtype_name)
+def test_auto_picks_cpp_on_cpu(dtype):
+    x = torch.randn(1, 2, 5, 5).to(dtype)
+    expected = "cpp" if unavailable_reason("cpp", dtype) is None else "eager"
+    assert BACKENDS.resolve(None, x) == expected
+    assert BACKENDS.resolve("auto", x) == expected
+    w, b = make_params(18, dtype)
+    got = soft_split_layer_norm(x, 3, 2, 1, w, b)
+    assert torch.equal(got, soft_split_layer_norm(x, 3, 2, 1, w, b, backend=expected))
+
+
+# --- GPU -------------------------------------------------------------------------------------------------------------
+
+STAGES = [  # T2T-ViT-14 at 224: stage 0 image, stages 1 and 2 token views
+    ((3, 224, 224), "contiguous", 7, 4, 2),
+    ((64, 56, 56), "token_view", 3, 2, 1),
+    ((64, 28, 28), "token_view", 3, 2, 1),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("param_dtype", ["same", "float32"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_name)
+@pytest.mark.parametrize("stage", STAGES, ids=["stage0", "stage1", "stage2"])
+def test_cuda_model_shapes(backend, dtype, stage, param_dtype):
+    skip_unless_available(backend, dtype, "cuda")
+    (C, H, W), layout, k, s, p = stage
+    check_against_float64(backend, *make_input(4, C, H, W, layout, dtype, device="cuda"), k, s, p,
+                          param_dtype=dtype if param_dtype == "same" else torch.float32)
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+
+_X = torch.randn(1, 3, 8, 8)  # C*kh*kw = 27 for a 3x3 kernel
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        ((_X[0], 3, 2, 1), {}, ValueError, r"x must be 4-D \(B, C, H, W\)"),
+        ((_X[None], 3, 2, 1), {}, ValueError, r"x must be 4-D \(B, C, H, W\)"),
+        ((_X.int(), 3, 2, 1), {}, TypeError, "x must be a floating-point tensor"),
+        ((_X, 11, 2, 1), {}, ValueError, "kernel_size .* larger than the padded input height"),
+        ((_X, 3, 0, 1), {}, ValueError, "stride must be positive"),
+        ((_X, 3, 2, 1, torch.ones(28)), {}, ValueError, r"weight must have shape \(C\*kh\*kw,\) = \(27,\)"),
+        ((_X, 3, 2, 1, torch.ones(3, 9)), {}, ValueError, r"weight must have shape .* got \(3, 9\)"),
+        ((_X, 3, 2, 1, None, torch.ones(26)), {}, ValueError, r"bias must have shape \(C\*kh\*kw,\) = \(27,\)"),
+        ((_X, 3, 2, 1, torch.ones(27, dtype=torch.int64)), {}, TypeError,
+         "weight must be a floating-point Tensor or None, got torch.int64"),
+        ((_X, 3, 2, 1, None, torch.ones(27, dtype=torch.bool)), {}, TypeError,
+         "bias must be a floating-point Tensor or None, got torch.bool"),
+        ((_X, 3, 2, 1, [1.0] * 27), {}, TypeError, "weight must be a floating-point Tensor or None, got list"),
+        ((_X, 3, 2, 1, torch.ones(27, device="meta")), {}, ValueError, "weight is on meta but x is on cpu"),
+        ((_X, 3, 2, 1), {"eps": -1e-5}, ValueError, "eps must be a non-negative finite number, got -1e-05"),
+        ((_X, 3, 2, 1), {"eps": True}, ValueError, "eps must be a non-negative finite number, got True"),
+        ((_X, 3, 2, 1), {"eps": float("nan")}, ValueError, "eps must be a non-negative finite number, got nan"),
+        ((_X, 3, 2, 1), {"eps": float("inf")}, ValueError, "eps must be a non-negative finite number, got inf"),
+        ((_X, 3, 2, 1), {"eps": "1e-5"}, ValueError, "eps must be a non-negative finite number"),
+    ],
+    ids=["x-3d", "x-5d", "x-int", "kernel-too-big", "stride-zero", "weight-shape", "weight-2d", "bias-shape",
+         "weight-int", "bias-bool", "weight-list", "weight-device", "eps-negative", "eps-bool", "eps-nan", "eps-inf",
+         "eps-str"],
+)
+@pytest.mark.parametrize("backend", [None, "eager", "cpp", "triton"])
+def test_bad_input(args, kwargs, error, match, backend):
+    with pytest.raises(error, match=match):
+        soft_split_layer_norm(*args, **kwargs, backend=backend)
+
+
+def test_bad_backend_is_a_clear_error():
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        soft_split_layer_norm(x, 3, 2, 1, backend="fast")
+    with pytest.raises(RuntimeError, match="not supported by backend 'triton'"):
+        soft_split_layer_norm(x.double(), 3, 2, 1, backend="triton")
+    with pytest.raises(RuntimeError, match="not supported by backend 'cpp'"):  # floating, but no cpp kernel
+        soft_split_layer_norm(x.to(torch.float8_e4m3fn), 3, 2, 1, backend="cpp")
+    if not HAS_CUDA:
+        with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+            soft_split_layer_norm(x, 3, 2, 1, backend="cuda")
+    if unavailable_reason("cpp") is None:
+        with pytest.raises(RuntimeError, match="backend 'cpp' runs on cpu tensors, got a meta tensor"):
+            soft_split_layer_norm(x.to("meta"), 3, 2, 1, backend="cpp")
+
+
+def test_compiled_op_rejects_bad_input():
+    """The C++ ops check their arguments themselves (they can be called without the Python wrapper)."""
+    skip_unless_available("cpp")
+    op, backward = op_names("cpp")
+    x, (w, b), geometry = torch.randn(2, 3, 8, 8), make_params(27, torch.float32), ([3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match=r"x must be 4-D \(B, C, H, W\)"):
+        op(x[0], w, b, *geometry, 1e-5)
+    with pytest.raises(RuntimeError, match=r"weight must be \(C\*kh\*kw,\) = \(27,\), got shape \[5\]"):
+        op(x, w[:5], b, *geometry, 1e-5)
+    with pytest.raises(RuntimeError, match=r"bias must be \(C\*kh\*kw,\) = \(27,\)"):
+        op(x, w, b[None], *geometry, 1e-5)
+    with pytest.raises(RuntimeError, match="bias must be float32, float64, bfloat16 or float16, got Int"):
+        op(x, w, b.int(), *geometry, 1e-5)
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="eps must be finite and non-negative"):
+            op(x, w, b, *geometry, eps)
+    out, mean, rstd = op(x, w, b, *geometry, 1e-5)
+    grad_out = torch.randn_like(out)
+    assert backward(grad_out, x, w, mean, rstd, *geometry, False)[0].shape == x.shape
+    with pytest.raises(RuntimeError, match=r"mean must be \(B, L\) = \(2, 16\) of dtype Float, got shape \[2, 3\]"):
+        backward(grad_out, x, w, mean[:, :3], rstd, *geometry, False)
+    with pytest.raises(RuntimeError, match=r"mean must be \(B, L\) = \(2, 16\)"):
+        backward(grad_out, x, w, mean.flatten(), rstd, *geometry, False)
+    with pytest.raises(RuntimeError, match=r"rstd must be \(B, L\) = \(2, 16\) of dtype Float, got shape \[1, 16\]"):
+        backward(grad_out, x, w, mean, rstd[:1], *geometry, False)
+    with pytest.raises(RuntimeError, match="rstd must be .* of dtype Float, got shape .* of dtype Double"):
+        backward(grad_out, x, w, mean, rstd.double(), *geometry, False)
+    with pytest.raises(RuntimeError, match=r"grad_out must be \(B, L, C\*kh\*kw\) = \(2, 16, 27\)"):
+        backward(grad_out[:, :5], x, w, mean, rstd, *geometry, False)
+    with pytest.raises(RuntimeError, match=r"grad_out must be \(B, L, C\*kh\*kw\)"):  # geometry of another split
+        backward(grad_out, x, w, mean, rstd, [3, 3], [1, 1], [1, 1], False)
+    with pytest.raises(RuntimeError, match="grad_out must have x's dtype Float, got Double"):
+        backward(grad_out.double(), x, w, mean, rstd, *geometry, False)
+    with pytest.raises(RuntimeError, match=r"weight must be \(C\*kh\*kw,\) = \(27,\)"):
+        backward(grad_out, x, w[:3], mean, rstd, *geometry, False)
+
+
+def test_triton_op_rejects_bad_input():
+    skip_unless_available("triton")
+    op, backward = op_names("triton")
+    x, (w, b), geometry = torch.randn(2, 3, 8, 8), make_params(27, torch.float32), ([3, 3], [2, 2], [1, 1])
+    with pytest.raises(ValueError, match=r"weight must be a floating \(27,\) tensor"):
+        op(x, w[:5], b, *geometry, 1e-5)
+    with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16"):
+        op(x.double(), w, b, *geometry, 1e-5)
+    with pytest.raises(ValueError, match="features exceed one tile"):  # 1024 * 9 features: a clear error, no launch
+        soft_split_layer_norm(torch.randn(1, 1024, 3, 3), 3, 1, 0, backend="triton")
+    out, mean, rstd = op(x, w, b, *geometry, 1e-5)
+    grad_out = torch.randn_like(out)
+    with pytest.raises(ValueError, match=r"mean must be float32 \(B, L\) = \(2, 16\)"):
+        backward(grad_out, x, w, mean[:, :3], rstd, *geometry, False)
+    with pytest.raises(ValueError, match=r"rstd must be float32 \(B, L\)"):
+        backward(grad_out, x, w, mean, rstd.double(), *geometry, False)
+    with pytest.raises(ValueError, match=r"grad_out must be \(B, L, C\*kh\*kw\) = \(2, 16, 27\)"):
+        backward(grad_out[:, :5], x, w, mean, rstd, *geometry, False)
