@@ -176,8 +176,6 @@ def check_soft_split_layer_norm(case: SoftSplitLayerNormCase, backend: str, devi
             _check(grad.cpu(), want, tol, "grad of x's base", scale)
         else:  # the kernels sum parameter gradients in fp32 and round once to the parameters' dtype
             grad_dtype = param_dtype if backend in KERNELS else dtype
-            if weight is None:  # known issue: bias' gradient is rounded to x's dtype (WEIGHTLESS_BIAS_GRADIENT)
-                grad_dtype = dtype
             _check(grad.cpu(), want, _tolerance(backend, grad_dtype, kappa), f"grad of {name}")
 
 
@@ -212,12 +210,6 @@ def soft_split_layer_norm_cases(draw, dtypes, small: bool):
         offset=draw(st.sampled_from([0.0, 0.0, 3.0])),
         grad_mode=draw(st.sampled_from(["backward"] * 4 + ["no_grad", "inference_mode"])),
     )
-
-
-# Known issue (tests/ops/test_soft_split_layer_norm.py::test_fp32_bias_without_weight, xfail): with weight=None the
-# fused ops get ones in x's dtype as the weight and return bias' gradient in the weight's dtype, so an fp32 bias of
-# fp16/bf16 x gets an fp32 gradient with only fp16/bf16 precision. The fuzz holds it to x's dtype's bound meanwhile.
-WEIGHTLESS_BIAS_GRADIENT = "bias' gradient in x's dtype when weight is None"
 
 
 def _unsupported_by_torch(case, backend) -> bool:

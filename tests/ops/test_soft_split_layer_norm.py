@@ -244,16 +244,12 @@ def test_fp32_params_with_low_precision_x(backend, dtype, layout):
         assert errors["grad_weight"] <= TOLERANCES[torch.float32] and errors["grad_bias"] <= TOLERANCES[torch.float32]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="with weight=None the fused ops return bias' gradient in x's dtype")
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_name)
 @pytest.mark.parametrize("backend", KERNELS)
 def test_fp32_bias_without_weight(backend, dtype):
-    """weight=None with an fp32 bias: the bias' gradient should be as accurate as with an fp32 weight. Today the public
-    function passes ones in x's dtype as the weight and the ops return both parameter gradients in the weight's dtype
-    (csrc/cpu/soft_split.cpp `grad_bias.to(weight.scalar_type())`, triton.py `.to(weight.dtype)`, the fake kernel's
-    empty_like(weight)); autograd casts the fp16/bf16 result back to fp32, so it has x's precision (measured 2e-3 for
-    bf16 where fp32 weight gives 1e-7). (torch's F.layer_norm rejects this combination outright.)"""
+    """weight=None with an fp32 bias: the bias' gradient is as accurate as with an fp32 weight (the public function
+    gives the parameters a common dtype, since the ops return both gradients in the weight's). Before that fix it had
+    x's precision (2e-3 for bf16). (torch's F.layer_norm rejects this combination outright.)"""
     skip_unless_available(backend, dtype)
     errors = check_against_float64(backend, *make_input(2, 3, 9, 8, "token_view", dtype), 3, 2, 1,
                                    param_dtype=torch.float32, weight=False)
@@ -329,15 +325,6 @@ def test_result_layouts(backend):
 # --- autograd: gradcheck, double backward ------------------------------------------------------------------------
 
 
-# The custom ops' double backward differentiates the reference on *detached* copies of x, weight and bias
-# (t2t_kernels/ops/soft_split_layer_norm/__init__.py, grad(): `leaves = [t.detach().requires_grad_(...)]`), so the
-# gradient's graph reaches grad_out but not x, weight or bias: second derivatives with respect to them come back
-# None (zero in gradgradcheck). strict: these start failing (XPASS) once that is fixed; then drop the mark.
-DOUBLE_BACKWARD_CUT = pytest.mark.xfail(
-    strict=True, raises=(AssertionError, RuntimeError),  # (gradcheck's GradcheckError is a RuntimeError)
-    reason="double backward through the cpp/triton op is cut from x, weight and bias (detach in grad())")
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "token_view"])
 def test_gradcheck_float64(layout):
     skip_unless_available("cpp", torch.float64)
@@ -351,7 +338,6 @@ def test_gradcheck_float64(layout):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-@DOUBLE_BACKWARD_CUT
 @pytest.mark.parametrize("layout", ["contiguous", "token_view"])
 def test_gradgradcheck_float64(layout):
     skip_unless_available("cpp", torch.float64)
@@ -376,7 +362,6 @@ def gradient_penalty_grads(backend, dtype):
     return torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w, grad_out), allow_unused=True)
 
 
-@DOUBLE_BACKWARD_CUT
 @pytest.mark.parametrize("backend", KERNELS)
 def test_double_backward_matches_eager(backend):
     """A gradient penalty through the fused op equals the same through the eager formula."""

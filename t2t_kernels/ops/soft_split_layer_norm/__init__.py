@@ -63,8 +63,12 @@ def soft_split_layer_norm(x: Tensor, kernel_size, stride, padding, weight: Tenso
     name = BACKENDS.resolve(backend, x)
     if name == "eager":
         return reference.soft_split_layer_norm(x, k, s, p, weight, bias, eps)
-    weight = weight if weight is not None else x.new_ones(features)
-    bias = bias if bias is not None else x.new_zeros(features)
+    # the kernels return both parameter gradients in one dtype: give the parameters a common one, so an fp32 bias
+    # beside a missing or low-precision weight keeps an fp32 gradient
+    dtypes = [t.dtype for t in (weight, bias) if t is not None] or [x.dtype]
+    param_dtype = torch.promote_types(dtypes[0], dtypes[-1])
+    weight = weight.to(param_dtype) if weight is not None else x.new_ones(features, dtype=param_dtype)
+    bias = bias.to(param_dtype) if bias is not None else x.new_zeros(features, dtype=param_dtype)
     op = (torch.ops.t2t_kernels.soft_split_layer_norm_triton if name == "triton"
           else torch.ops.t2t_kernels.soft_split_layer_norm)
     return op(x, weight, bias, k, s, p, float(eps))[0]
@@ -127,12 +131,13 @@ def _register(suffix: str) -> None:
         if torch.is_grad_enabled():
             # create_graph=True (double backward): differentiate the reference instead, so the graph of the gradient
             # is built by autograd; the fused backward op has no derivative of its own
+            # on the saved tensors themselves, so the gradient's graph reaches x, weight and bias
+            inputs = (x, weight, bias)
             with torch.enable_grad():
-                leaves = [t.detach().requires_grad_(t.requires_grad) for t in (x, weight, bias)]
-                out = reference.soft_split_layer_norm(leaves[0], *geometry, leaves[1], leaves[2], ctx.eps)
-                wanted = [t for t in leaves if t.requires_grad]
+                out = reference.soft_split_layer_norm(x, *geometry, weight, bias, ctx.eps)
+                wanted = [t for t in inputs if t.requires_grad]
                 grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
-                grad_x, grad_weight, grad_bias = (next(grads) if t.requires_grad else None for t in leaves)
+                grad_x, grad_weight, grad_bias = (next(grads) if t.requires_grad else None for t in inputs)
         else:
             grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, mean, rstd, *geometry,
                                                          ctx.channels_last)
