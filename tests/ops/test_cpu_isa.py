@@ -12,14 +12,14 @@ import torch
 from t2t_kernels.ops.performer_attention import BACKENDS
 
 
-@pytest.mark.skipif(BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is not None,
-                    reason="the cpp backend is not built")
 SUITES = {  # the kernels built per instruction set, and the tests that check them
     "performer_attention": ("test_performer_attention.py", "cpp and (float64_reference or gradcheck or deterministic)"),
     "soft_split_layer_norm": ("test_soft_split_layer_norm.py", "cpp and (float64 or deterministic)"),
 }
 
 
+@pytest.mark.skipif(BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is not None,
+                    reason="the cpp backend is not built")
 @pytest.mark.parametrize("op", SUITES)
 @pytest.mark.parametrize("isa", ["avx2", "plain"])
 def test_narrower_instruction_sets_match_the_reference(isa, op):
