@@ -664,3 +664,13 @@ def test_triton_op_rejects_bad_input():
         backward(grad_out, x, w, mean, rstd.double(), *geometry, False)
     with pytest.raises(ValueError, match=r"grad_out must be \(B, L, C\*kh\*kw\) = \(2, 16, 27\)"):
         backward(grad_out[:, :5], x, w, mean, rstd, *geometry, False)
+
+
+def test_errors_name_this_op():
+    """Shape errors of the shared soft split checks carry this op's name; the triton op itself rejects a bad eps."""
+    with pytest.raises(ValueError, match=r"^soft_split_layer_norm: x must be 4-D"):
+        soft_split_layer_norm(torch.randn(2, 3, 8), 3, 2, 1)
+    skip_unless_available("triton")
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(18)
+    with pytest.raises(ValueError, match=r"soft_split_layer_norm \(triton\): eps"):
+        torch.ops.t2t_kernels.soft_split_layer_norm_triton(x, w, w.clone(), [3, 3], [2, 2], [1, 1], -1.0)

@@ -24,30 +24,30 @@ BACKENDS = OpBackends(
 )
 
 
-def check_soft_split_args(x: Tensor, kernel_size, stride, padding) -> None:
+def check_soft_split_args(x: Tensor, kernel_size, stride, padding, op: str = "soft_split") -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"soft_split: x must be a Tensor, got {type(x).__name__}")
+        raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"soft_split: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"soft_split: x must be a floating-point tensor, got dtype {x.dtype}")
+        raise TypeError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
     if min(kernel_size) < 1:
-        raise ValueError(f"soft_split: kernel_size must be positive, got {tuple(kernel_size)}")
+        raise ValueError(f"{op}: kernel_size must be positive, got {tuple(kernel_size)}")
     if min(stride) < 1:
-        raise ValueError(f"soft_split: stride must be positive, got {tuple(stride)}")
+        raise ValueError(f"{op}: stride must be positive, got {tuple(stride)}")
     if min(padding) < 0:
-        raise ValueError(f"soft_split: padding must be non-negative, got {tuple(padding)}")
+        raise ValueError(f"{op}: padding must be non-negative, got {tuple(padding)}")
     if x.shape[1] < 1:
-        raise ValueError(f"soft_split: x must have at least one channel, got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must have at least one channel, got shape {tuple(x.shape)}")
     if x.shape[2] < 1 or x.shape[3] < 1:  # F.unfold rejects it too: every window would be padding
         raise ValueError(
-            f"soft_split: x must be a non-empty image, got height {x.shape[2]} and width {x.shape[3]} "
+            f"{op}: x must be a non-empty image, got height {x.shape[2]} and width {x.shape[3]} "
             f"(x shape {tuple(x.shape)})"
         )
     for n, k, p, name in zip(x.shape[2:], kernel_size, padding, ("height", "width")):
         if n + 2 * p < k:
             raise ValueError(
-                f"soft_split: kernel_size {tuple(kernel_size)} is larger than the padded input {name} "
+                f"{op}: kernel_size {tuple(kernel_size)} is larger than the padded input {name} "
                 f"{n} + 2*{p} = {n + 2 * p} (x shape {tuple(x.shape)})"
             )
 

@@ -51,7 +51,7 @@ def soft_split_layer_norm(x: Tensor, kernel_size, stride, padding, weight: Tenso
     backend: "eager", "cpp", "cuda", "triton", or None/"auto" for the best one available for x.
     """
     k, s, p = to_pair(kernel_size, "kernel_size"), to_pair(stride, "stride"), to_pair(padding, "padding")
-    check_soft_split_args(x, k, s, p)
+    check_soft_split_args(x, k, s, p, op="soft_split_layer_norm")
     features = x.shape[1] * k[0] * k[1]
     _check_param("weight", weight, x, features)
     _check_param("bias", bias, x, features)

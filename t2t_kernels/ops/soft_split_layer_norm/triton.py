@@ -107,6 +107,8 @@ def _check_inputs(x: torch.Tensor, params: dict, kernel_size, stride, padding):
 def soft_split_layer_norm_forward(x, weight, bias, kernel_size, stride, padding, eps):
     """-> (normalised tokens (B, L, F) in x's dtype, mean (B, L) fp32, rstd (B, L) fp32)."""
     (B, H, W), geo, (oh, ow), F = _check_inputs(x, {"weight": weight, "bias": bias}, kernel_size, stride, padding)
+    if not 0 <= eps < float("inf"):
+        raise ValueError(f"{OP} (triton): eps must be finite and non-negative, got {eps!r}")
     L = oh * ow
     out = torch.empty((B, L, F), device=x.device, dtype=x.dtype)
     mean = torch.empty((B, L), device=x.device, dtype=torch.float32)
