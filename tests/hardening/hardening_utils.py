@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import settings
+from hypothesis import strategies as st
 
 from t2t_kernels.ops import performer_attention, soft_split
 from t2t_kernels.ops.performer_attention import BACKENDS as PERFORMER_BACKENDS  # noqa: F401  (for the tests)
@@ -331,7 +332,27 @@ def probe_crash(probe: CrashProbe, backend: str, device: str) -> str | None:
     return f"{probe.name} on backend={backend!r} ({device}): {how}; stderr: {result.stderr.strip()[-500:]}"
 
 
-def _padding_wider_than_kernel(case) -> bool:
+def draw_split_geometry(draw, small: bool) -> dict:
+    """A soft split's batch, channels, image and geometry for a fuzz case: square or not, stride below or above the
+    kernel, padding up to 3, an image at least as large as the padded kernel; each of kernel_size, stride, padding
+    given as an int, a tuple or a list (the ops take all three)."""
+    square = draw(st.booleans())
+    max_k = 4 if small else 7
+    k = (draw(st.integers(1, max_k)),) * 2 if square else (draw(st.integers(1, max_k)), draw(st.integers(1, max_k)))
+    s = (draw(st.integers(1, 9)),) * 2 if square else (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+    p = (draw(st.integers(0, 3)),) * 2 if square else (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    extra = 6 if small else 13
+    H, W = (draw(st.integers(max(1, kk - 2 * pp), max(1, kk - 2 * pp) + extra)) for kk, pp in zip(k, p))
+
+    def as_arg(pair):
+        form = draw(st.sampled_from(["int", "tuple", "list"] if pair[0] == pair[1] else ["tuple", "list"]))
+        return pair[0] if form == "int" else tuple(pair) if form == "tuple" else list(pair)
+
+    return dict(B=draw(st.integers(0, 2 if small else 3)), C=draw(st.integers(1, 3 if small else 5)), H=H, W=W,
+                kernel_size=as_arg(k), stride=as_arg(s), padding=as_arg(p))
+
+
+def padding_wider_than_kernel(case) -> bool:
     return any(p > k for p, k in zip(_pair(case.padding), _pair(case.kernel_size)))
 
 
@@ -349,7 +370,7 @@ SOFT_SPLIT_CRASH_PROBES = (
                 assert torch.equal(y.detach().double(), ref), (shape, k, p)
                 y.backward(torch.ones_like(y))
         """,
-        applies=_padding_wider_than_kernel,
+        applies=padding_wider_than_kernel,
     ),
 )
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from hardening_utils import (
     SOFT_SPLIT_BACKENDS, SOFT_SPLIT_CRASH_PROBES, SOFT_SPLIT_LAYOUTS, SoftSplitCase, backend_params,
-    check_soft_split, count_case, examples_for, probe_crash, quarantined, runnable_dtypes,
+    check_soft_split, count_case, draw_split_geometry, examples_for, probe_crash, quarantined, runnable_dtypes,
 )
 
 pytestmark = pytest.mark.usefixtures("single_intraop_thread")
@@ -21,21 +21,8 @@ pytestmark = pytest.mark.usefixtures("single_intraop_thread")
 
 @st.composite
 def soft_split_cases(draw, dtypes, small: bool):
-    square = draw(st.booleans())
-    max_k = 4 if small else 7
-    k = (draw(st.integers(1, max_k)),) * 2 if square else (draw(st.integers(1, max_k)), draw(st.integers(1, max_k)))
-    s = (draw(st.integers(1, 9)),) * 2 if square else (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
-    p = (draw(st.integers(0, 3)),) * 2 if square else (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
-    extra = 6 if small else 13
-    H, W = (draw(st.integers(max(1, kk - 2 * pp), max(1, kk - 2 * pp) + extra)) for kk, pp in zip(k, p))
-
-    def as_arg(pair):  # the op takes an int or a pair (tuple or list)
-        form = draw(st.sampled_from(["int", "tuple", "list"] if pair[0] == pair[1] else ["tuple", "list"]))
-        return pair[0] if form == "int" else tuple(pair) if form == "tuple" else list(pair)
-
     return SoftSplitCase(
-        B=draw(st.integers(0, 2 if small else 3)), C=draw(st.integers(1, 3 if small else 5)), H=H, W=W,
-        kernel_size=as_arg(k), stride=as_arg(s), padding=as_arg(p),
+        **draw_split_geometry(draw, small),
         layout=draw(st.sampled_from(sorted(SOFT_SPLIT_LAYOUTS))),
         dtype=draw(st.sampled_from([str(d).removeprefix("torch.") for d in dtypes])),
         seed=draw(st.integers(0, 2**31 - 1)),

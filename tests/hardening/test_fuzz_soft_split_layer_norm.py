@@ -20,8 +20,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from hardening_utils import (
-    DTYPE_NAMES, SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYOUTS, CrashProbe, backend_params, count_case, examples_for,
-    generator, probe_crash, quarantined, randn, runnable_dtypes,
+    CrashProbe, DTYPE_NAMES, SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYOUTS, backend_params, count_case,
+    draw_split_geometry, examples_for, generator, padding_wider_than_kernel, probe_crash, quarantined, randn,
+    runnable_dtypes,
 )
 from t2t_kernels.ops import soft_split_layer_norm
 from t2t_kernels.ops.soft_split_layer_norm import BACKENDS as SOFT_SPLIT_LAYER_NORM_BACKENDS
@@ -181,23 +182,10 @@ def check_soft_split_layer_norm(case: SoftSplitLayerNormCase, backend: str, devi
 
 @st.composite
 def soft_split_layer_norm_cases(draw, dtypes, small: bool):
-    square = draw(st.booleans())
-    max_k = 4 if small else 7
-    k = (draw(st.integers(1, max_k)),) * 2 if square else (draw(st.integers(1, max_k)), draw(st.integers(1, max_k)))
-    s = (draw(st.integers(1, 9)),) * 2 if square else (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
-    p = (draw(st.integers(0, 3)),) * 2 if square else (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
-    extra = 6 if small else 13
-    H, W = (draw(st.integers(max(1, kk - 2 * pp), max(1, kk - 2 * pp) + extra)) for kk, pp in zip(k, p))
-
-    def as_arg(pair):  # the op takes an int or a pair (tuple or list)
-        form = draw(st.sampled_from(["int", "tuple", "list"] if pair[0] == pair[1] else ["tuple", "list"]))
-        return pair[0] if form == "int" else tuple(pair) if form == "tuple" else list(pair)
-
     dtype = draw(st.sampled_from([str(d).removeprefix("torch.") for d in dtypes]))
     low_precision = dtype in ("float16", "bfloat16")
     return SoftSplitLayerNormCase(
-        B=draw(st.integers(0, 2 if small else 3)), C=draw(st.integers(1, 3 if small else 5)), H=H, W=W,
-        kernel_size=as_arg(k), stride=as_arg(s), padding=as_arg(p),
+        **draw_split_geometry(draw, small),
         layout=draw(st.sampled_from(sorted(SOFT_SPLIT_LAYOUTS))),
         dtype=dtype,
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -218,10 +206,6 @@ def _unsupported_by_torch(case, backend) -> bool:
     return backend not in KERNELS and case.params == "bias" and case.param_dtype == "float32"
 
 
-def _padding_wider_than_kernel(case) -> bool:
-    return any(p > k for p, k in zip(_pair(case.padding), _pair(case.kernel_size)))
-
-
 CRASH_PROBES = (
     CrashProbe(
         name="soft_split_layer_norm with padding > kernel_size (tokens wholly inside the padding)",
@@ -236,7 +220,7 @@ CRASH_PROBES = (
                 assert torch.allclose(y.detach().double(), ref, atol=1e-5), (shape, k, p)
                 y.backward(torch.ones_like(y))
         """,
-        applies=_padding_wider_than_kernel,
+        applies=padding_wider_than_kernel,
     ),
 )
 
@@ -289,7 +273,7 @@ def test_the_case_generator_covers_the_edges():
             seen.add("stride>kernel")
         if 2 * p[0] > k[0]:
             seen.add("wide padding")
-        if _padding_wider_than_kernel(case):
+        if padding_wider_than_kernel(case):
             seen.add("padding>kernel")
         if k[0] != k[1]:
             seen.add("non-square kernel")
