@@ -36,4 +36,9 @@ TORCH_LIBRARY(t2t_kernels, m) {
   m.def(
       "performer_attention_backward(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor w, Tensor kv_state, "
       "Tensor k_sum, float eps) -> (Tensor, Tensor, Tensor)");
+  // y (M, D), skip (M, E), unit last strides -> (M, E) contiguous:
+  //   x = skip + y proj_weight^T + proj_bias; x + gelu(layer_norm(x) fc1_weight^T + fc1_bias) fc2_weight^T + fc2_bias
+  m.def(
+      "post_attention(Tensor y, Tensor skip, Tensor proj_weight, Tensor proj_bias, Tensor norm_weight, "
+      "Tensor norm_bias, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> Tensor");
 }
