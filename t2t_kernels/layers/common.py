@@ -4,6 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops import post_attention
+
 
 def maybe_checkpoint(enabled: bool, layer, x: torch.Tensor) -> torch.Tensor:
     """layer(x), recomputed in backward instead of keeping its activations when enabled (and grads are needed).
@@ -11,6 +13,36 @@ def maybe_checkpoint(enabled: bool, layer, x: torch.Tensor) -> torch.Tensor:
     if enabled and torch.is_grad_enabled():
         return checkpoint(layer, x, use_reentrant=False)
     return layer(x)
+
+
+def fuses_post_attention(backend, x: torch.Tensor, proj: nn.Module, norm: nn.Module, mlp_fc1: nn.Module,
+                         act: nn.Module, mlp_fc2: nn.Module, training: bool, dropouts: tuple) -> bool:
+    """Whether a layer runs skip + proj(y) and its residual MLP on norm as the fused post_attention op: on the
+    backends whose ops are CPU kernels (auto, cpp), in the official shape (nn.Linear, LayerNorm, exact GELU), with
+    every dropout and drop-path inactive, one dtype throughout (no autocast), and no gradient wanted (the op's
+    backward recomputes the chain in eager, so training keeps the unfused layers). Anything else runs unfused.
+
+    dropouts: the probabilities of the dropouts and drop-paths in that part of the layer (0, or off when not
+    training)."""
+    if backend not in (None, "auto", "cpp") or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return False
+    linears = (proj, mlp_fc1, mlp_fc2)
+    if not (all(type(m) is nn.Linear for m in linears) and type(norm) is nn.LayerNorm
+            and len(norm.normalized_shape) == 1 and type(act) is nn.GELU and act.approximate == "none"):
+        return False
+    if training and any(p > 0 for p in dropouts):
+        return False
+    params = [p for m in (*linears, norm) for p in m.parameters()]
+    if any(p.dtype != x.dtype for p in params):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+
+
+def fused_post_attention(y: torch.Tensor, skip: torch.Tensor, proj: nn.Linear, norm: nn.LayerNorm,
+                         mlp_fc1: nn.Linear, mlp_fc2: nn.Linear) -> torch.Tensor:
+    """skip + proj(y), then x + mlp_fc2(gelu(mlp_fc1(norm(x)))), as one op (callers check fuses_post_attention)."""
+    return post_attention(y, skip, proj.weight, proj.bias, norm.weight, norm.bias, mlp_fc1.weight, mlp_fc1.bias,
+                          mlp_fc2.weight, mlp_fc2.bias, norm.eps)
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..ops import performer_attention, soft_split, soft_split_layer_norm
 from ..ops._backends import check_backend_arg
-from .common import DropPath, Mlp, maybe_checkpoint, multihead_attention
+from .common import (DropPath, Mlp, fused_post_attention, fuses_post_attention, maybe_checkpoint,
+                     multihead_attention)
 
 
 class SoftSplit(nn.Module):
@@ -63,14 +64,24 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
                               requires_grad=False)
         self.backend = backend
 
-    def single_attn(self, x):
+    def attend(self, x):
+        """(v, the attention's output): what the projection and its skip take."""
         k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)  # the official split order: k, q, v
-        y = performer_attention(q, k, v, self.w, eps=self.epsilon, backend=self.backend)
+        return v, performer_attention(q, k, v, self.w, eps=self.epsilon, backend=self.backend)
+
+    def single_attn(self, x):
+        v, y = self.attend(x)
         return v + self.dp(self.proj(y))  # skip from v: the input width differs from emb
 
     def forward(self, x, normalized: bool = False):
         """normalized=True: x has been through norm1 already (the T2T module fuses it into the soft split)."""
-        x = self.single_attn(x if normalized else self.norm1(x))
+        x = x if normalized else self.norm1(x)
+        fc1, act, fc2, drop = self.mlp
+        if fuses_post_attention(self.backend, x, self.proj, self.norm2, fc1, act, fc2, self.training,
+                                (self.dp.p, drop.p)):
+            v, y = self.attend(x)
+            return fused_post_attention(y, v, self.proj, self.norm2, fc1, fc2)
+        x = self.single_attn(x)
         return x + self.mlp(self.norm2(x))
 
 
@@ -92,17 +103,24 @@ class TokenAttention(nn.Module):
         self.proj = nn.Linear(in_dim, in_dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x):
+    def attend(self, x):
+        """(v as tokens, the attention's output): what the projection and its skip take."""
         drop = self.attn_drop if self.training else 0.0
         out, v = multihead_attention(self.qkv(x), self.num_heads, self.in_dim // self.num_heads, self.scale, drop)
-        v = v.transpose(1, 2).reshape(out.shape)  # official: v.squeeze(1) (one head)
+        return v.transpose(1, 2).reshape(out.shape), out  # official: v.squeeze(1) (one head)
+
+    def forward(self, x):
+        v, out = self.attend(x)
         return v + self.proj_drop(self.proj(out))
 
 
 class Token_transformer(nn.Module):  # noqa: N801  (official class name)
     def __init__(self, dim, in_dim, num_heads=1, mlp_ratio=1.0, qkv_bias=False, qk_scale=None, drop=0.0,
-                 attn_drop=0.0, drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+                 attn_drop=0.0, drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm,
+                 backend: str | None = "auto"):
         super().__init__()
+        check_backend_arg(backend)
+        self.backend = backend
         self.norm1 = norm_layer(dim)
         self.attn = TokenAttention(dim, in_dim=in_dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
                                    attn_drop=attn_drop, proj_drop=drop)
@@ -113,7 +131,14 @@ class Token_transformer(nn.Module):  # noqa: N801  (official class name)
 
     def forward(self, x, normalized: bool = False):
         """normalized=True: x has been through norm1 already (the T2T module fuses it into the soft split)."""
-        x = self.attn(x if normalized else self.norm1(x))
+        x = x if normalized else self.norm1(x)
+        attn, mlp = self.attn, self.mlp
+        dropouts = (attn.proj_drop.p, mlp.drop.p, getattr(self.drop_path, "drop_prob", 0.0))
+        if fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2, self.training,
+                                dropouts):
+            v, out = attn.attend(x)
+            return fused_post_attention(out, v, attn.proj, self.norm2, mlp.fc1, mlp.fc2)
+        x = attn(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -142,8 +167,10 @@ class T2T_module(nn.Module):  # noqa: N801  (official class name)
         self.soft_split1 = SoftSplit(3, 2, 1, backend=backend)
         self.soft_split2 = SoftSplit(3, 2, 1, backend=backend)
         if tokens_type == "transformer":
-            self.attention1 = Token_transformer(dim=in_chans * 7 * 7, in_dim=token_dim, num_heads=1, mlp_ratio=1.0)
-            self.attention2 = Token_transformer(dim=token_dim * 3 * 3, in_dim=token_dim, num_heads=1, mlp_ratio=1.0)
+            self.attention1 = Token_transformer(dim=in_chans * 7 * 7, in_dim=token_dim, num_heads=1, mlp_ratio=1.0,
+                                                backend=backend)
+            self.attention2 = Token_transformer(dim=token_dim * 3 * 3, in_dim=token_dim, num_heads=1, mlp_ratio=1.0,
+                                                backend=backend)
         else:
             self.attention1 = Token_performer(dim=in_chans * 7 * 7, in_dim=token_dim, kernel_ratio=0.5,
                                               backend=backend)
