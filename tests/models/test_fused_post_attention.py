@@ -1,0 +1,140 @@
+"""In inference on the CPU backends, each T2T layer runs its projection + skip, norm2 and MLP as the fused
+post_attention op (issue 5: the T2T module forward); wherever the op does not apply (gradients wanted, dropout active,
+autocast, the eager backend, a norm or activation other than the official ones) the layers run unfused. Either way
+the logits are the eager model's."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import t2t_kernels
+from t2t_kernels.ops import POST_ATTENTION_BACKENDS
+
+FUSED = "t2t_kernels::post_attention"
+requires_cpp = pytest.mark.skipif(
+    POST_ATTENTION_BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is not None,
+    reason="the compiled post_attention is not available")
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def _perturbed(model):
+    with torch.no_grad():  # off the init (zero biases, unit norms), so every parameter matters
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _logged(model, x):
+    with OpLog() as log:
+        out = model(x)
+    return out, log.names
+
+
+@requires_cpp
+@pytest.mark.parametrize("name", t2t_kernels.list_models())
+@pytest.mark.parametrize("backend", ["auto", "cpp"])
+def test_inference_fuses_both_t2t_layers_and_matches_eager(name, backend):
+    model = _perturbed(t2t_kernels.create_model(name, img_size=32, num_classes=10, backend=backend)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, names = _logged(model, x)
+        model.set_backend("eager")
+        ref, ref_names = _logged(model, x)
+    assert names.count(FUSED) == 2 and FUSED not in ref_names
+    # the T2T layers' norm2 and GELU went into the op: only the backbone's remain (two norms and a GELU per block)
+    depth = len(model.blocks)
+    assert sum(n.startswith("aten::native_layer_norm") for n in names) == 2 * depth + 1  # + the final norm
+    assert sum(n.startswith("aten::gelu") for n in names) == depth
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@requires_cpp
+def test_float64_inference_uses_the_float64_kernel():
+    model = _perturbed(t2t_kernels.t2t_vit_7(img_size=32, num_classes=10)).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out, names = _logged(model, x)
+        model.set_backend("eager")
+        ref = model(x)
+    assert names.count(FUSED) == 2
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def _fused_count(model, x, **autocast):
+    with OpLog() as log:
+        if autocast:
+            with torch.autocast("cpu", **autocast):
+                model(x)
+        else:
+            model(x)
+    return log.names.count(FUSED)
+
+
+@requires_cpp
+@pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
+def test_unfused_where_the_op_does_not_apply(tokens_type):
+    name = "t2t_vit_7" if tokens_type == "performer" else "t2t_vit_t_14"
+    model = t2t_kernels.create_model(name, img_size=32, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    assert _fused_count(model.train(), x) == 0  # gradients wanted
+    with torch.no_grad():
+        if tokens_type == "performer":  # its dropouts are the official hard-coded 0.1
+            assert _fused_count(model.train(), x) == 0  # dropout active
+        assert _fused_count(model.eval(), x) == 2
+        assert _fused_count(model.eval(), x, dtype=torch.bfloat16) == 0  # autocast: mixed dtypes
+        model.set_backend("eager")
+        assert _fused_count(model, x) == 0
+    model.set_backend("auto")
+    assert _fused_count(model.eval(), x) == 0  # eval, but the parameters want gradients
+
+
+@requires_cpp
+@pytest.mark.parametrize("change", ["rmsnorm", "tanh_gelu"])
+def test_other_norm2_or_activation_runs_unfused(change):
+    """A layer whose norm2 is not a LayerNorm, or whose GELU is the tanh one, keeps its own modules."""
+    model = _perturbed(t2t_kernels.t2t_vit_7(img_size=32, num_classes=10)).eval()
+    for layer in (model.tokens_to_token.attention1, model.tokens_to_token.attention2):
+        if change == "rmsnorm":
+            layer.norm2 = torch.nn.RMSNorm(layer.norm2.normalized_shape)
+        else:
+            layer.mlp[1] = torch.nn.GELU(approximate="tanh")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, names = _logged(model, x)
+        model.set_backend("eager")
+        ref = model(x)
+    assert FUSED not in names
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@requires_cpp
+def test_compiled_inference_keeps_the_fused_op():
+    """torch.compile(fullgraph=True) of the inference forward: one graph, no recompile on the next call, and the
+    graph calls the fused op (dynamo traces the fuses_post_attention conditions)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = _perturbed(t2t_kernels.t2t_vit_7(img_size=32, num_classes=10)).eval()
+    compiled = torch.compile(model, fullgraph=True, backend=recording_backend)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2):
+                out = compiled(x)
+    assert len(graphs) == 1
+    assert sum("post_attention" in str(node.target) for node in graphs[0].graph.nodes) == 2
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
