@@ -167,14 +167,6 @@ struct PostAttention {
   };
 };
 
-// padding of the column counts to whole register blocks of gemm_rows2 (the widest set's, for every set)
-template <typename acc_t>
-int64_t padded(int64_t cols) {
-  constexpr int64_t block = IsaAvx512::C2 * IsaAvx512::kBytes / sizeof(acc_t);
-  static_assert(block % (IsaAvx2::C2 * IsaAvx2::kBytes / sizeof(acc_t)) == 0, "AVX2 blocks must divide AVX-512's");
-  return (cols + block - 1) / block * block;
-}
-
 void check_inputs(const at::Tensor& y, const at::Tensor& skip, const at::Tensor* params) {
   static const char* names[] = {"proj_weight", "proj_bias", "norm_weight", "norm_bias",
                                 "fc1_weight",  "fc1_bias",  "fc2_weight",  "fc2_bias"};
@@ -214,7 +206,7 @@ at::Tensor post_attention_cpu(const at::Tensor& y_in, const at::Tensor& skip_in,
   const Isa isa = cpu_isa();
 
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "post_attention_cpu", [&] {
-    const int64_t Ep = padded<scalar_t>(E), Hp = padded<scalar_t>(H);
+    const int64_t Ep = padded_cols<scalar_t>(E), Hp = padded_cols<scalar_t>(H);
     const Weights<scalar_t> weights(params, D, E, H, Ep, Hp);
     const Args<scalar_t> args{y.data_ptr<scalar_t>(), skip.data_ptr<scalar_t>(), y.stride(0), skip.stride(0),
                               out.data_ptr<scalar_t>(), M, D, E, H, Ep, Hp, static_cast<scalar_t>(eps), &weights};

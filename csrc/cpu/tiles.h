@@ -377,6 +377,14 @@ T2T_INLINE void gemm_reduce(const acc_t* P, int64_t ps, const acc_t* X, int64_t 
   }
 }
 
+// cols rounded up to whole register blocks of gemm_rows2 (the widest set's, so every set's blocks divide it)
+template <typename acc_t>
+int64_t padded_cols(int64_t cols) {
+  constexpr int64_t block = IsaAvx512::C2 * IsaAvx512::kBytes / sizeof(acc_t);
+  static_assert(block % (IsaAvx2::C2 * IsaAvx2::kBytes / sizeof(acc_t)) == 0, "AVX2 blocks must divide AVX-512's");
+  return (cols + block - 1) / block * block;
+}
+
 // Kernel<I>::run built for the instruction set isa, with that set's register blocking I
 template <template <class> class Kernel>
 auto isa_kernel(Isa isa) {

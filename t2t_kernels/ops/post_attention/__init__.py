@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._backends import OpBackends
-from .._registry import op_exists
+from .._registry import op_exists, register_recompute_autograd
 from . import reference
 
 BACKENDS = OpBackends(
@@ -116,29 +116,6 @@ def _fake_forward(y, skip, proj_weight, proj_bias, norm_weight, norm_bias, fc1_w
     return skip.new_empty(skip.shape)
 
 
-def _register() -> None:
-    forward = "t2t_kernels::post_attention"
-    if not op_exists(forward):
-        return
-    torch.library.register_fake(forward)(_fake_forward)
-
-    def setup_context(ctx, inputs, output):
-        *tensors, ctx.eps = inputs
-        ctx.save_for_backward(*tensors)
-
-    def grad(ctx, grad_out):
-        # no fused backward: recompute the chain in eager from the saved inputs and differentiate it; with
-        # create_graph (double backward) on the saved tensors themselves, so the gradient's graph reaches them
-        create_graph = torch.is_grad_enabled()
-        wanted = ctx.needs_input_grad[:-1]
-        with torch.enable_grad():
-            inputs = [t if create_graph else t.detach().requires_grad_(w) for t, w in zip(ctx.saved_tensors, wanted)]
-            out = reference.post_attention(*inputs, ctx.eps)
-            grads = iter(torch.autograd.grad(out, [t for t, w in zip(inputs, wanted) if w], grad_out,
-                                             create_graph=create_graph))
-        return (*(next(grads) if w else None for w in wanted), None)
-
-    torch.library.register_autograd(forward, grad, setup_context=setup_context)
-
-
-_register()
+if op_exists("t2t_kernels::post_attention"):
+    torch.library.register_fake("t2t_kernels::post_attention")(_fake_forward)
+    register_recompute_autograd("t2t_kernels::post_attention", reference.post_attention, num_tensors=10)
