@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import BACKENDS as BACKEND_NAMES
-from ..ops import performer_attention, soft_split, soft_split_layer_norm
+from ..ops import performer_attention, post_attention, soft_split, soft_split_layer_norm
 from ..ops._backends import OpBackends
 from ..ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
+from ..ops.post_attention import BACKENDS as POST_ATTENTION_BACKENDS
+from ..ops.post_attention.reference import post_attention as post_attention_reference
 from ..ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
 from ..ops.soft_split.reference import output_grid
 from ..ops.soft_split.reference import soft_split as soft_split_reference
@@ -154,6 +156,7 @@ class OpCase(Case):
     """One fused op at one T2T stage and pass; providers: official eager, each available backend, compile."""
 
     backends: OpBackends
+    passes = (FORWARD, FORWARD_BACKWARD)  # the passes op_cases makes of this op
 
     def __init__(self, settings, op, stage, pass_):
         self.op, self.stage, self.pass_ = op, stage, pass_
@@ -320,16 +323,63 @@ class PerformerCase(OpCase):
         return Workload(step, probe=call)
 
 
+class PostAttentionCase(OpCase):
+    """post_attention after a T2T layer's attention (forward: the model uses it for inference only): y (B, T, 64) and
+    the skip v, a column slice of the kqv output (B, T, 192) as in Token_performer, through proj, norm2 and the
+    64-64-64 GELU MLP. Eager is the layers' own chain (F.linear, F.layer_norm, F.gelu)."""
+
+    backends = POST_ATTENTION_BACKENDS
+    passes = (FORWARD,)
+
+    def __init__(self, settings, stage, pass_):
+        H, W = settings.img_size
+        d = PERFORMER_STAGES[stage]
+        self.T = (H // d) * (W // d)
+        super().__init__(settings, "post_attention", stage, pass_)
+
+    def shape_text(self):
+        return f"(T={self.T}, E={PERFORMER_E}, hidden={PERFORMER_E})"
+
+    @staticmethod
+    def official(y, skip, *params, eps):
+        return post_attention_reference(y, skip, *params, eps)
+
+    def backend_fn(self, backend):
+        return lambda y, skip, *params, eps: post_attention(y, skip, *params, eps=eps, backend=backend)
+
+    def byte_floor(self):
+        return 3 * self.settings.batch * self.T * PERFORMER_E * self.settings.dtype.itemsize  # read y, skip; write
+
+    def workload(self, fn):
+        s, E = self.settings, PERFORMER_E
+        g = torch.Generator().manual_seed(0)
+        y = torch.randn(s.batch, self.T, E, generator=g).to(s.device, s.dtype)
+        kqv = torch.randn(s.batch, self.T, 3 * E, generator=g).to(s.device, s.dtype)
+        linears = [torch.nn.Linear(E, E) for _ in range(3)]  # proj, fc1, fc2 at nn.Linear's init
+        norm = (1 + 0.1 * torch.randn(E, generator=g), 0.1 * torch.randn(E, generator=g))
+        proj, fc1, fc2 = ((m.weight.detach().to(s.device, s.dtype), m.bias.detach().to(s.device, s.dtype))
+                          for m in linears)
+        params = (*proj, *(t.to(s.device, s.dtype) for t in norm), *fc1, *fc2)
+
+        def step():
+            with torch.no_grad():
+                return fn(y, kqv[..., 2 * E:], *params, eps=1e-5)
+
+        return Workload(step)
+
+
 def op_cases(settings: Settings, ops=("soft_split", "performer_attention"), passes=(FORWARD, FORWARD_BACKWARD)):
     kinds = {SoftSplitCase.op_name: (SoftSplitCase, SOFT_SPLIT_STAGES),
              SoftSplitLayerNormCase.op_name: (SoftSplitLayerNormCase, ("stage0", "stage1")),  # a LayerNorm follows
-             "performer_attention": (PerformerCase, PERFORMER_STAGES)}
+             "performer_attention": (PerformerCase, PERFORMER_STAGES),
+             "post_attention": (PostAttentionCase, PERFORMER_STAGES)}
     cases = []
     for op in ops:
         if op not in kinds:
             raise ValueError(f"ops: unknown op {op!r}; choose from {sorted(kinds)}")
         cls, stages = kinds[op]
-        cases += [cls(settings, stage, pass_) for stage in stages for pass_ in passes]
+        cases += [cls(settings, stage, pass_) for stage in stages for pass_ in passes
+                  if pass_ in cls.passes]
     return cases
 
 

@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_out", help="folder for results.json, results.md, speedups.png")
     p.add_argument("--no-ops", action="store_true", help="skip the op-level cases")
     p.add_argument("--no-model", action="store_true", help="skip the model-level cases")
-    p.add_argument("--ops", default="soft_split,soft_split+layer_norm,performer_attention",
-                   help="which op cases (comma list; soft_split+layer_norm: the split and the LayerNorm after it)")
+    p.add_argument("--ops", default="soft_split,soft_split+layer_norm,performer_attention,post_attention",
+                   help="which op cases (comma list; soft_split+layer_norm: the split and the LayerNorm after it; "
+                        "post_attention: a T2T layer's projection, norm2 and MLP, forward)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing providers")
