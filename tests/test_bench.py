@@ -250,6 +250,25 @@ def test_soft_split_layer_norm_case_providers_agree():
             torch.testing.assert_close(out, tokens, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_post_attention_cases_are_forward_only_and_providers_agree():
+    """The model runs post_attention for inference only: its cases are forward ones, whatever passes are asked for,
+    and every provider computes the same output from the same inputs."""
+    settings = Settings(**TINY, compile=False)
+    cases = op_cases(settings, ops=("post_attention",), passes=(FORWARD, FORWARD_BACKWARD))
+    assert [c.name for c in cases] == ["post_attention/stage1/forward", "post_attention/stage2/forward"]
+    for case in cases:
+        outputs = {}
+        for provider in case.providers():
+            if provider.reason is None and provider.name != "compile":
+                torch.manual_seed(0)  # nn.Linear's init draws the weights: the same ones for every provider
+                outputs[provider.name] = case.build(provider.name)()
+        assert outputs["eager"].shape == (1, case.T, 64)
+        if case.backends.unavailable_reason("cpp", settings.device, settings.dtype) is None:
+            assert "cpp" in outputs
+        for name, out in outputs.items():
+            torch.testing.assert_close(out, outputs["eager"], rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_unknown_op_case_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown op 'softsplit'"):
         op_cases(Settings(**TINY), ops=("softsplit",))
