@@ -502,8 +502,6 @@ def test_cpp_deterministic_across_threads(dtype):
             assert torch.equal(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="post_attention's docstring promises a contiguous result, but the eager backend "
-                   "returns skip + F.linear(...) in skip's layout (e.g. strides (900, 1, 45) for a transposed skip)")
 def test_eager_result_is_contiguous():
     bases, view = make_input("both_transposed", (3, 45), 24, 20, torch.float32)
     out = post_attention(*view(*bases), *make_params(24, 20, 40, torch.float32), backend="eager")

@@ -97,8 +97,8 @@ def post_attention(y: Tensor, skip: Tensor, proj_weight: Tensor, proj_bias: Tens
     params = (proj_weight, proj_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     check_post_attention_args(y, skip, params, eps)
     name = BACKENDS.resolve(backend, y)
-    if name == "eager" or y.numel() == 0 or skip.numel() == 0:
-        return reference.post_attention(y, skip, *params, float(eps))
+    if name == "eager" or y.numel() == 0 or skip.numel() == 0:  # contiguous like the kernel's (skip's layout leaks)
+        return reference.post_attention(y, skip, *params, float(eps)).contiguous()
     # the kernel takes every parameter: a missing bias is zeros, a missing norm weight ones
     E, H = skip.shape[-1], fc1_weight.shape[0]
     filled = [t if t is not None else (y.new_ones(E) if pname == "norm_weight" else y.new_zeros(shape_of(0, E, H)))
