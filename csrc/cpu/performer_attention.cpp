@@ -39,18 +39,6 @@ constexpr int64_t feature_row_work(int64_t Ep, int64_t mp) {
   return (Ep + 20 * mp) / Simd<acc_t, I::kBytes>::kLanes;
 }
 template <class I, typename acc_t>
-int64_t rows_work(int64_t n, int64_t K, int64_t cols) {
-  return (n + I::R1 - 1) / I::R1 * (cols / (I::C1 * Simd<acc_t, I::kBytes>::kLanes)) * I::R1 * I::C1 * K;
-}
-template <class I, typename acc_t>
-int64_t rows2_work(int64_t n, int64_t K, int64_t cols) {
-  return (n + I::R2 - 1) / I::R2 * (cols / (I::C2 * Simd<acc_t, I::kBytes>::kLanes)) * I::R2 * I::C2 * K;
-}
-template <class I, typename acc_t>
-int64_t reduce_work(int64_t n, int64_t mp, int64_t cols) {
-  return mp / I::J3 * (cols / (I::C3 * Simd<acc_t, I::kBytes>::kLanes)) * I::J3 * I::C3 * n;
-}
-template <class I, typename acc_t>
 int64_t features_work(int64_t n, int64_t Ep, int64_t mp) {
   return n * feature_row_work<I, acc_t>(Ep, mp);
 }

@@ -101,7 +101,7 @@ int64_t scratch_size(int64_t Ep, int64_t Hp) { return kRows * (3 * Ep + Hp); }
 template <class I>
 struct PostAttentionTask {
   template <typename acc_t>
-  static T2T_INLINE void run(const Args<acc_t>* a, int64_t task, acc_t* s) {
+  static T2T_INLINE void run(const Args<acc_t>* a, int64_t task, int64_t next, acc_t* s) {
     using S = Simd<acc_t, I::kBytes>;
     using vec = typename S::vec;
     constexpr int L = S::kLanes;
@@ -110,11 +110,19 @@ struct PostAttentionTask {
     const int64_t r0 = task * kRows, n = std::min(kRows, c.M - r0), Ep = c.Ep, Hp = c.Hp, E = c.E;
     const int64_t full = E / L * L;  // columns in whole vectors; the rest one by one
     acc_t *x = s, *xn = x + kRows * Ep, *h = xn + kRows * Ep, *o = h + kRows * Hp;
-    Prefetcher none;
     const acc_t* null = nullptr;
+    // the next task's rows of y and skip are fetched into cache while this one computes (they are read once, from
+    // memory: without this the row loads stall)
+    Prefetcher pf;
+    if (next * kRows < c.M) {
+      pf.rows = std::min(kRows, c.M - next * kRows);
+      pf.add(reinterpret_cast<const char*>(c.y + next * kRows * c.ys), c.ys * sizeof(acc_t), c.D * sizeof(acc_t));
+      pf.add(reinterpret_cast<const char*>(c.skip + next * kRows * c.ss), c.ss * sizeof(acc_t), E * sizeof(acc_t));
+      pf.plan(rows2_work<I, acc_t>(n, c.D, Ep) + rows2_work<I, acc_t>(n, E, Hp) + rows2_work<I, acc_t>(n, c.H, Ep));
+    }
 
     // x = y Wp^T + bp + skip; its padding columns stay 0 (zero weights and bias, no skip)
-    gemm_rows2<I, Epilogue::kPlain>(c.y + r0 * c.ys, c.ys, n, c.D, w.wp, Ep, x, Ep, null, null, 0, none);
+    gemm_rows2<I, Epilogue::kPlain>(c.y + r0 * c.ys, c.ys, n, c.D, w.wp, Ep, x, Ep, null, null, 0, pf);
     for (int64_t t = 0; t < n; ++t) {
       acc_t* xr = x + t * Ep;
       const acc_t* sr = c.skip + (r0 + t) * c.ss;
@@ -143,12 +151,13 @@ struct PostAttentionTask {
     }
 
     // h = gelu(xn W1^T + b1): padding columns gelu(0) = 0
-    gemm_rows2<I, Epilogue::kPlain>(xn, Ep, n, E, w.w1, Hp, h, Hp, null, null, 0, none);
+    gemm_rows2<I, Epilogue::kPlain>(xn, Ep, n, E, w.w1, Hp, h, Hp, null, null, 0, pf);
     const Gelu<acc_t, I::kBytes> gelu;
-    for (int64_t i = 0; i < n * Hp; i += L) S::store(h + i, gelu(S::load(h + i) + S::load(w.b1 + i % Hp)));
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < Hp; j += L) S::store(h + t * Hp + j, gelu(S::load(h + t * Hp + j) + S::load(w.b1 + j)));
 
     // out = x + h W2^T + b2
-    gemm_rows2<I, Epilogue::kPlain>(h, Hp, n, c.H, w.w2, Ep, o, Ep, null, null, 0, none);
+    gemm_rows2<I, Epilogue::kPlain>(h, Hp, n, c.H, w.w2, Ep, o, Ep, null, null, 0, pf);
     for (int64_t t = 0; t < n; ++t) {
       const acc_t *xr = x + t * Ep, *orow = o + t * Ep;
       acc_t* dst = c.out + (r0 + t) * E;
@@ -164,7 +173,9 @@ template <typename acc_t>
 struct PostAttention {
   template <class I>
   struct Task {
-    static T2T_INLINE void run(const Args<acc_t>* a, int64_t task, acc_t* s) { PostAttentionTask<I>::run(a, task, s); }
+    static T2T_INLINE void run(const Args<acc_t>* a, int64_t task, int64_t next, acc_t* s) {
+      PostAttentionTask<I>::run(a, task, next, s);
+    }
   };
 };
 
@@ -213,7 +224,9 @@ at::Tensor post_attention_cpu(const at::Tensor& y_in, const at::Tensor& skip_in,
                               out.data_ptr<scalar_t>(), M, D, E, H, Ep, Hp, static_cast<scalar_t>(eps), &weights};
     const auto task = isa_kernel<PostAttention<scalar_t>::template Task>(isa);
     parallel_tasks((M + kRows - 1) / kRows, scratch_size(Ep, Hp) * static_cast<int64_t>(sizeof(scalar_t)),
-                   [&](int64_t i, int64_t, void* scratch) { task(&args, i, static_cast<scalar_t*>(scratch)); });
+                   [&](int64_t i, int64_t next, void* scratch) {
+                     task(&args, i, next, static_cast<scalar_t*>(scratch));
+                   });
   });
   return out;
 }

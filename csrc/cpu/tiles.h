@@ -377,6 +377,20 @@ T2T_INLINE void gemm_reduce(const acc_t* P, int64_t ps, const acc_t* X, int64_t 
   }
 }
 
+// Work of gemm_rows, gemm_rows2 and gemm_reduce in the units they report to the Prefetcher (vector FMAs)
+template <class I, typename acc_t>
+int64_t rows_work(int64_t n, int64_t K, int64_t cols) {
+  return (n + I::R1 - 1) / I::R1 * (cols / (I::C1 * Simd<acc_t, I::kBytes>::kLanes)) * I::R1 * I::C1 * K;
+}
+template <class I, typename acc_t>
+int64_t rows2_work(int64_t n, int64_t K, int64_t cols) {
+  return (n + I::R2 - 1) / I::R2 * (cols / (I::C2 * Simd<acc_t, I::kBytes>::kLanes)) * I::R2 * I::C2 * K;
+}
+template <class I, typename acc_t>
+int64_t reduce_work(int64_t n, int64_t mp, int64_t cols) {
+  return mp / I::J3 * (cols / (I::C3 * Simd<acc_t, I::kBytes>::kLanes)) * I::J3 * I::C3 * n;
+}
+
 // cols rounded up to whole register blocks of gemm_rows2 (the widest set's, so every set's blocks divide it)
 template <typename acc_t>
 int64_t padded_cols(int64_t cols) {
