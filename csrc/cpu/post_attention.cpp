@@ -19,6 +19,8 @@ namespace t2t_kernels {
 namespace {
 
 constexpr int64_t kRows = 64;  // rows per task: the scratch tiles of a 64-wide layer stay in L1/L2
+// outputs of at least this size are written with streaming stores (as the performer kernel's)
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 // gelu(x) = x/2 erfc(-x/sqrt(2)), exact (erf) form. float: erfc from the Chebyshev fit of Numerical Recipes
 // (relative error < 1.2e-7 for every argument) on the vectorised exp, so neither side of 0 loses precision to a
@@ -93,6 +95,7 @@ struct Args {
   int64_t M, D, E, H, Ep, Hp;
   acc_t eps;
   const Weights<acc_t>* w;
+  bool stream;  // write the output with streaming stores
 };
 
 // per-task scratch (in acc_t): x (kRows, Ep), normalised x (kRows, Ep), hidden (kRows, Hp), mlp out (kRows, Ep)
@@ -158,11 +161,20 @@ struct PostAttentionTask {
 
     // out = x + h W2^T + b2
     gemm_rows2<I, Epilogue::kPlain>(h, Hp, n, c.H, w.w2, Ep, o, Ep, null, null, 0, pf);
+    // a large output is written past the caches (it would not stay there), when its rows are whole aligned vectors
+    const bool stream = c.stream && full == E && (E * sizeof(acc_t)) % I::kBytes == 0 &&
+                        reinterpret_cast<uintptr_t>(c.out) % I::kBytes == 0;
     for (int64_t t = 0; t < n; ++t) {
       const acc_t *xr = x + t * Ep, *orow = o + t * Ep;
       acc_t* dst = c.out + (r0 + t) * E;
       int64_t e = 0;
-      for (; e < full; e += L) S::store(dst + e, S::load(xr + e) + S::load(orow + e) + S::load(w.b2 + e));
+      for (; e < full; e += L) {
+        const vec v = S::load(xr + e) + S::load(orow + e) + S::load(w.b2 + e);
+        if (stream)
+          stream_store<I>(dst + e, v);
+        else
+          S::store(dst + e, v);
+      }
       for (; e < E; ++e) dst[e] = xr[e] + orow[e] + w.b2[e];
     }
   }
@@ -221,7 +233,8 @@ at::Tensor post_attention_cpu(const at::Tensor& y_in, const at::Tensor& skip_in,
     const int64_t Ep = padded_cols<scalar_t>(E), Hp = padded_cols<scalar_t>(H);
     const Weights<scalar_t> weights(params, D, E, H, Ep, Hp);
     const Args<scalar_t> args{y.data_ptr<scalar_t>(), skip.data_ptr<scalar_t>(), y.stride(0), skip.stride(0),
-                              out.data_ptr<scalar_t>(), M, D, E, H, Ep, Hp, static_cast<scalar_t>(eps), &weights};
+                              out.data_ptr<scalar_t>(), M, D, E, H, Ep, Hp, static_cast<scalar_t>(eps), &weights,
+                              M * E * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes};
     const auto task = isa_kernel<PostAttention<scalar_t>::template Task>(isa);
     parallel_tasks((M + kRows - 1) / kRows, scratch_size(Ep, Hp) * static_cast<int64_t>(sizeof(scalar_t)),
                    [&](int64_t i, int64_t next, void* scratch) {
