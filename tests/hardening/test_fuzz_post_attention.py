@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from float64_checks import post_attention_formula
 from hardening_utils import DTYPE_NAMES, backend_params, count_case, generator, randn, runnable_dtypes
 from t2t_kernels.ops import post_attention
 from t2t_kernels.ops.post_attention import BACKENDS as POST_ATTENTION_BACKENDS
@@ -65,24 +66,6 @@ class PostAttentionCase:
     dtype: str
     seed: int
     grad_mode: str = "backward"  # "backward", "no_grad" or "inference_mode"
-
-
-def gelu(a):
-    return 0.5 * a * torch.special.erfc(-a * math.sqrt(0.5))
-
-
-def formula(y, skip, params, eps):
-    proj_weight, proj_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
-    x = skip + y @ proj_weight.T
-    x = x + proj_bias if proj_bias is not None else x
-    centred = x - x.mean(-1, keepdim=True)
-    normed = centred * ((centred * centred).mean(-1, keepdim=True) + eps).rsqrt()
-    normed = normed * norm_weight if norm_weight is not None else normed
-    normed = normed + norm_bias if norm_bias is not None else normed
-    a = normed @ fc1_weight.T
-    a = a + fc1_bias if fc1_bias is not None else a
-    out = x + gelu(a) @ fc2_weight.T
-    return out + fc2_bias if fc2_bias is not None else out
 
 
 def make_case_tensors(case: PostAttentionCase, device="cpu"):
@@ -139,7 +122,8 @@ def row_terms_scale(y64, skip64, params64, grad_out64, eps):
 
     def row_loss(present, y, skip, g):
         it = iter(present)
-        return (formula(y, skip, [next(it) if p is not None else None for p in params64], eps) * g).sum()
+        present = [next(it) if p is not None else None for p in params64]
+        return (post_attention_formula(y, skip, *present, eps) * g).sum()
 
     per_row = vmap(grad(row_loss), in_dims=(None, 0, 0, 0))(present, y64, skip64, grad_out64)
     return [t.square().sum(0).sqrt().max().item() for t in per_row]
@@ -166,9 +150,9 @@ def check_post_attention(case: PostAttentionCase, backend: str, device: str = "c
         with context:
             out = post_attention(*view(*leaves[:2]), *with_params(leaves[2:]), eps=case.eps, backend=backend)
     assert tuple(out.shape) == (*case.lead, case.E), (out.shape, case.lead, case.E)
-    assert backend == "eager" or out.is_contiguous(), out.stride()  # eager keeps skip's layout (an xfail there)
+    assert out.is_contiguous(), out.stride()
     leaves64 = [t.detach().double().requires_grad_(grads) for t in leaves]
-    expected = formula(*view(*leaves64[:2]), with_params(leaves64[2:]), case.eps)
+    expected = post_attention_formula(*view(*leaves64[:2]), *with_params(leaves64[2:]), case.eps)
     close(out.detach(), expected.detach(), dtype, "out")
     if not grads:
         return

@@ -2,23 +2,11 @@
 keys, and falls back to split-then-norm when norm1 is not a LayerNorm."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import t2t_kernels
+from op_log import OpLog
 from t2t_kernels.layers import T2T_module
 from t2t_kernels.ops import SOFT_SPLIT_LAYER_NORM_BACKENDS
-
-
-class OpLog(TorchDispatchMode):
-    """Records the name of every op that reaches the dispatcher below autograd."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
 
 
 def _run_logged(module, x):

@@ -4,25 +4,15 @@ autocast, the eager backend, a norm or activation other than the official ones) 
 the logits are the eager model's."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import t2t_kernels
+from op_log import OpLog
 from t2t_kernels.ops import POST_ATTENTION_BACKENDS
 
 FUSED = "t2t_kernels::post_attention"
 requires_cpp = pytest.mark.skipif(
     POST_ATTENTION_BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is not None,
     reason="the compiled post_attention is not available")
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
 
 
 def _perturbed(model):

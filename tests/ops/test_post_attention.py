@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from float64_checks import assert_close_to, gelu, post_attention_formula, relative_error
 from t2t_kernels.ops import post_attention
 from t2t_kernels.ops.post_attention import BACKENDS, reference
 
@@ -106,7 +107,8 @@ def make_params(D, E, H, dtype, missing=()):
 LAYOUTS = {
     "contiguous": (lambda lead, D, E: [(*lead, D), (*lead, E)], lambda y, skip: (y, skip)),
     # the model's: skip is v, the last third of the kqv Linear's (..., 3E) output; y is the attention's (new) output
-    "kqv_slice": (lambda lead, D, E: [(*lead, D), (*lead, 3 * E)], lambda y, kqv: (y, kqv[..., 2 * kqv.shape[-1] // 3:])),
+    "kqv_slice": (lambda lead, D, E: [(*lead, D), (*lead, 3 * E)],
+                  lambda y, kqv: (y, kqv[..., 2 * kqv.shape[-1] // 3:])),
     # D is the slow dimension of y (stride(-1) != 1)
     "y_transposed": (lambda lead, D, E: [(*lead[:-1], D, lead[-1]), (*lead, E)],
                      lambda y, skip: (y.transpose(-1, -2), skip)),
@@ -134,41 +136,6 @@ def make_input(layout, lead, D, E, dtype, scale=1.0):
     return bases, view
 
 
-def gelu(a):
-    """The exact GELU, a/2 erfc(-a/sqrt(2)): no 1 + erf(.) cancellation in the left tail."""
-    return 0.5 * a * torch.special.erfc(-a * math.sqrt(0.5))
-
-
-def formula(y, skip, proj_weight, proj_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-            eps):
-    """The definition in elementary ops (autograd differentiates this form, not F.layer_norm's backward)."""
-    x = skip + y @ proj_weight.T
-    x = x + proj_bias if proj_bias is not None else x
-    centred = x - x.mean(-1, keepdim=True)
-    normed = centred * ((centred * centred).mean(-1, keepdim=True) + eps).rsqrt()
-    normed = normed * norm_weight if norm_weight is not None else normed
-    normed = normed + norm_bias if norm_bias is not None else normed
-    a = normed @ fc1_weight.T
-    a = a + fc1_bias if fc1_bias is not None else a
-    out = x + gelu(a) @ fc2_weight.T
-    return out + fc2_bias if fc2_bias is not None else out
-
-
-def relative_error(actual, expected):
-    """max |actual - expected| / max(1, max |expected|), NaN-aware (a NaN counts as an infinite error)."""
-    if expected.numel() == 0:
-        return 0.0
-    scale = expected.abs().max().clamp_min(1.0)
-    return ((actual.double() - expected).abs().nan_to_num(nan=float("inf")).max() / scale).item()
-
-
-def assert_close_to(actual, expected, tol, what):
-    assert tuple(actual.shape) == tuple(expected.shape), (what, tuple(actual.shape), tuple(expected.shape))
-    assert not actual.isnan().any(), f"{what}: {int(actual.isnan().sum())} NaN elements"
-    error = relative_error(actual, expected)
-    assert error <= tol, f"{what}: max error {error:.3g} x max(1, max|float64 reference|) > tolerance {tol:g}"
-
-
 def tolerances(dtype):
     """(out, gradients)"""
     if dtype in LOW_PRECISION:
@@ -191,7 +158,7 @@ def check_against_float64(backend, bases, view, params, eps=1e-5, grads=True):
     assert out.is_contiguous() or backend == "eager", (backend, out.stride())
     leaves64 = [t.detach().double().requires_grad_(grads) for t in leaves]
     it = iter(leaves64[2:])
-    expected = formula(*view(*leaves64[:2]), *(next(it) if p is not None else None for p in params), eps)
+    expected = post_attention_formula(*view(*leaves64[:2]), *(next(it) if p is not None else None for p in params), eps)
     out_tol, grad_tol = tolerances(dtype)
     errors = {"out": relative_error(out, expected.detach())}
     assert_close_to(out.detach(), expected.detach(), out_tol, f"{backend} {dtype_name(dtype)} out")
@@ -285,7 +252,8 @@ def test_near_constant_rows(backend, dtype, case):
     assert kappa > 50
     leaves = [t.clone().requires_grad_() for t in [y, skip] + [p for p in params if p is not None]]
     got = [post_attention(*leaves[:2], leaves[2], None, *leaves[3:], backend=b) for b in (backend, "eager")]
-    want = formula(y.double(), skip.double(), params[0].double(), None, *(p.double() for p in params[2:]), 1e-5)
+    want = post_attention_formula(y.double(), skip.double(), params[0].double(), None,
+                                  *(p.double() for p in params[2:]), 1e-5)
     assert_close_to(got[0].detach(), want, 16 * UNIT_ROUNDOFF[dtype] * kappa, f"{backend} out")
     grad_out = torch.randn_like(got[0])
     for name, g, e in zip(["y", "skip"] + [n for n in PARAM_NAMES if n != "proj_bias"],
@@ -323,14 +291,14 @@ def test_eps_matches_float64(backend, eps):
                               make_params(16, 24, 48, dtype), eps=eps)
 
 
-def test_reference_is_the_formula():
+def test_reference_is_the_post_attention_formula():
     """reference.py (the eager backend: F.linear, F.layer_norm, F.gelu) equals the written-out formula the tests
     compare with, in float64, output and gradients."""
     inputs = [torch.randn(3, 5, 9, dtype=torch.float64), torch.randn(3, 5, 6, dtype=torch.float64),
               *make_params(9, 6, 13, torch.float64)]
     inputs = [t.requires_grad_() for t in inputs]
     got = reference.post_attention(*inputs, 1e-5)
-    want = formula(*inputs, 1e-5)
+    want = post_attention_formula(*inputs, 1e-5)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
     grad_out = torch.randn_like(got)
     for g, e in zip(torch.autograd.grad(got, inputs, grad_out), torch.autograd.grad(want, inputs, grad_out)):
@@ -363,7 +331,7 @@ def test_compiled_op_empty_and_zero_widths():
         params = make_params(D, E, H, torch.float32)
         out = op(y, skip, *params, 1e-5)
         assert out.shape == (M, E)
-        want = formula(y.double(), skip.double(), *(p.double() for p in params), 1e-5)
+        want = post_attention_formula(y.double(), skip.double(), *(p.double() for p in params), 1e-5)
         assert_close_to(out, want, TOLERANCES[torch.float32], f"M={M} D={D} E={E} H={H}")
 
 
@@ -374,7 +342,7 @@ def test_inference_mode(backend):
     params = make_params(16, 8, 32, torch.float32)
     with torch.inference_mode():
         out = post_attention(y, skip, *params, backend=backend)
-    want = formula(y.double(), skip.double(), *(p.double() for p in params), 1e-5)
+    want = post_attention_formula(y.double(), skip.double(), *(p.double() for p in params), 1e-5)
     assert_close_to(out, want, TOLERANCES[torch.float32], "out")
 
 
@@ -627,7 +595,8 @@ BAD_INPUTS = [
     # fc1_weight sets H: a wrong E in it names it with the shapes
     pytest.param(bad_args(fc1_weight=torch.randn(H0, E0 + 1)), ValueError,
                  r"fc1_weight must have shape \(12, 8\) .* got \(12, 9\)", id="fc1_weight-shape"),
-    pytest.param(bad_args(fc1_weight=torch.randn(H0)), ValueError, r"fc1_weight must be a 2-D Tensor \(H, E\), got \(12,\)",
+    pytest.param(bad_args(fc1_weight=torch.randn(H0)), ValueError,
+                 r"fc1_weight must be a 2-D Tensor \(H, E\), got \(12,\)",
                  id="fc1_weight-1d"),
     pytest.param(bad_args(proj_weight=torch.randn(E0 * D0)), ValueError, r"proj_weight must be a 2-D Tensor \(E, D\)",
                  id="proj_weight-1d"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from float64_checks import assert_close_to, relative_error
 from soft_split_layouts import LAYOUTS, make_input, shape_id
 from t2t_kernels.ops import soft_split_layer_norm
 from t2t_kernels.ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
@@ -108,21 +109,6 @@ def tolerance(backend, dtype):
     if backend in ("eager", "cuda") and dtype in LOW_PRECISION:
         return TORCH_LOW_PRECISION_TOLERANCES[dtype]
     return TOLERANCES[dtype]
-
-
-def relative_error(actual, expected):
-    """max |actual - expected| / max(1, max |expected|), NaN-aware (a NaN counts as an infinite error)."""
-    if expected.numel() == 0:
-        return 0.0
-    scale = expected.abs().max().clamp_min(1.0)
-    return ((actual.double() - expected).abs().nan_to_num(nan=float("inf")).max() / scale).item()
-
-
-def assert_close_to(actual, expected, tol, what):
-    assert tuple(actual.shape) == tuple(expected.shape), (what, tuple(actual.shape), tuple(expected.shape))
-    assert not actual.isnan().any(), f"{what}: {int(actual.isnan().sum())} NaN elements"
-    error = relative_error(actual, expected)
-    assert error <= tol, f"{what}: max error {error:.3g} x max(1, max|float64 reference|) > tolerance {tol:g}"
 
 
 def check_against_float64(backend, leaf, view, k, s, p, *, param_dtype=None, weight=True, bias=True, eps=1e-5):
