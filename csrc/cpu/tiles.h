@@ -245,7 +245,10 @@ struct IsaAvx2 {  // 16 vector registers
   static constexpr int kBytes = 32;
   static constexpr int R1 = 6, C1 = 2, R2 = 6, C2 = 2, J3 = 4, C3 = 2;
 };
-struct IsaPlain : IsaAvx2 {};
+struct IsaPlain {  // SSE2: 16-byte vectors; 32-byte ones would need twice the 16 registers and spill
+  static constexpr int kBytes = 16;
+  static constexpr int R1 = 6, C1 = 2, R2 = 6, C2 = 2, J3 = 4, C3 = 2;
+};
 
 enum class Epilogue { kPlain, kScaleRows, kMinusXTimesRow };
 
