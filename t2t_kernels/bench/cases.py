@@ -270,6 +270,13 @@ class SoftSplitLayerNormCase(SoftSplitCase):
                                                         backend=backend)
 
 
+def stage_tokens(settings: Settings, stage: str) -> int:
+    """Tokens per image of a T2T token layer's stage: the (H/d, W/d) grid."""
+    H, W = settings.img_size
+    d = PERFORMER_STAGES[stage]
+    return (H // d) * (W // d)
+
+
 class PerformerCase(OpCase):
     """performer_attention at a T2T stage: q, k, v are thirds of one kqv output (B, T, 192), as the model makes
     them; eager is the official Token_performer formula (reference.performer_attention_official)."""
@@ -277,9 +284,7 @@ class PerformerCase(OpCase):
     backends = PERFORMER_BACKENDS
 
     def __init__(self, settings, stage, pass_):
-        H, W = settings.img_size
-        d = PERFORMER_STAGES[stage]
-        self.T = (H // d) * (W // d)
+        self.T = stage_tokens(settings, stage)
         super().__init__(settings, "performer_attention", stage, pass_)
 
     def shape_text(self):
@@ -332,9 +337,7 @@ class PostAttentionCase(OpCase):
     passes = (FORWARD,)
 
     def __init__(self, settings, stage, pass_):
-        H, W = settings.img_size
-        d = PERFORMER_STAGES[stage]
-        self.T = (H // d) * (W // d)
+        self.T = stage_tokens(settings, stage)
         super().__init__(settings, "post_attention", stage, pass_)
 
     def shape_text(self):
