@@ -36,20 +36,25 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# what the eager formulas take on every device (torch's unfold and matmul have no float8 kernels)
+EAGER_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
 @dataclass(frozen=True)
 class OpBackends:
     """What one op offers: its compiled op's name and the dtypes each backend takes."""
 
     name: str  # e.g. "soft_split"; the compiled op is t2t_kernels::<name>
-    dtypes: dict = field(default_factory=dict)  # backend -> tuple of dtypes; eager takes every floating dtype
+    dtypes: dict = field(default_factory=dict)  # backend -> tuple of dtypes; eager takes EAGER_DTYPES
     auto_order: dict = field(default_factory=dict)  # device type -> backends "auto" tries in order
 
     def unavailable_reason(self, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when `backend` can run this op on tensors of `device` and `dtype`, else why not."""
         if backend != "eager" and backend not in self.dtypes:
             return f"{self.name} has no {backend} kernel"
-        if backend != "eager" and dtype not in self.dtypes[backend]:
-            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes[backend])
+        dtypes = EAGER_DTYPES if backend == "eager" else self.dtypes[backend]
+        if dtype not in dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
             return f"dtype {dtype} is not supported by backend {backend!r} (supported: {names})"
         if backend in ("cpp", "cuda"):
             wanted = "cpu" if backend == "cpp" else "cuda"
@@ -71,16 +76,18 @@ class OpBackends:
 
     def resolve(self, backend: str | None, x: torch.Tensor) -> str:
         """The backend to run: the requested one (checked), or for None/"auto" the first available in auto_order."""
-        if backend is None or backend == "auto":
+        explicit = backend is not None and backend != "auto"
+        if not explicit:
             for candidate in self.auto_order.get(x.device.type, ()):
                 if self.unavailable_reason(candidate, x.device, x.dtype) is None:
                     return candidate
-            return "eager"
-        if backend not in BACKENDS:
+            backend = "eager"
+        elif backend not in BACKENDS:
             raise ValueError(f"{self.name}: backend must be one of {BACKENDS + ('auto', None)}, got {backend!r}")
         reason = self.unavailable_reason(backend, x.device, x.dtype)
         if reason is not None:
-            raise RuntimeError(f"{self.name}: backend={backend!r} is not available: {reason}")
+            what = f"backend={backend!r} is not available" if backend != "eager" or explicit else "no backend runs this input"
+            raise RuntimeError(f"{self.name}: {what}: {reason}")
         return backend
 
     def available(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 import t2t_kernels
 from t2t_kernels import T2TViT, create_model
 from t2t_kernels.__main__ import main as cli_main
-from t2t_kernels.ops import performer_attention, soft_split
+from t2t_kernels.ops import performer_attention, post_attention, soft_split, soft_split_layer_norm
 from t2t_kernels.ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
 from t2t_kernels.ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
 
@@ -364,3 +364,24 @@ def test_cli_bad_arguments_in_a_real_process(args, fragment):
     assert result.returncode == 2, result.stderr
     assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.stdout.count("\n") < 20  # the model's table at most, no dump
+
+
+# --- dtypes no backend takes ------------------------------------------------------------------------------------------
+
+FLOAT8_CALLS = [
+    ("soft_split", lambda x, b: soft_split(x, 3, 2, 1, backend=b)),
+    ("soft_split_layer_norm", lambda x, b: soft_split_layer_norm(x, 3, 2, 1, backend=b)),
+    ("performer_attention", lambda x, b: performer_attention(x[0], x[0], x[0], x[0, 0, :4], 1e-8, backend=b)),
+    ("post_attention", lambda x, b: post_attention(x[0, 0], x[0, 0], x[0, 0], None, None, None, x[0, 0], None,
+                                                   x[0, 0], None, 1e-5, backend=b)),
+]
+
+
+@pytest.mark.parametrize("backend", [None, "eager"], ids=["auto", "eager"])
+@pytest.mark.parametrize("name,call", FLOAT8_CALLS, ids=[name for name, _ in FLOAT8_CALLS])
+def test_float8_is_a_clear_error(name, call, backend):
+    """float8 is floating point, but neither the kernels nor torch's unfold/matmul (the eager formulas) take it: the
+    op says so up front rather than failing inside torch."""
+    x = torch.randn(1, 2, 8, 8).to(torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match=rf"^{name}: .*float8_e4m3fn is not supported by backend 'eager'"):
+        call(x, backend)
