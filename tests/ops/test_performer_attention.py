@@ -95,6 +95,25 @@ def test_matches_float64_reference(backend, dtype, shape):
         assert_close(g, g_ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES["triton"], ids=lambda d: str(d).removeprefix("torch."))
+def test_triton_programs_sum_several_blocks(monkeypatch, dtype):
+    """The reducing Triton kernels (forward state, backward query pass) sum up to 4 blocks of rows per program once
+    B * blocks reaches TARGET_PROGRAMS (1024, model shapes on a GPU); here a target of 1 makes them do so at T = 300:
+    three programs per batch element, the third with 44 rows and 2 blocks past T (masked)."""
+    skip_unless_available("triton", dtype)
+    from t2t_kernels.ops.performer_attention import triton as performer_triton
+
+    monkeypatch.setattr(performer_triton, "TARGET_PROGRAMS", 1)
+    n_blocks, n_chunks, blocks_per_program, meta = performer_triton._launch_config(2, 300, 64, 32)
+    assert (meta["BLOCK_T"], n_blocks, blocks_per_program, n_chunks) == (32, 10, 4, 3)
+    _, (q, k, v), w = make_inputs((2,), 300, 64, 32, dtype)
+    y, grads, grad_y = run_and_grads("triton", q, k, v, w)
+    y_ref, grads_ref = reference_with_grads(q, k, v, w, grad_y)
+    assert_close(y, y_ref, dtype)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, dtype)
+
+
 @pytest.mark.parametrize("backend", ["eager", "cpp"])
 def test_gradcheck_float64(backend):
     skip_unless_available(backend, torch.float64)

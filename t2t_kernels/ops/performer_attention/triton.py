@@ -1,8 +1,9 @@
-"""Triton kernels of performer_attention (DESIGN §4): two passes each way, grid (B, T-blocks).
+"""Triton kernels of performer_attention (DESIGN §4): two passes each way, grid (B, T-blocks or chunks of them).
 
-A program loads one block of rows, computes their features phi in registers (never a (B, T, m) tensor) and either
-writes its partial of a reduction over T, or its rows of the outputs. Partials (B, blocks, m, E) are summed with
-torch over the block dim, a fixed-order reduction, so outputs and gradients are bitwise reproducible.
+A program loads blocks of rows, computes their features phi in registers (never a (B, T, m) tensor) and either
+writes its partial of a reduction over T (a chunk of blocks), or its rows of the outputs (one block). Partials
+(B, chunks, m, E) are summed with torch over the chunk dim, a fixed-order reduction, so outputs and gradients are
+bitwise reproducible.
 All math is fp32; every tl.dot uses input_precision="ieee" because an error in x w^T is a relative error in phi.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-IEEE = "ieee"
+# fp32 products in full precision (not TF32); a constexpr, the only kind of global a compiled kernel may read
+IEEE = tl.constexpr("ieee")
 
 
 @triton.jit
@@ -56,9 +58,9 @@ def _feature_grad(G, phi, w, x):
 
 
 @triton.jit
-def _store_partial(state_ptr, sum_ptr, state, total, b, blk, n_blocks, m, E, m_offs, e_offs):
-    """One block's partial of a (B, blocks, m, E) state and a (B, blocks, m) sum."""
-    base = b * n_blocks + blk
+def _store_partial(state_ptr, sum_ptr, state, total, b, chunk, n_chunks, m, E, m_offs, e_offs):
+    """One program's partial of a (B, chunks, m, E) state and a (B, chunks, m) sum."""
+    base = b * n_chunks + chunk
     mask = (m_offs[:, None] < m) & (e_offs[None, :] < E)
     tl.store(state_ptr + base * m * E + m_offs[:, None] * E + e_offs[None, :], state, mask=mask)
     tl.store(sum_ptr + base * m + m_offs, total, mask=m_offs < m)
@@ -68,18 +70,22 @@ def _store_partial(state_ptr, sum_ptr, state, total, b, blk, n_blocks, m, E, m_o
 def _performer_fwd_state_kernel(
     k_ptr, v_ptr, w_ptr, part_kv_ptr, part_ksum_ptr,
     T, E, m, scale, stride_kb, stride_kt, stride_vb, stride_vt,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
-    b, blk = tl.program_id(0), tl.program_id(1)
-    t_offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    """The partials of A = phi(k)^T v and s = phi(k)^T 1 over BLOCKS_PER_PROGRAM blocks of rows."""
+    b, chunk = tl.program_id(0), tl.program_id(1)
     e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
     w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
-    k = _load_rows(k_ptr, b, stride_kb, stride_kt, t_offs, e_offs, T, E)
-    v = _load_rows(v_ptr, b, stride_vb, stride_vt, t_offs, e_offs, T, E)
-    phi = _features(k, w, t_offs, m_offs, T, m, scale)
-    kv = tl.dot(tl.trans(phi), v, input_precision=IEEE)
-    _store_partial(part_kv_ptr, part_ksum_ptr, kv, tl.sum(phi, axis=0), b, blk, tl.num_programs(1), m, E,
-                   m_offs, e_offs)
+    kv = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    ksum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for i in range(BLOCKS_PER_PROGRAM):
+        t_offs = (chunk * BLOCKS_PER_PROGRAM + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        k = _load_rows(k_ptr, b, stride_kb, stride_kt, t_offs, e_offs, T, E)
+        v = _load_rows(v_ptr, b, stride_vb, stride_vt, t_offs, e_offs, T, E)
+        phi = _features(k, w, t_offs, m_offs, T, m, scale)
+        kv += tl.dot(tl.trans(phi), v, input_precision=IEEE)
+        ksum += tl.sum(phi, axis=0)
+    _store_partial(part_kv_ptr, part_ksum_ptr, kv, ksum, b, chunk, tl.num_programs(1), m, E, m_offs, e_offs)
 
 
 @triton.jit
@@ -105,27 +111,30 @@ def _performer_fwd_output_kernel(
 def _performer_bwd_query_kernel(
     g_ptr, q_ptr, w_ptr, kv_ptr, ksum_ptr, gq_ptr, part_gkv_ptr, part_gksum_ptr,
     T, E, m, scale, eps, stride_gb, stride_gt, stride_qb, stride_qt,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
-    """gq for a block of rows, and the block's partials of gA = phi(q)^T gn and gs = phi(q)^T gd."""
-    b, blk = tl.program_id(0), tl.program_id(1)
-    t_offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    """gq for BLOCKS_PER_PROGRAM blocks of rows, and their partials of gA = phi(q)^T gn and gs = phi(q)^T gd."""
+    b, chunk = tl.program_id(0), tl.program_id(1)
     e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
     w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
     kv = _load_matrix(kv_ptr + b * m * E, m, E, m_offs, e_offs)
     ksum = tl.load(ksum_ptr + b * m + m_offs, mask=m_offs < m, other=0.0)
-    q = _load_rows(q_ptr, b, stride_qb, stride_qt, t_offs, e_offs, T, E)
-    g = _load_rows(g_ptr, b, stride_gb, stride_gt, t_offs, e_offs, T, E)
-    phi = _features(q, w, t_offs, m_offs, T, m, scale)
-    inv_den = 1.0 / (tl.sum(phi * ksum[None, :], axis=1) + eps)
-    y = tl.dot(phi, kv, input_precision=IEEE) * inv_den[:, None]  # recomputed, not saved
-    g_num = g * inv_den[:, None]
-    g_den = -tl.sum(g * y, axis=1) * inv_den
-    g_phi = tl.dot(g_num, tl.trans(kv), input_precision=IEEE) + g_den[:, None] * ksum[None, :]
-    _store_rows(gq_ptr, _feature_grad(g_phi, phi, w, q), b, T, E, t_offs, e_offs)
-    g_kv = tl.dot(tl.trans(phi), g_num, input_precision=IEEE)
-    _store_partial(part_gkv_ptr, part_gksum_ptr, g_kv, tl.sum(phi * g_den[:, None], axis=0), b, blk,
-                   tl.num_programs(1), m, E, m_offs, e_offs)
+    g_kv = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    g_ksum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for i in range(BLOCKS_PER_PROGRAM):
+        t_offs = (chunk * BLOCKS_PER_PROGRAM + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        q = _load_rows(q_ptr, b, stride_qb, stride_qt, t_offs, e_offs, T, E)
+        g = _load_rows(g_ptr, b, stride_gb, stride_gt, t_offs, e_offs, T, E)
+        phi = _features(q, w, t_offs, m_offs, T, m, scale)
+        inv_den = 1.0 / (tl.sum(phi * ksum[None, :], axis=1) + eps)
+        y = tl.dot(phi, kv, input_precision=IEEE) * inv_den[:, None]  # recomputed, not saved
+        g_num = g * inv_den[:, None]
+        g_den = -tl.sum(g * y, axis=1) * inv_den
+        g_phi = tl.dot(g_num, tl.trans(kv), input_precision=IEEE) + g_den[:, None] * ksum[None, :]
+        _store_rows(gq_ptr, _feature_grad(g_phi, phi, w, q), b, T, E, t_offs, e_offs)
+        g_kv += tl.dot(tl.trans(phi), g_num, input_precision=IEEE)
+        g_ksum += tl.sum(phi * g_den[:, None], axis=0)
+    _store_partial(part_gkv_ptr, part_gksum_ptr, g_kv, g_ksum, b, chunk, tl.num_programs(1), m, E, m_offs, e_offs)
 
 
 @triton.jit
@@ -149,14 +158,28 @@ def _performer_bwd_key_value_kernel(
     _store_rows(gv_ptr, tl.dot(phi, g_kv, input_precision=IEEE), b, T, E, t_offs, e_offs)
 
 
-def _launch_config(T: int, E: int, m: int):
-    """Block sizes from the shape: tl.dot needs every block dim >= 16; 64 rows keep the fp32 tiles in registers."""
+# programs the reducing kernels aim for (a few per SM of a large GPU) before they sum several blocks per program
+TARGET_PROGRAMS = 1024
+
+
+def _launch_config(B: int, T: int, E: int, m: int):
+    """(blocks of rows, programs of the reducing kernels, blocks per such program, tile meta) for the shape.
+
+    tl.dot needs every block dim >= 16. The tiles (32 rows at E <= 64, 16 beyond) and 8 warps compile for sm_90
+    without register spills at E <= 64 in every kernel and dtype, with Triton 3.6 and 3.8 (scripts/triton_aot_check.py;
+    the former 64 rows and 4 warps spilled up to 1.4 KB a thread; E = 128 spills a few dozen bytes). The reducing
+    kernels (the forward's state, the backward's query pass) sum up to 4 blocks per program (8 spilled in fp16 with
+    Triton 3.6): each program writes one (m, E) fp32 partial, at 32 rows as large as the rows' k and v, so fewer
+    partials save memory traffic, while B * T / rows stays near TARGET_PROGRAMS or above. A power of two and a
+    constexpr: three variants (a runtime loop bound also trips Triton 3.6's interpreter under NumPy 2)."""
     block_e = max(16, triton.next_power_of_2(E))
     block_m = max(16, triton.next_power_of_2(m))
-    block_t = max(16, min(64 if block_e <= 64 else 32, triton.next_power_of_2(max(T, 1))))
+    block_t = max(16, min(32 if block_e <= 64 else 16, triton.next_power_of_2(max(T, 1))))
     n_blocks = max(1, triton.cdiv(T, block_t))
-    meta = dict(BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_M=block_m, num_warps=4 if block_e <= 64 else 8)
-    return n_blocks, meta
+    blocks_per_program = 1 << (max(1, min(4, B * n_blocks // TARGET_PROGRAMS)).bit_length() - 1)  # 1, 2, 4
+    n_chunks = triton.cdiv(n_blocks, blocks_per_program)
+    meta = dict(BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_M=block_m, num_warps=8)
+    return n_blocks, n_chunks, blocks_per_program, meta
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -170,16 +193,16 @@ def performer_attention_forward(q, k, v, w, eps):
     m = w.shape[0]
     w32 = w.to(torch.float32).contiguous()
     scale = 1.0 / math.sqrt(m)
-    n_blocks, meta = _launch_config(T, E, m)
-    part_kv = torch.empty((B, n_blocks, m, E), device=q.device, dtype=torch.float32)
-    part_ksum = torch.empty((B, n_blocks, m), device=q.device, dtype=torch.float32)
-    grid = (B, n_blocks)
-    _performer_fwd_state_kernel[grid](k, v, w32, part_kv, part_ksum, T, E, m, scale,
-                                      k.stride(0), k.stride(1), v.stride(0), v.stride(1), **meta)
+    n_blocks, n_chunks, blocks_per_program, meta = _launch_config(B, T, E, m)
+    part_kv = torch.empty((B, n_chunks, m, E), device=q.device, dtype=torch.float32)
+    part_ksum = torch.empty((B, n_chunks, m), device=q.device, dtype=torch.float32)
+    _performer_fwd_state_kernel[(B, n_chunks)](k, v, w32, part_kv, part_ksum, T, E, m, scale, k.stride(0),
+                                               k.stride(1), v.stride(0), v.stride(1),
+                                               BLOCKS_PER_PROGRAM=blocks_per_program, **meta)
     kv_state, k_sum = part_kv.sum(1), part_ksum.sum(1)
     y = torch.empty((B, T, E), device=q.device, dtype=q.dtype)
-    _performer_fwd_output_kernel[grid](q, w32, kv_state, k_sum, y, T, E, m, scale, eps,
-                                       q.stride(0), q.stride(1), **meta)
+    _performer_fwd_output_kernel[(B, n_blocks)](q, w32, kv_state, k_sum, y, T, E, m, scale, eps,
+                                                q.stride(0), q.stride(1), **meta)
     return y, kv_state, k_sum
 
 
@@ -191,15 +214,15 @@ def performer_attention_backward(grad_y, q, k, v, w, kv_state, k_sum, eps):
     w32 = w.to(torch.float32).contiguous()
     kv_state, k_sum = kv_state.to(torch.float32).contiguous(), k_sum.to(torch.float32).contiguous()
     scale = 1.0 / math.sqrt(m)
-    n_blocks, meta = _launch_config(T, E, m)
-    grid = (B, n_blocks)
+    n_blocks, n_chunks, blocks_per_program, meta = _launch_config(B, T, E, m)
     gq, gk, gv = (torch.empty((B, T, E), device=q.device, dtype=q.dtype) for _ in range(3))
-    part_gkv = torch.empty((B, n_blocks, m, E), device=q.device, dtype=torch.float32)
-    part_gksum = torch.empty((B, n_blocks, m), device=q.device, dtype=torch.float32)
-    _performer_bwd_query_kernel[grid](grad_y, q, w32, kv_state, k_sum, gq, part_gkv, part_gksum,
-                                      T, E, m, scale, eps, grad_y.stride(0), grad_y.stride(1),
-                                      q.stride(0), q.stride(1), **meta)
+    part_gkv = torch.empty((B, n_chunks, m, E), device=q.device, dtype=torch.float32)
+    part_gksum = torch.empty((B, n_chunks, m), device=q.device, dtype=torch.float32)
+    _performer_bwd_query_kernel[(B, n_chunks)](grad_y, q, w32, kv_state, k_sum, gq, part_gkv, part_gksum,
+                                               T, E, m, scale, eps, grad_y.stride(0), grad_y.stride(1),
+                                               q.stride(0), q.stride(1), BLOCKS_PER_PROGRAM=blocks_per_program,
+                                               **meta)
     g_kv, g_ksum = part_gkv.sum(1), part_gksum.sum(1)
-    _performer_bwd_key_value_kernel[grid](k, v, w32, g_kv, g_ksum, gk, gv, T, E, m, scale,
+    _performer_bwd_key_value_kernel[(B, n_blocks)](k, v, w32, g_kv, g_ksum, gk, gv, T, E, m, scale,
                                           k.stride(0), k.stride(1), v.stride(0), v.stride(1), **meta)
     return gq, gk, gv
