@@ -15,24 +15,30 @@ def to_pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
+def recompute_grads(reference, tensors, rest, grad_out, wanted) -> list:
+    """The gradients of reference(*tensors, *rest) against grad_out for the tensors flagged in wanted (None for the
+    others), by running the op's eager formula again under autograd. With grad mode on (create_graph: double backward)
+    it runs on the tensors themselves, so the gradients' graph reaches them; otherwise on detached copies."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        inputs = [t if create_graph else t.detach().requires_grad_(w) for t, w in zip(tensors, wanted)]
+        out = reference(*inputs, *rest)
+        grads = iter(torch.autograd.grad(out, [t for t, w in zip(inputs, wanted) if w], grad_out,
+                                         create_graph=create_graph))
+    return [next(grads) if w else None for w in wanted]
+
+
 def register_recompute_autograd(qualname: str, reference, num_tensors: int) -> None:
     """Autograd for a forward-only fused op: backward recomputes `reference` (the op's eager formula) from the saved
-    inputs and differentiates it. The first num_tensors arguments are tensors, the rest plain values passed on to the
-    reference. With create_graph (double backward) the reference runs on the saved tensors themselves, so the
-    gradient's graph reaches them."""
+    inputs and differentiates it (recompute_grads). The first num_tensors arguments are tensors, the rest plain values
+    passed on to the reference."""
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:num_tensors])
         ctx.rest = inputs[num_tensors:]
 
     def grad(ctx, grad_out):
-        create_graph = torch.is_grad_enabled()
-        wanted = ctx.needs_input_grad[:num_tensors]
-        with torch.enable_grad():
-            inputs = [t if create_graph else t.detach().requires_grad_(w) for t, w in zip(ctx.saved_tensors, wanted)]
-            out = reference(*inputs, *ctx.rest)
-            grads = iter(torch.autograd.grad(out, [t for t, w in zip(inputs, wanted) if w], grad_out,
-                                             create_graph=create_graph))
-        return (*(next(grads) if w else None for w in wanted), *(None for _ in ctx.rest))
+        grads = recompute_grads(reference, ctx.saved_tensors, ctx.rest, grad_out, ctx.needs_input_grad[:num_tensors])
+        return (*grads, *(None for _ in ctx.rest))
 
     torch.library.register_autograd(qualname, grad, setup_context=setup_context)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._backends import OpBackends
-from .._registry import op_exists, to_pair
+from .._registry import op_exists, recompute_grads, to_pair
 from ..soft_split import check_soft_split_args, grad_is_channels_last, soft_split
 from . import reference
 
@@ -129,15 +129,11 @@ def _register(suffix: str) -> None:
         x, weight, bias, mean, rstd = ctx.saved_tensors
         geometry = (ctx.kernel_size, ctx.stride, ctx.padding)
         if torch.is_grad_enabled():
-            # create_graph=True (double backward): differentiate the reference instead, so the graph of the gradient
-            # is built by autograd; the fused backward op has no derivative of its own
-            # on the saved tensors themselves, so the gradient's graph reaches x, weight and bias
-            inputs = (x, weight, bias)
-            with torch.enable_grad():
-                out = reference.soft_split_layer_norm(x, *geometry, weight, bias, ctx.eps)
-                wanted = [t for t in inputs if t.requires_grad]
-                grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
-                grad_x, grad_weight, grad_bias = (next(grads) if t.requires_grad else None for t in inputs)
+            # create_graph=True (double backward): the fused backward op has no derivative of its own, so the gradient
+            # comes from the reference under autograd, whose graph reaches x, weight and bias
+            grad_x, grad_weight, grad_bias = recompute_grads(
+                lambda x, weight, bias: reference.soft_split_layer_norm(x, *geometry, weight, bias, ctx.eps),
+                (x, weight, bias), (), grad_out, ctx.needs_input_grad[:3])
         else:
             grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, mean, rstd, *geometry,
                                                          ctx.channels_last)
