@@ -15,6 +15,14 @@ def to_pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
+def check_eps(eps, op: str, positive: bool = False) -> None:
+    """eps must be a finite number (not a bool), >= 0 or, with positive, > 0; the error names the op and the value."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps if positive else 0 <= eps) \
+            or eps == float("inf"):
+        raise ValueError(f"{op}: eps must be a {'positive (finite)' if positive else 'non-negative finite'} number, "
+                         f"got {eps!r}")
+
+
 def recompute_grads(reference, tensors, rest, grad_out, wanted) -> list:
     """The gradients of reference(*tensors, *rest) against grad_out for the tensors flagged in wanted (None for the
     others), by running the op's eager formula again under autograd. With grad mode on (create_graph: double backward)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._backends import OpBackends
-from .._registry import op_exists
+from .._registry import check_eps, op_exists
 from . import reference
 
 BACKENDS = OpBackends(
@@ -46,8 +46,7 @@ def check_performer_args(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float)
     devices = {t.device for t in (q, k, v, w)}
     if len(devices) > 1:
         raise ValueError(f"performer_attention: q, k, v, w must be on one device, got {sorted(map(str, devices))}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-        raise ValueError(f"performer_attention: eps must be a positive (finite) number, got {eps!r}")
+    check_eps(eps, "performer_attention", positive=True)
     if w.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
             "performer_attention: w is the fixed random-feature matrix and has no gradient here; "

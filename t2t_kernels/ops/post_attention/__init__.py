@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._backends import OpBackends
-from .._registry import op_exists, register_recompute_autograd
+from .._registry import check_eps, op_exists, register_recompute_autograd
 from . import reference
 
 BACKENDS = OpBackends(
@@ -77,8 +77,7 @@ def check_post_attention_args(y: Tensor, skip: Tensor, params: tuple, eps: float
     if len(devices) > 1:
         raise ValueError("post_attention: all tensors must be on one device, got "
                          + ", ".join(f"{n} on {t.device}" for n, t in tensors))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
-        raise ValueError(f"post_attention: eps must be a non-negative finite number, got {eps!r}")
+    check_eps(eps, "post_attention")
 
 
 def post_attention(y: Tensor, skip: Tensor, proj_weight: Tensor, proj_bias: Tensor | None,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._backends import OpBackends
-from .._registry import op_exists, recompute_grads, to_pair
+from .._registry import check_eps, op_exists, recompute_grads, to_pair
 from ..soft_split import check_soft_split_args, grad_is_channels_last, soft_split
 from . import reference
 
@@ -55,8 +55,7 @@ def soft_split_layer_norm(x: Tensor, kernel_size, stride, padding, weight: Tenso
     features = x.shape[1] * k[0] * k[1]
     _check_param("weight", weight, x, features)
     _check_param("bias", bias, x, features)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
-        raise ValueError(f"soft_split_layer_norm: eps must be a non-negative finite number, got {eps!r}")
+    check_eps(eps, "soft_split_layer_norm")
     if backend == "cuda":  # no fused CUDA kernel: the CUDA soft split, then torch's layer norm
         tokens = soft_split(x, k, s, p, backend="cuda")
         return F.layer_norm(tokens, (features,), weight, bias, eps)
