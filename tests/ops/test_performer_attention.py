@@ -114,6 +114,32 @@ def test_triton_programs_sum_several_blocks(monkeypatch, dtype):
         assert_close(g, g_ref, dtype)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_offsets_past_int32(backend):
+    """q, k, v as (3, 40, 64) views whose batch stride is 2^30 + 2^20 elements, into one 4.3 GB bf16 storage (virtual:
+    only the touched rows are ever backed by memory): element offsets of the last sequence pass 2^31, as in a batch
+    with B * T * E > 2^31. The Triton kernels once formed them in int32 (under the interpreter: a segfault)."""
+    dtype = torch.bfloat16 if backend == "triton" else torch.float32
+    skip_unless_available(backend, dtype)
+    B, T, E, m, stride_b = 3, 40, 64, 32, 2**30 + 2**20
+    numel = (B - 1) * stride_b + 3 * T * E
+    storage = torch.UntypedStorage(numel * dtype.itemsize)
+    flat = torch.empty(0, dtype=dtype).set_(storage, 0, (numel,), (1,))
+    q, k, v = (flat.as_strided((B, T, E), (stride_b, E, 1), i * T * E) for i in range(3))
+    for t in (q, k, v):
+        t.copy_(0.5 * torch.randn(B, T, E))
+    assert q.storage_offset() + (B - 1) * stride_b + T * E > 2**31
+    w = torch.nn.init.orthogonal_(torch.empty(m, E)) * m**0.5
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # the views themselves (run_and_grads would copy)
+    y = performer_attention(*leaves, w, eps=EPS, backend=backend)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    y_ref, grads_ref = reference_with_grads(q, k, v, w, grad_y)
+    assert_close(y, y_ref, dtype)
+    for leaf, g_ref in zip(leaves, grads_ref):
+        assert_close(leaf.grad, g_ref, dtype)
+
+
 @pytest.mark.parametrize("backend", ["eager", "cpp"])
 def test_gradcheck_float64(backend):
     skip_unless_available(backend, torch.float64)

@@ -1,8 +1,9 @@
 """The Triton kernels compile for the H100 (sm_90) without a GPU: scripts/triton_aot_check.py records every launch of
 the ops' Triton wrappers at T2T-ViT's shapes and compiles each ahead of time through ptxas (Triton's own), checking
-for compile errors, shared memory over the limit and register spills in the model's launches. The interpreter tests
-cannot see these: the interpreter runs the kernels as Python (it accepted a plain-string global inside a kernel that
-the compiler rejects). Runs in a subprocess without TRITON_INTERPRET, which this test session sets."""
+for compile errors, shared memory over the limit and register spills beyond a few registers' worth in the model's
+launches. The interpreter tests cannot see these: the interpreter runs the kernels as Python (it accepted a
+plain-string global inside a kernel that the compiler rejects). Runs in a subprocess without TRITON_INTERPRET, which
+this test session sets."""
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ def run_python(args, **kwargs):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=900, **kwargs)
 
 
-def test_every_launch_compiles_for_sm90_without_spills():
+def test_every_launch_compiles_for_sm90_without_register_pressure():
     # bf16 (the GPU training dtype) and fp32; fp16 lowers like bf16 (the full run: all three, about 40 s here)
     result = run_python([str(SCRIPT), "--arch", "90", "--dtypes", "bfloat16,float32"])
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

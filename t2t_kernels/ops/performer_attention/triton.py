@@ -19,18 +19,20 @@ IEEE = tl.constexpr("ieee")
 
 
 @triton.jit
-def _load_rows(ptr, b, stride_b, stride_t, t_offs, e_offs, T, E):
-    """Rows t_offs of batch element b of a (B, T, E) tensor with unit last stride, as fp32 (zeros outside)."""
+def _load_rows(ptr, stride_t, t_offs, e_offs, T, E):
+    """Rows t_offs of one sequence (ptr: its first row) of a tensor with unit last stride, as fp32 (zeros outside).
+    The row offsets are int64: t * stride_t passes 2^31 in long sequences and in views of larger tensors."""
     mask = (t_offs[:, None] < T) & (e_offs[None, :] < E)
-    ptrs = ptr + b * stride_b + t_offs[:, None] * stride_t + e_offs[None, :]
+    ptrs = ptr + t_offs[:, None].to(tl.int64) * stride_t + e_offs[None, :]
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_rows(ptr, value, b, T, E, t_offs, e_offs):
-    """Stores a block of rows into a contiguous (B, T, E) output, converting to its dtype."""
+def _store_rows(ptr, value, T, E, t_offs, e_offs):
+    """Stores a block of rows into one sequence (ptr: its first row) of a contiguous (B, T, E) output, converting to
+    its dtype."""
     mask = (t_offs[:, None] < T) & (e_offs[None, :] < E)
-    ptrs = ptr + (b * T + t_offs[:, None]) * E + e_offs[None, :]
+    ptrs = ptr + t_offs[:, None] * E + e_offs[None, :]
     tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -73,15 +75,15 @@ def _performer_fwd_state_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
     """The partials of A = phi(k)^T v and s = phi(k)^T 1 over BLOCKS_PER_PROGRAM blocks of rows."""
-    b, chunk = tl.program_id(0), tl.program_id(1)
+    b, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: b * (T * E) passes 2^31 in big batches
     e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
     w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
     kv = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
     ksum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for i in range(BLOCKS_PER_PROGRAM):
         t_offs = (chunk * BLOCKS_PER_PROGRAM + i) * BLOCK_T + tl.arange(0, BLOCK_T)
-        k = _load_rows(k_ptr, b, stride_kb, stride_kt, t_offs, e_offs, T, E)
-        v = _load_rows(v_ptr, b, stride_vb, stride_vt, t_offs, e_offs, T, E)
+        k = _load_rows(k_ptr + b * stride_kb, stride_kt, t_offs, e_offs, T, E)
+        v = _load_rows(v_ptr + b * stride_vb, stride_vt, t_offs, e_offs, T, E)
         phi = _features(k, w, t_offs, m_offs, T, m, scale)
         kv += tl.dot(tl.trans(phi), v, input_precision=IEEE)
         ksum += tl.sum(phi, axis=0)
@@ -94,17 +96,17 @@ def _performer_fwd_output_kernel(
     T, E, m, scale, eps, stride_qb, stride_qt,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    b, blk = tl.program_id(0), tl.program_id(1)
+    b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: b * (T * E) passes 2^31 in big batches
     t_offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
     w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
     kv = _load_matrix(kv_ptr + b * m * E, m, E, m_offs, e_offs)
     ksum = tl.load(ksum_ptr + b * m + m_offs, mask=m_offs < m, other=0.0)
-    q = _load_rows(q_ptr, b, stride_qb, stride_qt, t_offs, e_offs, T, E)
+    q = _load_rows(q_ptr + b * stride_qb, stride_qt, t_offs, e_offs, T, E)
     phi = _features(q, w, t_offs, m_offs, T, m, scale)
     numerator = tl.dot(phi, kv, input_precision=IEEE)
     denominator = tl.sum(phi * ksum[None, :], axis=1) + eps
-    _store_rows(y_ptr, numerator / denominator[:, None], b, T, E, t_offs, e_offs)
+    _store_rows(y_ptr + b * T * E, numerator / denominator[:, None], T, E, t_offs, e_offs)
 
 
 @triton.jit
@@ -114,7 +116,7 @@ def _performer_bwd_query_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
     """gq for BLOCKS_PER_PROGRAM blocks of rows, and their partials of gA = phi(q)^T gn and gs = phi(q)^T gd."""
-    b, chunk = tl.program_id(0), tl.program_id(1)
+    b, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: b * (T * E) passes 2^31 in big batches
     e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
     w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
     kv = _load_matrix(kv_ptr + b * m * E, m, E, m_offs, e_offs)
@@ -123,15 +125,15 @@ def _performer_bwd_query_kernel(
     g_ksum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for i in range(BLOCKS_PER_PROGRAM):
         t_offs = (chunk * BLOCKS_PER_PROGRAM + i) * BLOCK_T + tl.arange(0, BLOCK_T)
-        q = _load_rows(q_ptr, b, stride_qb, stride_qt, t_offs, e_offs, T, E)
-        g = _load_rows(g_ptr, b, stride_gb, stride_gt, t_offs, e_offs, T, E)
+        q = _load_rows(q_ptr + b * stride_qb, stride_qt, t_offs, e_offs, T, E)
+        g = _load_rows(g_ptr + b * stride_gb, stride_gt, t_offs, e_offs, T, E)
         phi = _features(q, w, t_offs, m_offs, T, m, scale)
         inv_den = 1.0 / (tl.sum(phi * ksum[None, :], axis=1) + eps)
         y = tl.dot(phi, kv, input_precision=IEEE) * inv_den[:, None]  # recomputed, not saved
         g_num = g * inv_den[:, None]
         g_den = -tl.sum(g * y, axis=1) * inv_den
         g_phi = tl.dot(g_num, tl.trans(kv), input_precision=IEEE) + g_den[:, None] * ksum[None, :]
-        _store_rows(gq_ptr, _feature_grad(g_phi, phi, w, q), b, T, E, t_offs, e_offs)
+        _store_rows(gq_ptr + b * T * E, _feature_grad(g_phi, phi, w, q), T, E, t_offs, e_offs)
         g_kv += tl.dot(tl.trans(phi), g_num, input_precision=IEEE)
         g_ksum += tl.sum(phi * g_den[:, None], axis=0)
     _store_partial(part_gkv_ptr, part_gksum_ptr, g_kv, g_ksum, b, chunk, tl.num_programs(1), m, E, m_offs, e_offs)
@@ -144,18 +146,18 @@ def _performer_bwd_key_value_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """gk and gv for a block of rows: gK' = v gA^T + 1 gs^T, gv = phi(k) gA."""
-    b, blk = tl.program_id(0), tl.program_id(1)
+    b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: b * (T * E) passes 2^31 in big batches
     t_offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
     w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
     g_kv = _load_matrix(gkv_ptr + b * m * E, m, E, m_offs, e_offs)
     g_ksum = tl.load(gksum_ptr + b * m + m_offs, mask=m_offs < m, other=0.0)
-    k = _load_rows(k_ptr, b, stride_kb, stride_kt, t_offs, e_offs, T, E)
-    v = _load_rows(v_ptr, b, stride_vb, stride_vt, t_offs, e_offs, T, E)
+    k = _load_rows(k_ptr + b * stride_kb, stride_kt, t_offs, e_offs, T, E)
+    v = _load_rows(v_ptr + b * stride_vb, stride_vt, t_offs, e_offs, T, E)
     phi = _features(k, w, t_offs, m_offs, T, m, scale)
     g_phi = tl.dot(v, tl.trans(g_kv), input_precision=IEEE) + g_ksum[None, :]
-    _store_rows(gk_ptr, _feature_grad(g_phi, phi, w, k), b, T, E, t_offs, e_offs)
-    _store_rows(gv_ptr, tl.dot(phi, g_kv, input_precision=IEEE), b, T, E, t_offs, e_offs)
+    _store_rows(gk_ptr + b * T * E, _feature_grad(g_phi, phi, w, k), T, E, t_offs, e_offs)
+    _store_rows(gv_ptr + b * T * E, tl.dot(phi, g_kv, input_precision=IEEE), T, E, t_offs, e_offs)
 
 
 # programs the reducing kernels aim for (a few per SM of a large GPU) before they sum several blocks per program
@@ -166,8 +168,9 @@ def _launch_config(B: int, T: int, E: int, m: int):
     """(blocks of rows, programs of the reducing kernels, blocks per such program, tile meta) for the shape.
 
     tl.dot needs every block dim >= 16. The tiles (32 rows at E <= 64, 16 beyond) and 8 warps compile for sm_90
-    without register spills at E <= 64 in every kernel and dtype, with Triton 3.6 and 3.8 (scripts/triton_aot_check.py;
-    the former 64 rows and 4 warps spilled up to 1.4 KB a thread; E = 128 spills a few dozen bytes). The reducing
+    without register pressure at E <= 64 in every kernel and dtype, with Triton 3.6 and 3.8 (scripts/triton_aot_check.py:
+    at most 20 bytes a thread spilled by ptxas's own occupancy choice; the former 64 rows and 4 warps spilled up to
+    1.4 KB; E = 128 spills a few dozen bytes). The reducing
     kernels (the forward's state, the backward's query pass) sum up to 4 blocks per program (8 spilled in fp16 with
     Triton 3.6): each program writes one (m, E) fp32 partial, at 32 rows as large as the rows' k and v, so fewer
     partials save memory traffic, while B * T / rows stays near TARGET_PROGRAMS or above. A power of two and a
