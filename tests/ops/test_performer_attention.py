@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from t2t_kernels.ops import performer_attention
+from virtual_views import views_past_int32
 from t2t_kernels.ops.performer_attention import BACKENDS, reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -116,19 +117,14 @@ def test_triton_programs_sum_several_blocks(monkeypatch, dtype):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_offsets_past_int32(backend):
-    """q, k, v as (3, 40, 64) views whose batch stride is 2^30 + 2^20 elements, into one 4.3 GB bf16 storage (virtual:
-    only the touched rows are ever backed by memory): element offsets of the last sequence pass 2^31, as in a batch
-    with B * T * E > 2^31. The Triton kernels once formed them in int32 (under the interpreter: a segfault)."""
+    """q, k, v as (3, 40, 64) views whose batch stride is 2^30 + 2^20 elements, into one 4.3 GB storage (virtual:
+    tests/virtual_views.py): element offsets of the last sequence pass 2^31, as in a batch with B * T * E > 2^31.
+    The Triton kernels once formed them in int32 (under the interpreter: a segfault)."""
     dtype = torch.bfloat16 if backend == "triton" else torch.float32
     skip_unless_available(backend, dtype)
-    B, T, E, m, stride_b = 3, 40, 64, 32, 2**30 + 2**20
-    numel = (B - 1) * stride_b + 3 * T * E
-    storage = torch.UntypedStorage(numel * dtype.itemsize)
-    flat = torch.empty(0, dtype=dtype).set_(storage, 0, (numel,), (1,))
-    q, k, v = (flat.as_strided((B, T, E), (stride_b, E, 1), i * T * E) for i in range(3))
-    for t in (q, k, v):
-        t.copy_(0.5 * torch.randn(B, T, E))
-    assert q.storage_offset() + (B - 1) * stride_b + T * E > 2**31
+    B, T, E, m = 3, 40, 64, 32
+    q, k, v = views_past_int32((B, T, E), 3, dtype, scale=0.5)
+    assert q.stride(0) > T * E  # views, not copies
     w = torch.nn.init.orthogonal_(torch.empty(m, E)) * m**0.5
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # the views themselves (run_and_grads would copy)
     y = performer_attention(*leaves, w, eps=EPS, backend=backend)
