@@ -20,3 +20,10 @@ def views_past_int32(shape, count, dtype, scale=1.0, batch_stride=BATCH_STRIDE):
         view.copy_(torch.randn(shape) * scale)
     assert views[-1].storage_offset() + (B - 1) * batch_stride > 2**31
     return views
+
+
+def image_past_int32(dtype):
+    """A random (3, 2, 9, 9) image whose last element lies past 2^31 (views_past_int32), for the soft split ops."""
+    (image,) = views_past_int32((3, 2, 9, 9), 1, dtype)
+    assert image.stride(0) > 2 * 9 * 9  # a view, not a copy
+    return image
