@@ -86,7 +86,8 @@ class OpBackends:
             raise ValueError(f"{self.name}: backend must be one of {BACKENDS + ('auto', None)}, got {backend!r}")
         reason = self.unavailable_reason(backend, x.device, x.dtype)
         if reason is not None:
-            what = f"backend={backend!r} is not available" if backend != "eager" or explicit else "no backend runs this input"
+            # "auto" falls back to eager last: when even eager cannot take the input, no backend can
+            what = f"backend={backend!r} is not available" if explicit else "no backend runs this input"
             raise RuntimeError(f"{self.name}: {what}: {reason}")
         return backend
 

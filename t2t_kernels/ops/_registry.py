@@ -17,8 +17,8 @@ def to_pair(value, name: str) -> tuple[int, int]:
 
 def check_eps(eps, op: str, positive: bool = False) -> None:
     """eps must be a finite number (not a bool), >= 0 or, with positive, > 0; the error names the op and the value."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps if positive else 0 <= eps) \
-            or eps == float("inf"):
+    number = isinstance(eps, (int, float)) and not isinstance(eps, bool)
+    if not (number and (0 < eps if positive else 0 <= eps) and eps != float("inf")):  # NaN fails both bounds
         raise ValueError(f"{op}: eps must be a {'positive (finite)' if positive else 'non-negative finite'} number, "
                          f"got {eps!r}")
 

@@ -497,9 +497,9 @@ def test_gelu_tails_cpp(dtype):
     kernel's exp. Rounding adds a few u in the fit's polynomial (its terms, up to 1.5, cancel to ~0 near x = 0) and
     in the exp, and the exponent -x^2/2 carries the rounding of -x/sqrt(2) and of its square: ~2.5u x^2 absolute,
     as much relative in the result. Bound 1.2e-7 + (16 + 3 x^2) u; measured (200001 points, AVX-512) <= 8.7u for
-    |x| < 2 and 118u at x = -9.9, at most 0.48 of the bound. fp64: std::erfc per lane, measured <= 3.7u: bound 16u. (torch's own F.gelu, the eager
-    backend, forms 1 + erf(x/sqrt(2)), which cancels to 0 in the left tail: relative error 1 at x = -10, harmless in
-    absolute terms.)"""
+    |x| < 2 and 118u at x = -9.9, at most 0.48 of the bound. fp64: std::erfc per lane, measured <= 3.7u: bound 16u.
+    (torch's own F.gelu, the eager backend, forms 1 + erf(x/sqrt(2)), which cancels to 0 in the left tail: relative
+    error 1 at x = -10, harmless in absolute terms.)"""
     skip_unless_available("cpp", dtype)
     u = UNIT_ROUNDOFF[dtype]
     x = torch.linspace(-10, 10, 4096, dtype=torch.float64).to(dtype)
