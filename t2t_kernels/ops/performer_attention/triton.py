@@ -30,9 +30,9 @@ def _load_rows(ptr, stride_t, t_offs, e_offs, T, E):
 @triton.jit
 def _store_rows(ptr, value, T, E, t_offs, e_offs):
     """Stores a block of rows into one sequence (ptr: its first row) of a contiguous (B, T, E) output, converting to
-    its dtype."""
+    its dtype; int64 row offsets, as in _load_rows."""
     mask = (t_offs[:, None] < T) & (e_offs[None, :] < E)
-    ptrs = ptr + t_offs[:, None] * E + e_offs[None, :]
+    ptrs = ptr + t_offs[:, None].to(tl.int64) * E + e_offs[None, :]
     tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
