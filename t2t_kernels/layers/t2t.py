@@ -66,20 +66,28 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
 
     def attend(self, x):
         """(v, the attention's output): what the projection and its skip take."""
-        k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)  # the official split order: k, q, v
+        return self.attend_projected(self.kqv(x))
+
+    def attend_projected(self, kqv):
+        """attend() after the kqv projection."""
+        k, q, v = torch.split(kqv, self.emb, dim=-1)  # the official split order: k, q, v
         return v, performer_attention(q, k, v, self.w, eps=self.epsilon, backend=self.backend)
 
     def single_attn(self, x):
         v, y = self.attend(x)
         return v + self.dp(self.proj(y))  # skip from v: the input width differs from emb
 
-    def forward(self, x, normalized: bool = False):
-        """normalized=True: x has been through norm1 already (the T2T module fuses it into the soft split)."""
-        x = x if normalized else self.norm1(x)
+    def forward(self, x, split: SoftSplit | None = None):
+        """split: x is the image of that soft split, which runs here with norm1 fused into it (the T2T module)."""
+        x = self.norm1(x) if split is None else split(x, norm=self.norm1)
         fc1, act, fc2, drop = self.mlp
         if fuses_post_attention(self.backend, x, self.proj, self.norm2, fc1, act, fc2, self.training,
                                 (self.dp.p, drop.p)):
-            v, y = self.attend(x)
+            kqv = self.kqv(x)
+            # inference: the tokens are freed before the attention allocates. The lower peak also keeps glibc from
+            # returning the heap to the OS after each call, which cost 30% of a fused T2T module in page faults.
+            del x
+            v, y = self.attend_projected(kqv)
             return fused_post_attention(y, v, self.proj, self.norm2, fc1, fc2)
         x = self.single_attn(x)
         return x + self.mlp(self.norm2(x))
@@ -105,8 +113,12 @@ class TokenAttention(nn.Module):
 
     def attend(self, x):
         """(v as tokens, the attention's output): what the projection and its skip take."""
+        return self.attend_projected(self.qkv(x))
+
+    def attend_projected(self, qkv):
+        """attend() after the qkv projection."""
         drop = self.attn_drop if self.training else 0.0
-        out, v = multihead_attention(self.qkv(x), self.num_heads, self.in_dim // self.num_heads, self.scale, drop)
+        out, v = multihead_attention(qkv, self.num_heads, self.in_dim // self.num_heads, self.scale, drop)
         return v.transpose(1, 2).reshape(out.shape), out  # official: v.squeeze(1) (one head)
 
     def forward(self, x):
@@ -129,14 +141,16 @@ class Token_transformer(nn.Module):  # noqa: N801  (official class name)
         self.mlp = Mlp(in_features=in_dim, hidden_features=int(in_dim * mlp_ratio), out_features=in_dim,
                        act_layer=act_layer, drop=drop)
 
-    def forward(self, x, normalized: bool = False):
-        """normalized=True: x has been through norm1 already (the T2T module fuses it into the soft split)."""
-        x = x if normalized else self.norm1(x)
+    def forward(self, x, split: SoftSplit | None = None):
+        """split: x is the image of that soft split, which runs here with norm1 fused into it (the T2T module)."""
+        x = self.norm1(x) if split is None else split(x, norm=self.norm1)
         attn, mlp = self.attn, self.mlp
         dropouts = (attn.proj_drop.p, mlp.drop.p, getattr(self.drop_path, "drop_prob", 0.0))
         if fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2, self.training,
                                 dropouts):
-            v, out = attn.attend(x)
+            qkv = attn.qkv(x)
+            del x  # the tokens are freed before the attention allocates, as in Token_performer.forward
+            v, out = attn.attend_projected(qkv)
             return fused_post_attention(out, v, attn.proj, self.norm2, mlp.fc1, mlp.fc2)
         x = attn(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -181,15 +195,12 @@ class T2T_module(nn.Module):  # noqa: N801  (official class name)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.grad_checkpointing = False
 
-    @staticmethod
-    def split_and_attend(split: SoftSplit, attention: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        """attention(split(image)), with the split and the attention layer's norm1 as one fused op."""
-        return attention(split(image, norm=attention.norm1), normalized=True)
-
     def forward(self, x):
         H, W = x.shape[-2:]
-        stage1 = partial(self.split_and_attend, self.soft_split0, self.attention1)
-        stage2 = partial(self.split_and_attend, self.soft_split1, self.attention2)
+        # attention(split(image)) with the split and the layer's norm1 as one fused op, run inside the layer: the
+        # tokens are then its own to free early (a module's arguments live until it returns)
+        stage1 = partial(self.attention1, split=self.soft_split0)
+        stage2 = partial(self.attention2, split=self.soft_split1)
         x = maybe_checkpoint(self.grad_checkpointing, stage1, x)
         x = maybe_checkpoint(self.grad_checkpointing, stage2, tokens_as_image(x, (H // 4, W // 4)))
         return self.project(self.soft_split2(tokens_as_image(x, (H // 8, W // 8))))

@@ -128,3 +128,22 @@ def test_compiled_inference_keeps_the_fused_op():
     assert len(graphs) == 1
     assert sum("post_attention" in str(node.target) for node in graphs[0].graph.nodes) == 2
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@requires_cpp
+@pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
+def test_inference_frees_the_tokens_before_the_attention(tokens_type):
+    """A fused T2T layer frees its normalised tokens once its kqv projection has read them: the T2T module's peak is
+    then stage 1's projection, attention output and layer output, without the tokens (whose lower peak also keeps
+    glibc from handing the heap back to the OS after every call)."""
+    from t2t_kernels.bench.runner import measure_memory
+
+    B, H, W = 2, 64, 64
+    module = t2t_kernels.layers.T2T_module(img_size=(H, W), tokens_type=tokens_type, embed_dim=32).eval()
+    x = torch.randn(B, 3, H, W)
+    with torch.no_grad():
+        assert _fused_count(module, x) == 2
+        peak, _ = measure_memory(lambda: module(x), x.device)
+    rows, f32 = B * (H // 4) * (W // 4), 4
+    tokens, projected, attended, out = (rows * width * f32 for width in (3 * 7 * 7, 3 * 64, 64, 64))
+    assert projected + attended + out <= peak < tokens + projected + attended + out
