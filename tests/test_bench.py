@@ -127,6 +127,29 @@ def test_cpu_memory_counts_what_a_call_allocates_and_keeps():
     assert peak >= 2 * nbytes
 
 
+@pytest.mark.skipif(runner.page_faults() is None, reason="this OS does not count page faults")
+def test_page_faults_are_counted_per_provider():
+    """A call that writes a fresh 64 MB tensor faults its pages in (4 KB pages: 16384; even 2 MB ones: 32); one
+    that reuses its buffer, nearly none. The rows report the faults per call; the report names the heavy ones."""
+    reused = torch.empty(1 << 24)
+    fns = {"fresh": lambda: torch.empty(1 << 24).fill_(1.0), "reused": lambda: reused.fill_(1.0)}
+    times, faults = runner.time_round_robin(fns, torch.device("cpu"), min_reps=3, max_reps=3, min_time=0.0)
+    assert len(times["fresh"]) == 3 and faults["fresh"] >= 3 * 32 > faults["reused"]
+
+    result = _synthetic_result("python -m t2t_kernels bench", 0.5)
+    assert not report.page_fault_lines(result)
+    result["rows"][0]["page_faults_per_call"] = 12345.0
+    result["rows"][1]["page_faults_per_call"] = 10.0
+    assert report.page_fault_lines(result) == [
+        "page faults per call above 1000 (memory the allocator returned to the OS after the last call and takes "
+        "back; part of the row's time, see README, Benchmarks): t2t_vit_14.tokens_to_token forward eager 12.3k"]
+    case = ModelCase(Settings(**TINY, compile=False), "t2t_vit_7", "t2t_module", FORWARD)
+    rows = runner.run_case(case, memory=False, **FAST)
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert [r["provider"] for r in timed] == ["eager", "fused"]
+    assert all(r["page_faults_per_call"] >= 0 for r in timed)
+
+
 def test_record_keeps_one_section_per_command_and_device(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\nintro\n\n<!-- bench-runs: new runs are added below -->\n")

@@ -81,7 +81,7 @@ def header_lines(result: dict) -> list[str]:
         f"date: {m['date']}  |  dtype {s['dtype']}  batch {s['batch']}  image {s['img_size'][0]}x{s['img_size'][1]}  "
         f"compile backend {s['compile_backend']}",
         f"copy bandwidth (measured in this run): {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})",
-    ] + provider_notes(result) + skipped_lines(result) + noise_lines(result)
+    ] + provider_notes(result) + skipped_lines(result) + noise_lines(result) + page_fault_lines(result)
 
 
 NOISY = 1.3  # p80 / p20 above this: the row's timing spread is wide
@@ -102,6 +102,18 @@ def noise_lines(result: dict) -> list[str]:
         return []
     return [f"warning: {len(rows)} of {sum(r['status'] == 'ok' for r in result['rows'])} timed rows have p80/p20 > "
             f"{NOISY} (a busy or throttling machine): compare ratios with care, or re-run with more --min-reps"]
+
+
+FAULTY = 1000  # minor page faults per call above this: the call re-faults memory the allocator gave back
+
+
+def page_fault_lines(result: dict) -> list[str]:
+    rows = [r for r in result["rows"] if r["status"] == "ok" and r.get("page_faults_per_call", 0) > FAULTY]
+    if not rows:
+        return []
+    calls = ", ".join(f"{r['group']} {r['provider']} {r['page_faults_per_call'] / 1000:.1f}k" for r in rows)
+    return [f"page faults per call above {FAULTY} (memory the allocator returned to the OS after the last call and "
+            f"takes back; part of the row's time, see README, Benchmarks): {calls}"]
 
 
 def text_table(result: dict) -> str:
@@ -150,7 +162,8 @@ def markdown(result: dict, note: str | None = None) -> str:
     ]
     if m.get("wall_s"):
         lines.append(f"- the whole run (compilation included) took {m['wall_s'] / 60:.1f} min")
-    lines += [f"- {line}" for line in provider_notes(result) + skipped_lines(result) + noise_lines(result)]
+    lines += [f"- {line}" for line in
+              provider_notes(result) + skipped_lines(result) + noise_lines(result) + page_fault_lines(result)]
     if note:
         lines.append(f"- note: {note}")
     lines += ["", "| case | " + " | ".join(COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]

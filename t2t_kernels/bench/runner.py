@@ -58,20 +58,35 @@ def time_call(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def page_faults() -> int | None:
+    """This process's minor page faults so far (None where the OS does not count them). A CPU call that faults
+    thousands of pages is taking back memory the allocator handed to the OS after the last call (glibc does that
+    when a call's freed memory exceeds its trim threshold), which costs it time beside its arithmetic."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_round_robin(fns: dict, device: torch.device, min_reps: int = 3, max_reps: int = 50,
-                     min_time: float = 1.0, tick=None) -> dict[str, list[float]]:
+                     min_time: float = 1.0, tick=None) -> tuple[dict[str, list[float]], dict[str, int | None]]:
     """Times each callable in rounds (one call each per round) until every one has min_reps calls and the rounds
-    took min_time seconds, or max_reps rounds ran. Returns the seconds of every call, per name."""
+    took min_time seconds, or max_reps rounds ran. Returns the seconds of every call, per name, and the minor page
+    faults of all its calls (None where not counted)."""
     times = {name: [] for name in fns}
+    faults = dict.fromkeys(fns, 0)
     start = time.perf_counter()
     for rnd in range(max_reps):
         for name, fn in fns.items():
+            before = page_faults()
             times[name].append(time_call(fn, device))
+            faults[name] = None if before is None else faults[name] + page_faults() - before
         if tick:
             tick(rnd + 1)
         if rnd + 1 >= min_reps and time.perf_counter() - start >= min_time:
             break
-    return times
+    return times, faults
 
 
 # ---- memory ----------------------------------------------------------------------------------------------------
@@ -243,10 +258,12 @@ def run_case(case: Case, warmup: int = 1, min_reps: int = 3, max_reps: int = 50,
         except Exception as err:  # noqa: BLE001  (one broken provider must not end the run)
             row.update(status="failed", reason=_short_error(err))
     if workloads:
-        times = time_round_robin(workloads, device, min_reps=min_reps, max_reps=max_reps, min_time=min_time,
-                                 tick=tick)
+        times, faults = time_round_robin(workloads, device, min_reps=min_reps, max_reps=max_reps,
+                                         min_time=min_time, tick=tick)
         for name, ts in times.items():
             rows[name].update(summarize(ts))
+            if device.type == "cpu" and faults[name] is not None:
+                rows[name]["page_faults_per_call"] = faults[name] / len(ts)
     for name, workload in workloads.items():
         row = rows[name]
         if memory:
