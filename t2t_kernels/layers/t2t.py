@@ -85,7 +85,7 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
                                 (self.dp.p, drop.p)):
             kqv = self.kqv(x)
             # inference: the tokens are freed before the attention allocates. The lower peak also keeps glibc from
-            # returning the heap to the OS after each call, which cost 30% of a fused T2T module in page faults.
+            # returning the heap to the OS after each call (page faults: README, Benchmarks)
             del x
             v, y = self.attend_projected(kqv)
             return fused_post_attention(y, v, self.proj, self.norm2, fc1, fc2)
