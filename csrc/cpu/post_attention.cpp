@@ -98,15 +98,15 @@ T2T_INLINE void add_bias_gelu(acc_t* h, const acc_t* bias, int64_t H, const Gelu
   for (; j < H; ++j) h[j] = gelu(vec{} + (h[j] + bias[j]))[0];
 }
 
-// weights transposed and zero-padded to whole register blocks, biases and norm parameters zero-padded, in one buffer
+// the weights transposed and zero-padded to whole register blocks, and the vectors, in one buffer
 template <typename acc_t>
 struct Weights {
   std::unique_ptr<acc_t[]> buffer;
-  const acc_t *wp, *w1, *w2, *bp, *b1, *b2, *nw, *nb;  // wp (D, Ep), w1 (E, Hp), w2 (H, Ep); vectors Ep or Hp long
+  const acc_t *wp, *w1, *w2, *bp, *b1, *b2, *nw, *nb;  // wp (D, Ep), w1 (E, Hp), w2 (H, Ep); vectors E or H long
 
   Weights(const at::Tensor* t, int64_t D, int64_t E, int64_t H, int64_t Ep, int64_t Hp) {
     // t: proj_weight, proj_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias (contiguous)
-    const int64_t sizes[] = {D * Ep, E * Hp, H * Ep, Ep, Hp, Ep, Ep, Ep};
+    const int64_t sizes[] = {D * Ep, E * Hp, H * Ep, E, H, E, E, E};
     int64_t total = 0;
     for (int64_t n : sizes) total += n;
     buffer.reset(new acc_t[total]());
