@@ -30,8 +30,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 # reach an occupancy step (8-20 B seen in the Performer's state kernel with 64-80 registers in use); register
 # pressure shows as hundreds (276-1380 B with the former 64-row, 4-warp Performer tiles)
 SPILL_BUDGET = 64
-# shared memory a block may use, per architecture (bytes): sm_80 163 KB, sm_86/89 99 KB, sm_90 227 KB
-MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# shared memory a block may use, per architecture (bytes): sm_80 163 KB, sm_86/89 99 KB, sm_90 227 KB, sm_100 227 KB,
+# sm_120 99 KB (the CUDA programming guide's per-block opt-in maxima); other architectures: the default 48 KB
+MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 # (input shape of the split (B, C, H, W), kernel, stride, padding) of the T2T module at 224x224 (DESIGN: stage 0 on the
 # image, stages 1 and 2 on the 64-channel token images); B is 2: the batch only scales the grid
 SPLITS = [((2, 3, 224, 224), (7, 7), (4, 4), (2, 2)), ((2, 64, 56, 56), (3, 3), (2, 2), (1, 1)),
@@ -187,7 +188,10 @@ def main(argv=None) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    # Triton bundles a second ptxas for Blackwell (sm_100 and later), which the older one does not know
+    blackwell = os.path.join(bin_dir, "ptxas-blackwell")
+    ptxas = blackwell if args.arch >= 100 and os.path.exists(blackwell) else os.path.join(bin_dir, "ptxas")
     target = GPUTarget("cuda", args.arch, 32)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     compiled_rows, failures = {}, 0
