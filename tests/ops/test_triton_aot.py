@@ -45,6 +45,8 @@ def test_every_launch_compiles_for_sm90_without_register_pressure():
 def test_every_launch_compiles_for_consumer_gpus(arch):
     """sm_86/89 (RTX 30xx/40xx) and sm_120 (RTX 50xx, through Triton's Blackwell ptxas) give a block 99 KB of shared
     memory against the H100's 227 KB. fp32: its tiles take the most."""
+    if arch >= 100 and not PTXAS.with_name("ptxas-blackwell").exists():
+        pytest.skip(f"this Triton bundles no Blackwell ptxas ({PTXAS.with_name('ptxas-blackwell')})")
     result = run_python([str(SCRIPT), "--arch", str(arch), "--dtypes", "float32"])
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]
