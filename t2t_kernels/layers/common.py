@@ -5,6 +5,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import post_attention
+from ..ops._backends import check_backend_arg
 
 
 def maybe_checkpoint(enabled: bool, layer, x: torch.Tensor) -> torch.Tensor:
@@ -105,16 +106,24 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x):
+    def attend(self, x):
+        """The heads' output (B, N, dim) before the projection."""
         drop = self.attn_drop if self.training else 0.0
-        out, _ = multihead_attention(self.qkv(x), self.num_heads, self.head_dim, self.scale, drop)
-        return self.proj_drop(self.proj(out))
+        return multihead_attention(self.qkv(x), self.num_heads, self.head_dim, self.scale, drop)[0]
+
+    def forward(self, x):
+        return self.proj_drop(self.proj(self.attend(x)))
 
 
 class Block(nn.Module):
+    """A backbone layer. backend: "eager" keeps the official chain; the others run everything after the attention
+    as the post_attention op where it applies (CPU inference: fuses_post_attention)."""
+
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0, attn_drop=0.0,
-                 drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+                 drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm, backend: str | None = "auto"):
         super().__init__()
+        check_backend_arg(backend)
+        self.backend = backend
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
                               attn_drop=attn_drop, proj_drop=drop)
@@ -123,5 +132,10 @@ class Block(nn.Module):
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
     def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        attn, mlp = self.attn, self.mlp
+        dropouts = (attn.proj_drop.p, mlp.drop.p, getattr(self.drop_path, "drop_prob", 0.0))
+        if fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2, self.training,
+                                dropouts):
+            return fused_post_attention(attn.attend(self.norm1(x)), x, attn.proj, self.norm2, mlp.fc1, mlp.fc2)
+        x = x + self.drop_path(attn(self.norm1(x)))
+        return x + self.drop_path(mlp(self.norm2(x)))

@@ -23,6 +23,7 @@ from float64_checks import post_attention_formula
 from hardening_utils import DTYPE_NAMES, backend_params, count_case, generator, randn, runnable_dtypes
 from t2t_kernels.ops import post_attention
 from t2t_kernels.ops.post_attention import BACKENDS as POST_ATTENTION_BACKENDS
+from t2t_kernels.ops.post_attention import WIDE_WEIGHT_BYTES
 
 pytestmark = pytest.mark.usefixtures("single_intraop_thread")
 
@@ -184,7 +185,9 @@ def post_attention_cases(draw, dtypes):
     lead = tuple(lead + [left]) if n_lead else ()
     if rows == 0 and 0 not in lead:
         lead = lead[:-1] + (0,)
-    D, E, H = (draw(st.one_of(st.integers(1, 80), st.sampled_from([1, 16, 64]))) for _ in range(3))
+    D, E = (draw(st.one_of(st.integers(1, 80), st.sampled_from([1, 16, 64]))) for _ in range(2))
+    # a hidden width of thousands: the kernel's wide path where E is not tiny (weights above WIDE_WEIGHT_BYTES)
+    H = draw(st.one_of(st.integers(1, 80), st.sampled_from([1, 16, 64]), st.integers(1700, 7000)))
     missing = tuple(name for name in OPTIONAL if draw(st.booleans()))
     layout = draw(st.sampled_from(sorted(name for name, (*_, n) in LAYOUTS.items() if len(lead) >= n)))
     return PostAttentionCase(
@@ -235,11 +238,15 @@ def test_the_case_generator_covers_the_edges():
         if case.D != case.E:
             seen.add("D!=E")
         seen.add("H<E" if case.H < case.E else "H>E" if case.H > case.E else "H=E")
+        itemsize = 4 if case.dtype == "float32" else 8
+        if (case.D * case.E + 2 * case.E * case.H) * itemsize > WIDE_WEIGHT_BYTES:
+            seen.add(f"wide {case.dtype}")
 
     collect()
     wanted = ({f"lead_dims={n}" for n in range(4)} | {f"layout={name}" for name in LAYOUTS}
               | {f"grad_mode={m}" for m in ("backward", "no_grad", "inference_mode")}
               | {"dtype=float32", "dtype=float64", "rows=0", "rows=1", "rows>64", "all_none", "D!=E", "H<E", "H>E",
-                 "D=1", "E=1", "H=1"}
+                 "D=1", "E=1", "H=1",
+                 "wide float32", "wide float64"}
               | {f"no_{name}" for name in OPTIONAL})
     assert wanted <= seen, wanted - seen

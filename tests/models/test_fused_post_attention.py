@@ -1,5 +1,5 @@
-"""In inference on the CPU backends, each T2T layer runs its projection + skip, norm2 and MLP as the fused
-post_attention op (issue 5: the T2T module forward); wherever the op does not apply (gradients wanted, dropout active,
+"""In inference on the CPU backends, each T2T layer and each backbone block runs its projection + skip, norm2 and MLP
+as the fused post_attention op (issue 5: the T2T module and whole-model forward); wherever the op does not apply (gradients wanted, dropout active,
 autocast, the eager backend, a norm or activation other than the official ones) the layers run unfused. Either way
 the logits are the eager model's."""
 import pytest
@@ -32,18 +32,33 @@ def _logged(model, x):
 @requires_cpp
 @pytest.mark.parametrize("name", t2t_kernels.list_models())
 @pytest.mark.parametrize("backend", ["auto", "cpp"])
-def test_inference_fuses_both_t2t_layers_and_matches_eager(name, backend):
+def test_inference_fuses_every_layer_and_matches_eager(name, backend):
     model = _perturbed(t2t_kernels.create_model(name, img_size=32, num_classes=10, backend=backend)).eval()
     x = torch.randn(2, 3, 32, 32)
+    depth = len(model.blocks)
     with torch.no_grad():
         out, names = _logged(model, x)
         model.set_backend("eager")
         ref, ref_names = _logged(model, x)
-    assert names.count(FUSED) == 2 and FUSED not in ref_names
-    # the T2T layers' norm2 and GELU went into the op: only the backbone's remain (two norms and a GELU per block)
-    depth = len(model.blocks)
-    assert sum(n.startswith("aten::native_layer_norm") for n in names) == 2 * depth + 1  # + the final norm
-    assert sum(n.startswith("aten::gelu") for n in names) == depth
+    assert names.count(FUSED) == 2 + depth and FUSED not in ref_names
+    # every norm2 and GELU went into the op: only the blocks' norm1 and the final norm remain
+    assert sum(n.startswith("aten::native_layer_norm") for n in names) == depth + 1
+    assert not any(n.startswith("aten::gelu") for n in names)
+    assert sum(n.startswith("aten::native_layer_norm") for n in ref_names) == 2 * depth + 1 + 4  # + the T2T layers'
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@requires_cpp
+def test_backbone_inference_at_full_width_matches_eager():
+    """T2T-ViT-14's blocks at their real width (E=384, H=1152: the kernel's wide path, whole-matrix GEMMs) on 197
+    tokens, against the eager blocks."""
+    model = _perturbed(t2t_kernels.t2t_vit_14(img_size=32, num_classes=10)).eval()
+    blocks, tokens = torch.nn.Sequential(*model.blocks[:2]), torch.randn(2, 197, 384)
+    with torch.no_grad():
+        out, names = _logged(blocks, tokens)
+        model.set_backend("eager")
+        ref = blocks(tokens)
+    assert names.count(FUSED) == 2
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -55,7 +70,7 @@ def test_float64_inference_uses_the_float64_kernel():
         out, names = _logged(model, x)
         model.set_backend("eager")
         ref = model(x)
-    assert names.count(FUSED) == 2
+    assert names.count(FUSED) == 2 + len(model.blocks)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
@@ -75,11 +90,16 @@ def test_unfused_where_the_op_does_not_apply(tokens_type):
     name = "t2t_vit_7" if tokens_type == "performer" else "t2t_vit_t_14"
     model = t2t_kernels.create_model(name, img_size=32, num_classes=10)
     x = torch.randn(2, 3, 32, 32)
+    layers = 2 + len(model.blocks)
     assert _fused_count(model.train(), x) == 0  # gradients wanted
     with torch.no_grad():
-        if tokens_type == "performer":  # its dropouts are the official hard-coded 0.1
-            assert _fused_count(model.train(), x) == 0  # dropout active
-        assert _fused_count(model.eval(), x) == 2
+        # training without dropout: the blocks (drop rates 0 by default) fuse
+        t2t_fused = 0 if tokens_type == "performer" else 2  # the Performer's dropouts are the official hard-coded 0.1
+        assert _fused_count(model.train(), x) == layers - 2 + t2t_fused
+        model.blocks[0].drop_path = t2t_kernels.layers.common.DropPath(0.1)
+        model.blocks[1].mlp.drop.p = 0.1
+        assert _fused_count(model.train(), x) == layers - 4 + t2t_fused  # dropout active
+        assert _fused_count(model.eval(), x) == layers
         assert _fused_count(model.eval(), x, dtype=torch.bfloat16) == 0  # autocast: mixed dtypes
         model.set_backend("eager")
         assert _fused_count(model, x) == 0
@@ -92,11 +112,15 @@ def test_unfused_where_the_op_does_not_apply(tokens_type):
 def test_other_norm2_or_activation_runs_unfused(change):
     """A layer whose norm2 is not a LayerNorm, or whose GELU is the tanh one, keeps its own modules."""
     model = _perturbed(t2t_kernels.t2t_vit_7(img_size=32, num_classes=10)).eval()
-    for layer in (model.tokens_to_token.attention1, model.tokens_to_token.attention2):
+    t2t = model.tokens_to_token
+    for layer, mlp in ((t2t.attention1, t2t.attention1.mlp), (t2t.attention2, t2t.attention2.mlp),
+                       *((block, block.mlp) for block in model.blocks)):
         if change == "rmsnorm":
             layer.norm2 = torch.nn.RMSNorm(layer.norm2.normalized_shape)
+        elif isinstance(mlp, torch.nn.Sequential):
+            mlp[1] = torch.nn.GELU(approximate="tanh")
         else:
-            layer.mlp[1] = torch.nn.GELU(approximate="tanh")
+            mlp.act = torch.nn.GELU(approximate="tanh")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out, names = _logged(model, x)
@@ -126,7 +150,7 @@ def test_compiled_inference_keeps_the_fused_op():
             for _ in range(2):
                 out = compiled(x)
     assert len(graphs) == 1
-    assert sum("post_attention" in str(node.target) for node in graphs[0].graph.nodes) == 2
+    assert sum("post_attention" in str(node.target) for node in graphs[0].graph.nodes) == 2 + len(model.blocks)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from float64_checks import assert_close_to, gelu, post_attention_formula, relative_error
 from t2t_kernels.ops import post_attention
-from t2t_kernels.ops.post_attention import BACKENDS, reference
+from t2t_kernels.ops.post_attention import BACKENDS, WIDE_WEIGHT_BYTES, reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -47,14 +47,16 @@ PARAM_NAMES = ("proj_weight", "proj_bias", "norm_weight", "norm_bias", "fc1_weig
                "fc2_bias")
 OPTIONAL = ("proj_bias", "norm_weight", "norm_bias", "fc1_bias", "fc2_bias")
 
-# (leading dims, D, E, H): the model's token layers (64 wide, 300 rows: several 64-row tasks and a partial one), the
-# widest layer (E=384, H=1152, few rows), odd widths that are no multiple of a vector (5/7/11, 33/17/70, D=H=1),
+# (leading dims, D, E, H): the model's token layers (64 wide, 300 rows: several 64-row tasks and a partial one), a
+# backbone layer (E=384, H=1152, few rows) and an odd-width one of 201 rows (both above WIDE_WEIGHT_BYTES: the kernel's
+# whole-matrix path), odd widths that are no multiple of a vector (5/7/11, 33/17/70, D=H=1),
 # D != E, H < E and H > E, one row, rows that end a task with one row left over (129), (B, T), 3 leading dims and
 # none at all (y (D,), skip (E,)). E >= 6 here: a LayerNorm over one to a few features is ill-conditioned for random
 # rows (test_narrow_norm_matches_float64 covers E = 1 and 2).
 SHAPES = [
     ((3, 100), 64, 64, 64),
     ((4,), 384, 384, 1152),
+    ((3, 67), 200, 150, 1001),
     ((2, 25), 5, 7, 11),
     ((37,), 33, 17, 70),
     ((2, 9), 64, 24, 96),
@@ -198,10 +200,11 @@ def test_low_precision_auto_matches_float64(dtype, shape):
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params((torch.float32, torch.float64)))
 def test_layouts_match_float64(backend, dtype, layout):
     """Column slices, transposed y/skip (stride(-1) != 1), leading dims no view flattens, row strides, a stride-0
-    broadcast: the same values and gradients (landing in the bases) as the formula. 3 x 45 rows: three tasks."""
+    broadcast: the same values and gradients (landing in the bases) as the formula. 3 x 45 rows: three tasks; the
+    wide path (H = 7000) reads y and skip through ATen's GEMM and its own passes, with their own strides."""
     skip_unless_available(backend, dtype)
-    for lead in ((3, 45), (2, 3, 7)):
-        check_against_float64(backend, *make_input(layout, lead, 24, 20, dtype), make_params(24, 20, 40, dtype))
+    for lead, H in (((3, 45), 40), ((2, 3, 7), 40), ((3, 45), 7000)):
+        check_against_float64(backend, *make_input(layout, lead, 24, 20, dtype), make_params(24, 20, H, dtype))
 
 
 @pytest.mark.parametrize("missing", [(name,) for name in OPTIONAL] + [OPTIONAL],
@@ -439,6 +442,26 @@ def test_compile_fullgraph_cpp():
         torch.testing.assert_close(a.grad, e.grad)
 
 
+@pytest.mark.parametrize("dtype", DTYPES["cpp"], ids=dtype_name)
+def test_wide_layers_run_whole_matrix_products(dtype):
+    """Above WIDE_WEIGHT_BYTES the kernel runs its three products as ATen GEMMs over all rows (MKL's packed kernels
+    beat its unpacked tiles once the weights leave the cache); below, none. Both sides of the bound in the same
+    shape family, each checked against the formula."""
+    skip_unless_available("cpp", dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for H, wide in ((40, False), (7000, True)):
+        D, E = 24, 20
+        assert ((D * E + 2 * E * H) * itemsize > WIDE_WEIGHT_BYTES) == wide
+        bases, view = make_input("contiguous", (70,), D, E, dtype)
+        params = make_params(D, E, H, dtype)
+        with torch.profiler.profile() as prof:
+            out = post_attention(*view(*bases), *params, backend="cpp")
+        products = sum(event.key == "aten::mm" for event in prof.events())
+        assert products == (3 if wide else 0), (H, products)
+        want = post_attention_formula(*view(*(b.double() for b in bases)), *(p.double() for p in params), 1e-5)
+        assert_close_to(out, want, TOLERANCES[dtype], f"H={H}")
+
+
 # --- determinism --------------------------------------------------------------------------------------------------
 
 
@@ -447,7 +470,8 @@ def test_cpp_deterministic_across_threads(dtype):
     """Bitwise the same output with 1 and with 2 threads, two runs each (300 rows: five 64-row tasks, split between
     the threads), and the same gradients in runs with the same thread count. (The gradients are torch's eager chain,
     whose sums over the rows are split by thread, so they may differ in the last bits between thread counts.)
-    The thread count is restored."""
+    The thread count is restored. Wide layers (test_wide_layers_run_whole_matrix_products) are exempt: their products
+    are ATen's, whose bits may change with the thread count as eager's do (MKL splits some shapes differently)."""
     skip_unless_available("cpp", dtype)
     bases, view = make_input("kqv_slice", (3, 100), 64, 64, dtype)
     params = make_params(64, 64, 64, dtype)

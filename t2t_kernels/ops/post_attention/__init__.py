@@ -6,7 +6,10 @@
 In the T2T module's token layers (64 wide, 25K rows at 224x224, B=8) these are a chain of thin layers whose
 intermediates do not fit in cache: eager writes and reads eight (B, T, 64) tensors between them. The cpp kernel
 (csrc/cpu/post_attention.cpp) runs the chain on blocks of rows in cache: it reads y and skip once and writes the
-output once. Backends: "eager" (reference.py) and "cpp" (t2t_kernels::post_attention, fp32 and fp64); "auto" picks cpp
+output once. The backbone's layers (E=384, H=1152 in T2T-ViT-14) have weights of megabytes, which no block of rows keeps
+in cache: above WIDE_WEIGHT_BYTES of weights the kernel runs the three products as whole-matrix ATen GEMMs (MKL) and
+fuses the bias, skip, norm, GELU and residual work between them into three passes over the rows (eager: seven).
+Backends: "eager" (reference.py) and "cpp" (t2t_kernels::post_attention, fp32 and fp64); "auto" picks cpp
 for CPU tensors it supports and eager otherwise (CUDA: torch's GEMMs are the fast path there).
 
 Backward recomputes the chain in eager from the saved inputs and differentiates it (no fused backward yet): the layers
@@ -20,6 +23,9 @@ from torch import Tensor
 from .._backends import OpBackends
 from .._registry import check_eps, op_exists, register_recompute_autograd
 from . import reference
+
+# weights (D E + 2 E H elements) above this many bytes take the cpp kernel's wide path (kWideWeightBytes there)
+WIDE_WEIGHT_BYTES = 1 << 20
 
 BACKENDS = OpBackends(
     name="post_attention",
