@@ -1,5 +1,6 @@
-"""post_attention: forward at the T2T-ViT-14 token layers' shapes (T=3136, 784; width 64; the model runs the fused op
-for inference only, so there is no backward case).
+"""post_attention: forward at the T2T-ViT-14 token layers' shapes (T=3136, 784; width 64) and at its blocks' (T=197,
+width 384, hidden 1152: the kernel's wide path); the model runs the fused op for inference only, so there is no
+backward case.
 
 Providers: "eager" is the layers' own chain (F.linear, F.layer_norm, F.gelu), "compile" is torch.compile of it, the
 others are our backends. The cases are t2t_kernels/bench/cases.py's PostAttentionCase (the same ones

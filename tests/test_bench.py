@@ -278,14 +278,16 @@ def test_post_attention_cases_are_forward_only_and_providers_agree():
     and every provider computes the same output from the same inputs."""
     settings = Settings(**TINY, compile=False)
     cases = op_cases(settings, ops=("post_attention",), passes=(FORWARD, FORWARD_BACKWARD))
-    assert [c.name for c in cases] == ["post_attention/stage1/forward", "post_attention/stage2/forward"]
+    assert [c.name for c in cases] == ["post_attention/stage1/forward", "post_attention/stage2/forward",
+                                         "post_attention/backbone/forward"]
     for case in cases:
         outputs = {}
         for provider in case.providers():
             if provider.reason is None and provider.name != "compile":
                 torch.manual_seed(0)  # nn.Linear's init draws the weights: the same ones for every provider
                 outputs[provider.name] = case.build(provider.name)()
-        assert outputs["eager"].shape == (1, case.T, 64)
+        assert outputs["eager"].shape == (1, case.T, case.E)
+        assert case.E == (384 if case.stage == "backbone" else 64)
         if case.backends.unavailable_reason("cpp", settings.device, settings.dtype) is None:
             assert "cpp" in outputs
         for name, out in outputs.items():

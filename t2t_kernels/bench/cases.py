@@ -328,20 +328,31 @@ class PerformerCase(OpCase):
         return Workload(step, probe=call)
 
 
+# post_attention's stages: the T2T layers' (64 wide, hidden 64) and a T2T-ViT-14 block's (384 wide, hidden 1152, on
+# the (H/16, W/16) grid and the class token), whose weights take the kernel's wide path
+POST_ATTENTION_STAGES = ("stage1", "stage2", "backbone")
+BACKBONE_E, BACKBONE_HIDDEN = 384, 1152
+
+
 class PostAttentionCase(OpCase):
-    """post_attention after a T2T layer's attention (forward: the model uses it for inference only): y (B, T, 64) and
-    the skip v, a column slice of the kqv output (B, T, 192) as in Token_performer, through proj, norm2 and the
-    64-64-64 GELU MLP. Eager is the layers' own chain (F.linear, F.layer_norm, F.gelu)."""
+    """post_attention after a layer's attention (forward: the model uses it for inference only). T2T stages: y
+    (B, T, 64) and the skip v, a column slice of the kqv output (B, T, 192) as in Token_performer, through proj, norm2
+    and the 64-64-64 GELU MLP. backbone: y and the skip (B, T, 384) through the 384-1152-384 MLP. Eager is the layers'
+    own chain (F.linear, F.layer_norm, F.gelu)."""
 
     backends = POST_ATTENTION_BACKENDS
     passes = (FORWARD,)
 
     def __init__(self, settings, stage, pass_):
-        self.T = stage_tokens(settings, stage)
+        if stage == "backbone":
+            H, W = settings.img_size
+            self.T, self.E, self.hidden = (H // 16) * (W // 16) + 1, BACKBONE_E, BACKBONE_HIDDEN
+        else:
+            self.T, self.E, self.hidden = stage_tokens(settings, stage), PERFORMER_E, PERFORMER_E
         super().__init__(settings, "post_attention", stage, pass_)
 
     def shape_text(self):
-        return f"(T={self.T}, E={PERFORMER_E}, hidden={PERFORMER_E})"
+        return f"(T={self.T}, E={self.E}, hidden={self.hidden})"
 
     @staticmethod
     def official(y, skip, *params, eps):
@@ -351,14 +362,18 @@ class PostAttentionCase(OpCase):
         return lambda y, skip, *params, eps: post_attention(y, skip, *params, eps=eps, backend=backend)
 
     def byte_floor(self):
-        return 3 * self.settings.batch * self.T * PERFORMER_E * self.settings.dtype.itemsize  # read y, skip; write
+        weights = (self.E * self.E + 2 * self.E * self.hidden) * self.settings.dtype.itemsize
+        return 3 * self.settings.batch * self.T * self.E * self.settings.dtype.itemsize + weights  # y, skip, out
 
     def workload(self, fn):
-        s, E = self.settings, PERFORMER_E
+        s, E, hidden = self.settings, self.E, self.hidden
         g = torch.Generator().manual_seed(0)
         y = torch.randn(s.batch, self.T, E, generator=g).to(s.device, s.dtype)
         kqv = torch.randn(s.batch, self.T, 3 * E, generator=g).to(s.device, s.dtype)
-        linears = [torch.nn.Linear(E, E) for _ in range(3)]  # proj, fc1, fc2 at nn.Linear's init
+        # the skip: v in a T2T layer, the block's own input (contiguous) in the backbone
+        skip = kqv[..., 2 * E:] if self.stage != "backbone" else kqv[..., :E].contiguous()
+        # proj, fc1, fc2 at nn.Linear's init
+        linears = [torch.nn.Linear(E, E), torch.nn.Linear(E, hidden), torch.nn.Linear(hidden, E)]
         norm = (1 + 0.1 * torch.randn(E, generator=g), 0.1 * torch.randn(E, generator=g))
         proj, fc1, fc2 = ((m.weight.detach().to(s.device, s.dtype), m.bias.detach().to(s.device, s.dtype))
                           for m in linears)
@@ -366,7 +381,7 @@ class PostAttentionCase(OpCase):
 
         def step():
             with torch.no_grad():
-                return fn(y, kqv[..., 2 * E:], *params, eps=1e-5)
+                return fn(y, skip, *params, eps=1e-5)
 
         return Workload(step)
 
@@ -375,7 +390,7 @@ def op_cases(settings: Settings, ops=("soft_split", "performer_attention"), pass
     kinds = {SoftSplitCase.op_name: (SoftSplitCase, SOFT_SPLIT_STAGES),
              SoftSplitLayerNormCase.op_name: (SoftSplitLayerNormCase, ("stage0", "stage1")),  # a LayerNorm follows
              "performer_attention": (PerformerCase, PERFORMER_STAGES),
-             "post_attention": (PostAttentionCase, PERFORMER_STAGES)}
+             "post_attention": (PostAttentionCase, POST_ATTENTION_STAGES)}
     cases = []
     for op in ops:
         if op not in kinds:

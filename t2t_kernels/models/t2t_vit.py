@@ -61,7 +61,8 @@ class T2TViT(nn.Module):
     """T2T-ViT: the Tokens-to-Token module, a class token and fixed sinusoid positions, then ViT blocks.
 
     The official constructor plus ``backend`` ("auto", "eager", "cpp", "cuda", "triton": which implementation of
-    the soft split and the Performer attention the T2T module uses). ``img_size`` may be an int or (H, W).
+    the soft split and the Performer attention the T2T module uses, and whether the T2T layers and the blocks run
+    their post-attention chain as the fused op in CPU inference; "eager" is the official code). ``img_size`` may be an int or (H, W).
     ``qk_scale`` stays explicit: None means head_dim ** -0.5, the scale the released checkpoints were trained with.
     """
 
