@@ -1,4 +1,8 @@
 """Backbone pieces of the official T2T-ViT (models/transformer_block.py): Mlp, Attention, Block, DropPath."""
+from __future__ import annotations
+
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -6,13 +10,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import post_attention
 from ..ops._backends import check_backend_arg
+from .recompute import gelu_linear, norm_linear, recomputable_norm, recomputes, run_checkpointed
 
 
 def maybe_checkpoint(enabled: bool, layer, x: torch.Tensor) -> torch.Tensor:
     """layer(x), recomputed in backward instead of keeping its activations when enabled (and grads are needed).
     Non-reentrant checkpointing also covers an x that needs no gradient (the image into the first T2T layer)."""
     if enabled and torch.is_grad_enabled():
-        return checkpoint(layer, x, use_reentrant=False)
+        return checkpoint(partial(run_checkpointed, layer), x, use_reentrant=False)
     return layer(x)
 
 
@@ -67,6 +72,21 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+def mlp_after_fc1(mlp: Mlp | nn.Sequential, h: torch.Tensor, training: bool) -> torch.Tensor:
+    """The rest of an Mlp (fc1, act, drop, fc2, drop) or of the T2T layers' Sequential (fc1, GELU, fc2, Dropout) after
+    fc1, in training: GELU -> fc2 keeps fc1's output for backward, not the GELU's, where they are adjacent (exact GELU,
+    no active dropout between them)."""
+    if isinstance(mlp, Mlp):
+        act, fc2, drops = mlp.act, mlp.fc2, (mlp.drop, mlp.drop)
+    else:
+        _, act, fc2, drop = mlp
+        drops = (nn.Identity(), drop)
+    if type(act) is nn.GELU and act.approximate == "none" and type(fc2) is nn.Linear and not (
+            training and isinstance(drops[0], nn.Dropout) and drops[0].p > 0):
+        return drops[1](gelu_linear(fc2, h))
+    return drops[1](fc2(drops[0](act(h))))
+
+
 class Mlp(nn.Module):
     def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
         super().__init__()
@@ -108,8 +128,12 @@ class Attention(nn.Module):
 
     def attend(self, x):
         """The heads' output (B, N, dim) before the projection."""
+        return self.attend_projected(self.qkv(x))
+
+    def attend_projected(self, qkv):
+        """attend() after the qkv projection."""
         drop = self.attn_drop if self.training else 0.0
-        return multihead_attention(self.qkv(x), self.num_heads, self.head_dim, self.scale, drop)[0]
+        return multihead_attention(qkv, self.num_heads, self.head_dim, self.scale, drop)[0]
 
     def forward(self, x):
         return self.proj_drop(self.proj(self.attend(x)))
@@ -137,5 +161,10 @@ class Block(nn.Module):
         if fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2, self.training,
                                 dropouts):
             return fused_post_attention(attn.attend(self.norm1(x)), x, attn.proj, self.norm2, mlp.fc1, mlp.fc2)
+        if recomputes(self.backend != "eager" and recomputable_norm(self.norm1, attn.qkv)
+                      and recomputable_norm(self.norm2, mlp.fc1)):
+            out = attn.attend_projected(norm_linear(self.norm1, attn.qkv, x))
+            x = x + self.drop_path(attn.proj_drop(attn.proj(out)))
+            return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
         x = x + self.drop_path(attn(self.norm1(x)))
         return x + self.drop_path(mlp(self.norm2(x)))

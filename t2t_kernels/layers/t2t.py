@@ -10,8 +10,16 @@ from torch import nn
 
 from ..ops import performer_attention, soft_split, soft_split_layer_norm
 from ..ops._backends import check_backend_arg
-from .common import (DropPath, Mlp, fused_post_attention, fuses_post_attention, maybe_checkpoint,
+from .common import (DropPath, Mlp, fused_post_attention, fuses_post_attention, maybe_checkpoint, mlp_after_fc1,
                      multihead_attention)
+from .recompute import linear_of_recomputed, norm_linear, recomputable_norm, recomputes
+
+
+def recomputed_norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor, split: SoftSplit | None):
+    """linear(norm(x)), or linear(norm(split(x))) when split is given, keeping x (the tokens, or the image of the
+    split) for backward instead of the normalised tokens."""
+    return norm_linear(norm, linear, x) if split is None else linear_of_recomputed(
+        split.norm_fn(norm), linear, x, norm.weight, norm.bias)
 
 
 class SoftSplit(nn.Module):
@@ -31,8 +39,14 @@ class SoftSplit(nn.Module):
             return soft_split(x, self.kernel_size, self.stride, self.padding, backend=self.backend)
         if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:  # nothing to fuse with
             return norm(soft_split(x, self.kernel_size, self.stride, self.padding, backend=self.backend))
-        return soft_split_layer_norm(x, self.kernel_size, self.stride, self.padding, norm.weight, norm.bias, norm.eps,
-                                     backend=self.backend)
+        return self.norm_fn(norm)(x, norm.weight, norm.bias)
+
+    def norm_fn(self, norm: nn.LayerNorm):
+        """(x, weight, bias) -> layer_norm(split(x)) with norm's eps: the fused op, for linear_of_recomputed."""
+        def split_norm(x, weight, bias):
+            return soft_split_layer_norm(x, self.kernel_size, self.stride, self.padding, weight, bias, norm.eps,
+                                         backend=self.backend)
+        return split_norm
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, backend={self.backend!r}"
@@ -79,8 +93,13 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
 
     def forward(self, x, split: SoftSplit | None = None):
         """split: x is the image of that soft split, which runs here with norm1 fused into it (the T2T module)."""
-        x = self.norm1(x) if split is None else split(x, norm=self.norm1)
         fc1, act, fc2, drop = self.mlp
+        if recomputes(self.backend != "eager" and recomputable_norm(self.norm1, self.kqv)
+                      and recomputable_norm(self.norm2, fc1)):
+            v, y = self.attend_projected(recomputed_norm_linear(self.norm1, self.kqv, x, split))
+            x = v + self.dp(self.proj(y))
+            return x + mlp_after_fc1(self.mlp, norm_linear(self.norm2, fc1, x), self.training)
+        x = self.norm1(x) if split is None else split(x, norm=self.norm1)
         if fuses_post_attention(self.backend, x, self.proj, self.norm2, fc1, act, fc2, self.training,
                                 (self.dp.p, drop.p)):
             kqv = self.kqv(x)
@@ -143,8 +162,13 @@ class Token_transformer(nn.Module):  # noqa: N801  (official class name)
 
     def forward(self, x, split: SoftSplit | None = None):
         """split: x is the image of that soft split, which runs here with norm1 fused into it (the T2T module)."""
-        x = self.norm1(x) if split is None else split(x, norm=self.norm1)
         attn, mlp = self.attn, self.mlp
+        if recomputes(self.backend != "eager" and recomputable_norm(self.norm1, attn.qkv)
+                      and recomputable_norm(self.norm2, mlp.fc1)):
+            v, out = attn.attend_projected(recomputed_norm_linear(self.norm1, attn.qkv, x, split))
+            x = v + attn.proj_drop(attn.proj(out))
+            return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
+        x = self.norm1(x) if split is None else split(x, norm=self.norm1)
         dropouts = (attn.proj_drop.p, mlp.drop.p, getattr(self.drop_path, "drop_prob", 0.0))
         if fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2, self.training,
                                 dropouts):
