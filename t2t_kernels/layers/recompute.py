@@ -8,8 +8,9 @@ Linear's gradients from it, and backpropagates through the recomputation to x an
 when a double backward asks for it). Same gradients as eager, up to the GEMMs' rounding. The saved activations of a
 T2T-ViT block drop from 14 to 9 widths per token (fp32); T2T-ViT-14's in all from 78.9 to 46.7 MB per 224x224 image.
 
-Under torch.compile the layers run the plain modules instead: the compiler's partitioner already recomputes cheap
-elementwise ops in backward instead of saving their outputs.
+Under torch.compile the layers run the plain modules instead: dynamo does not trace the torch.autograd.grad in
+backward (trace_autograd_ops is off by default), and the compiler's partitioner decides itself what to recompute
+(T2T-ViT-14's compiled train step kept 0.90x eager's activations in the CPU bench, this path 0.59x).
 """
 from __future__ import annotations
 
