@@ -246,12 +246,13 @@ struct WidePassTask {
   }
 };
 
-template <typename acc_t>
-struct WidePass {
+// isa_kernel's Kernel<I> for one dtype of a task whose run is templated on the dtype: TaskT<I>::run<acc_t>
+template <template <class> class TaskT, template <typename> class ArgsT, typename acc_t>
+struct ForDtype {
   template <class I>
   struct Task {
-    static T2T_INLINE void run(const WideArgs<acc_t>* a, int64_t task, int64_t next, acc_t* s) {
-      WidePassTask<I>::run(a, task, next, s);
+    static T2T_INLINE void run(const ArgsT<acc_t>* a, int64_t task, int64_t next, acc_t* s) {
+      TaskT<I>::run(a, task, next, s);
     }
   };
 };
@@ -265,7 +266,7 @@ void post_attention_wide(const at::Tensor& y, const at::Tensor& skip, const at::
                        h.data_ptr<acc_t>(), M, E, H, p[1].data_ptr<acc_t>(), p[5].data_ptr<acc_t>(),
                        p[7].data_ptr<acc_t>(), p[2].data_ptr<acc_t>(), p[3].data_ptr<acc_t>(),
                        static_cast<acc_t>(eps)};
-  const auto task = isa_kernel<WidePass<acc_t>::template Task>(isa);
+  const auto task = isa_kernel<ForDtype<WidePassTask, WideArgs, acc_t>::template Task>(isa);
   auto run_pass = [&](int pass) {
     args.pass = pass;
     parallel_tasks((M + kWideRows - 1) / kWideRows, 0,
@@ -278,17 +279,6 @@ void post_attention_wide(const at::Tensor& y, const at::Tensor& skip, const at::
   at::mm_out(xn, h, p[6].t());
   run_pass(3);
 }
-
-// the task for one dtype, built per instruction set by isa_kernel
-template <typename acc_t>
-struct PostAttention {
-  template <class I>
-  struct Task {
-    static T2T_INLINE void run(const Args<acc_t>* a, int64_t task, int64_t next, acc_t* s) {
-      PostAttentionTask<I>::run(a, task, next, s);
-    }
-  };
-};
 
 void check_inputs(const at::Tensor& y, const at::Tensor& skip, const at::Tensor* params) {
   static const char* names[] = {"proj_weight", "proj_bias", "norm_weight", "norm_bias",
@@ -336,7 +326,7 @@ at::Tensor post_attention_cpu(const at::Tensor& y_in, const at::Tensor& skip_in,
     const Args<scalar_t> args{y.data_ptr<scalar_t>(), skip.data_ptr<scalar_t>(), y.stride(0), skip.stride(0),
                               out.data_ptr<scalar_t>(), M, D, E, H, Ep, Hp, static_cast<scalar_t>(eps), &weights,
                               M * E * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes};
-    const auto task = isa_kernel<PostAttention<scalar_t>::template Task>(isa);
+    const auto task = isa_kernel<ForDtype<PostAttentionTask, Args, scalar_t>::template Task>(isa);
     parallel_tasks((M + kRows - 1) / kRows, scratch_size(Ep, Hp) * static_cast<int64_t>(sizeof(scalar_t)),
                    [&](int64_t i, int64_t next, void* scratch) {
                      task(&args, i, next, static_cast<scalar_t*>(scratch));
