@@ -141,7 +141,8 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """A backbone layer. backend: "eager" keeps the official chain; the others run everything after the attention
-    as the post_attention op where it applies (CPU inference: fuses_post_attention)."""
+    as the post_attention op where it applies (CPU inference: fuses_post_attention) and, in training, keep the
+    inputs of norm1, norm2 and the GELU for backward instead of their outputs (recompute.py)."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0, attn_drop=0.0,
                  drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm, backend: str | None = "auto"):
