@@ -486,7 +486,8 @@ class ModelCase(Case):
 
     def providers(self):
         s = self.settings
-        out = [Provider("eager", note='backend="eager" with the official Performer formula (the official code)'),
+        out = [Provider("eager", note='backend="eager" with the official Performer formula (the official code, '
+                                          'softmax attention through SDPA)'),
                Provider("fused", note=f'backend="auto": {self.auto_text()}')]
         for base in ("eager", "fused"):
             out.append(Provider(f"compile-{base}", _compile_reason(s), note=f"torch.compile({s.compile_backend})"))

@@ -61,8 +61,9 @@ class T2TViT(nn.Module):
     """T2T-ViT: the Tokens-to-Token module, a class token and fixed sinusoid positions, then ViT blocks.
 
     The official constructor plus ``backend`` ("auto", "eager", "cpp", "cuda", "triton": which implementation of
-    the soft split and the Performer attention the T2T module uses, and whether the T2T layers and the blocks run
-    their post-attention chain as the fused op in CPU inference; "eager" is the official code). ``img_size`` may be an int or (H, W).
+    the soft split and the Performer attention the T2T module uses; the non-eager ones also run the layers'
+    post-attention chain as the fused op in CPU inference and keep fewer activations in training; "eager" is the
+    official formulation). ``img_size`` may be an int or (H, W).
     ``qk_scale`` stays explicit: None means head_dim ** -0.5, the scale the released checkpoints were trained with.
     """
 
