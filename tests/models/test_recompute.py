@@ -157,16 +157,22 @@ def test_autocast_bfloat16_matches_the_plain_modules():
         torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * r.abs().max().item())
 
 
+def _lean_and_plain_blocks(E):
+    """A training Block (width E, 4 heads, hidden 3E) on the default backend, its copy on eager, and tokens
+    (2, 50, E) that want a gradient."""
+    torch.manual_seed(0)
+    block = Block(E, 4, mlp_ratio=3).train()
+    plain = copy.deepcopy(block)
+    plain.backend = "eager"
+    return block, plain, torch.randn(2, 50, E, requires_grad=True)
+
+
 def test_a_block_saves_nine_widths_per_token_instead_of_fourteen():
     """Eager saves per token x, norm1(x), qkv (3E), the attention output, x2, norm2(x2), fc1's output and the GELU's
     (3E each): 14E. The lean block keeps neither norm output nor the GELU's: 9E (plus the attention's few floats
     per head)."""
-    torch.manual_seed(0)
     E, tokens = 64, 2 * 50
-    block = Block(E, 4, mlp_ratio=3).train()
-    eager = copy.deepcopy(block)
-    eager.backend = "eager"
-    x = torch.randn(2, 50, E, requires_grad=True)
+    block, eager, x = _lean_and_plain_blocks(E)
     lean, out = saved_activation_bytes(lambda: block(x), block)
     full, ref = saved_activation_bytes(lambda: eager(x), eager)
     assert torch.equal(out, ref)
@@ -226,12 +232,8 @@ def test_compiled_block_keeps_the_lean_saving(compiler):
     replay of one forward (CPU)."""
     from t2t_kernels.bench.runner import measure_memory
 
-    torch.manual_seed(0)
     E, tokens = 64, 2 * 50
-    block = Block(E, 4, mlp_ratio=3).train()
-    plain = copy.deepcopy(block)
-    plain.backend = "eager"
-    x = torch.randn(2, 50, E, requires_grad=True)
+    block, plain, x = _lean_and_plain_blocks(E)
     held, results = {}, []
     for name, layer in (("lean", block), ("plain", plain)):
         torch._dynamo.reset()
