@@ -99,6 +99,23 @@ T2T_INLINE void add_bias_gelu(acc_t* h, const acc_t* bias, int64_t H, const Gelu
   for (; j < H; ++j) h[j] = gelu(vec{} + (h[j] + bias[j]))[0];
 }
 
+// dst = x + o + bias over E columns (dst may be x); stream: write dst with streaming stores (whole aligned vectors)
+template <class I, typename acc_t>
+T2T_INLINE void add_residual_row(acc_t* dst, const acc_t* x, const acc_t* o, const acc_t* bias, int64_t E,
+                                 bool stream) {
+  using S = Simd<acc_t, I::kBytes>;
+  constexpr int L = S::kLanes;
+  int64_t e = 0;
+  for (; e + L <= E; e += L) {
+    const typename S::vec v = S::load(x + e) + S::load(o + e) + S::load(bias + e);
+    if (stream)
+      stream_store<I>(dst + e, v);
+    else
+      S::store(dst + e, v);
+  }
+  for (; e < E; ++e) dst[e] = x[e] + o[e] + bias[e];
+}
+
 // the weights transposed and zero-padded to whole register blocks, and the vectors, in one buffer
 template <typename acc_t>
 struct Weights {
@@ -150,9 +167,7 @@ template <class I>
 struct PostAttentionTask {
   template <typename acc_t>
   static T2T_INLINE void run(const Args<acc_t>* a, int64_t task, int64_t next, acc_t* s) {
-    using S = Simd<acc_t, I::kBytes>;
-    using vec = typename S::vec;
-    constexpr int L = S::kLanes;
+    constexpr int L = Simd<acc_t, I::kBytes>::kLanes;
     const Args<acc_t>& c = *a;
     const Weights<acc_t>& w = *c.w;
     const int64_t r0 = task * kRows, n = std::min(kRows, c.M - r0), Ep = c.Ep, Hp = c.Hp, E = c.E;
@@ -184,27 +199,15 @@ struct PostAttentionTask {
     // a large output is written past the caches (it would not stay there), when its rows are whole aligned vectors
     const bool stream = c.stream && full == E && (E * sizeof(acc_t)) % I::kBytes == 0 &&
                         reinterpret_cast<uintptr_t>(c.out) % I::kBytes == 0;
-    for (int64_t t = 0; t < n; ++t) {
-      const acc_t *xr = x + t * Ep, *orow = o + t * Ep;
-      acc_t* dst = c.out + (r0 + t) * E;
-      int64_t e = 0;
-      for (; e < full; e += L) {
-        const vec v = S::load(xr + e) + S::load(orow + e) + S::load(w.b2 + e);
-        if (stream)
-          stream_store<I>(dst + e, v);
-        else
-          S::store(dst + e, v);
-      }
-      for (; e < E; ++e) dst[e] = xr[e] + orow[e] + w.b2[e];
-    }
+    for (int64_t t = 0; t < n; ++t) add_residual_row<I>(c.out + (r0 + t) * E, x + t * Ep, o + t * Ep, w.b2, E, stream);
   }
 };
 
 // Wide layers (the backbone's: weights of megabytes, which no row block keeps in cache) run the three products as
 // whole-matrix GEMMs through ATen (MKL's packed kernels; our unpacked tiles reach 70-75% of them) and fuse everything
 // between the products into three passes over rows:
-//   (1) x = t + bp + skip and xn = layer_norm(x), t = y Wp^T already in out;  (2) h = gelu(h + b1) in place, h = xn W1^T;
-//   (3) out = x + o + b2, o = h W2^T.
+//   (1) x = t + bp + skip and xn = layer_norm(x), t = y Wp^T already in out;
+//   (2) h = gelu(h + b1) in place, h = xn W1^T;  (3) out = x + o + b2, o = h W2^T.
 // Eager makes seven passes over these sizes for the same chain (bias copies, skip and residual adds, norm, GELU).
 constexpr int64_t kWideWeightBytes = int64_t(1) << 20;  // weights above this (about half an L2) take the wide path
 constexpr int64_t kWideRows = 16;                       // rows per task of the passes
@@ -224,8 +227,6 @@ template <class I>
 struct WidePassTask {
   template <typename acc_t>
   static T2T_INLINE void run(const WideArgs<acc_t>* a, int64_t task, int64_t, acc_t*) {
-    using S = Simd<acc_t, I::kBytes>;
-    constexpr int L = S::kLanes;
     const WideArgs<acc_t>& c = *a;
     const int64_t r0 = task * kWideRows, r1 = std::min(r0 + kWideRows, c.M), E = c.E;
     if (c.pass == 1) {
@@ -235,13 +236,7 @@ struct WidePassTask {
       const Gelu<acc_t, I::kBytes> gelu;
       for (int64_t r = r0; r < r1; ++r) add_bias_gelu<I>(c.h + r * c.H, c.b1, c.H, gelu);
     } else {
-      for (int64_t r = r0; r < r1; ++r) {
-        acc_t* x = c.out + r * E;
-        const acc_t* o = c.xn + r * E;
-        int64_t e = 0;
-        for (; e + L <= E; e += L) S::store(x + e, S::load(x + e) + S::load(o + e) + S::load(c.b2 + e));
-        for (; e < E; ++e) x[e] += o[e] + c.b2[e];
-      }
+      for (int64_t r = r0; r < r1; ++r) add_residual_row<I>(c.out + r * E, c.out + r * E, c.xn + r * E, c.b2, E, false);
     }
   }
 };
