@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import post_attention
 from ..ops._backends import check_backend_arg
-from .recompute import gelu_linear, norm_linear, recomputable_norm, recomputes, run_checkpointed
+from .recompute import gelu_linear, norm_linear, recomputes, run_checkpointed
 
 
 def maybe_checkpoint(enabled: bool, layer, x: torch.Tensor) -> torch.Tensor:
@@ -162,8 +162,7 @@ class Block(nn.Module):
         if fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2, self.training,
                                 dropouts):
             return fused_post_attention(attn.attend(self.norm1(x)), x, attn.proj, self.norm2, mlp.fc1, mlp.fc2)
-        if recomputes(self.backend != "eager" and recomputable_norm(self.norm1, attn.qkv)
-                      and recomputable_norm(self.norm2, mlp.fc1)):
+        if recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)):
             out = attn.attend_projected(norm_linear(self.norm1, attn.qkv, x))
             x = x + self.drop_path(attn.proj_drop(attn.proj(out)))
             return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))

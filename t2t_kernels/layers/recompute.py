@@ -33,7 +33,6 @@ class _LinearOfRecomputed(torch.autograd.Function):
         device = x.device.type
         ctx.f = f
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(weight, x, *f_params)
         return out
 
@@ -52,7 +51,7 @@ class _LinearOfRecomputed(torch.autograd.Function):
         consumed = (a if create_graph else a.detach()).to(grad_out.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grad_weight = (g2.t() @ consumed.reshape(-1, consumed.shape[-1])).to(weight.dtype) if needs_weight else None
-        grad_bias = g2.sum(0).to(weight.dtype) if needs_bias and ctx.has_bias else None
+        grad_bias = g2.sum(0).to(weight.dtype) if needs_bias else None  # False for a missing bias
         grad_inputs = [None] * len(inputs)
         if wanted:
             grad_a = (grad_out @ weight.to(grad_out.dtype)).to(a.dtype)
@@ -101,17 +100,14 @@ def run_checkpointed(layer, x: Tensor) -> Tensor:
         _checkpointed.active = before
 
 
-def recomputes(module_pairs_ok: bool) -> bool:
-    """Whether a layer trains through linear_of_recomputed: its modules are the official kinds (module_pairs_ok),
-    gradients are wanted, and no gradient checkpointing recomputes the whole layer (not tracked under torch.compile,
-    where the pairs' checkpoints nest in the layer's)."""
-    return (module_pairs_ok and torch.is_grad_enabled()
+def recomputes(backend: str | None, *norm_linear_pairs: tuple[nn.Module, nn.Module]) -> bool:
+    """Whether a layer trains through linear_of_recomputed: a fused backend (not "eager"), each (norm, Linear) pair
+    an nn.LayerNorm over the last dim and an nn.Linear, gradients wanted, and no gradient checkpointing recomputing
+    the whole layer (not tracked under torch.compile, where the pairs' checkpoints nest in the layer's)."""
+    return (backend != "eager" and torch.is_grad_enabled()
+            and all(type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and type(linear) is nn.Linear
+                    for norm, linear in norm_linear_pairs)
             and (torch.compiler.is_compiling() or not getattr(_checkpointed, "active", False)))
-
-
-def recomputable_norm(norm: nn.Module, linear: nn.Module) -> bool:
-    """A norm -> Linear pair norm_linear takes: an nn.LayerNorm over the last dim and an nn.Linear."""
-    return type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and type(linear) is nn.Linear
 
 
 def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: Tensor) -> Tensor:

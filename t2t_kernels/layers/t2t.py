@@ -12,7 +12,7 @@ from ..ops import performer_attention, soft_split, soft_split_layer_norm
 from ..ops._backends import check_backend_arg
 from .common import (DropPath, Mlp, fused_post_attention, fuses_post_attention, maybe_checkpoint, mlp_after_fc1,
                      multihead_attention)
-from .recompute import linear_of_recomputed, norm_linear, recomputable_norm, recomputes
+from .recompute import linear_of_recomputed, norm_linear, recomputes
 
 
 def recomputed_norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor, split: SoftSplit | None):
@@ -94,8 +94,7 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
     def forward(self, x, split: SoftSplit | None = None):
         """split: x is the image of that soft split, which runs here with norm1 fused into it (the T2T module)."""
         fc1, act, fc2, drop = self.mlp
-        if recomputes(self.backend != "eager" and recomputable_norm(self.norm1, self.kqv)
-                      and recomputable_norm(self.norm2, fc1)):
+        if recomputes(self.backend, (self.norm1, self.kqv), (self.norm2, fc1)):
             v, y = self.attend_projected(recomputed_norm_linear(self.norm1, self.kqv, x, split))
             x = v + self.dp(self.proj(y))
             return x + mlp_after_fc1(self.mlp, norm_linear(self.norm2, fc1, x), self.training)
@@ -163,8 +162,7 @@ class Token_transformer(nn.Module):  # noqa: N801  (official class name)
     def forward(self, x, split: SoftSplit | None = None):
         """split: x is the image of that soft split, which runs here with norm1 fused into it (the T2T module)."""
         attn, mlp = self.attn, self.mlp
-        if recomputes(self.backend != "eager" and recomputable_norm(self.norm1, attn.qkv)
-                      and recomputable_norm(self.norm2, mlp.fc1)):
+        if recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)):
             v, out = attn.attend_projected(recomputed_norm_linear(self.norm1, attn.qkv, x, split))
             x = v + attn.proj_drop(attn.proj(out))
             return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
