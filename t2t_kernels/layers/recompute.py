@@ -6,7 +6,8 @@ one determines the other through a cheap elementwise op. Here only f's input (an
 backward recomputes f(x) once (under the forward's autocast state, so the Linear sees the same values), takes the
 Linear's gradients from it, and backpropagates through the recomputation to x and f's parameters (differentiably
 when a double backward asks for it). Same gradients as eager, up to the GEMMs' rounding. The saved activations of a
-T2T-ViT block drop from 14 to 9 widths per token (fp32); T2T-ViT-14's in all from 78.9 to 46.7 MB per 224x224 image.
+T2T-ViT block drop from 14 to 9 widths per token (fp32); T2T-ViT-14's in all from 78.9 to 46.7 MB per 224x224 image
+(44.6 MB with the model's class-token-only last block).
 
 Under torch.compile each pair is a selective activation checkpoint instead (keep the Linear's product, recompute f):
 dynamo does not trace the Function's backward (its torch.autograd.grad; trace_autograd_ops is off by default), and
