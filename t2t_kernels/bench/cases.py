@@ -498,9 +498,12 @@ class ModelCase(Case):
         return out
 
     def auto_text(self) -> str:
-        """Which backend "auto" picks for each op on this device and dtype."""
+        """Which backend "auto" picks for each op on this device and dtype, and what else the fused model does."""
         probe = torch.empty(0, device=self.settings.device, dtype=self.settings.dtype)
-        return ", ".join(f"{b.name} {b.resolve('auto', probe)}" for b in (SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS, PERFORMER_BACKENDS))
+        ops = ", ".join(f"{b.name} {b.resolve('auto', probe)}"
+                        for b in (SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS, PERFORMER_BACKENDS))
+        text = f"{ops}, post_attention {POST_ATTENTION_BACKENDS.resolve('auto', probe)} (inference)"
+        return text + "; the whole model runs its last block for the class token alone"
 
     def make_model(self):
         # the same weights for every provider; building (the trunc-normal init) costs more than a copy
