@@ -69,6 +69,14 @@ def _store_partial(state_ptr, sum_ptr, state, total, b, chunk, n_chunks, m, E, m
 
 
 @triton.jit
+def _load_state(state_ptr, sum_ptr, b, m, E, m_offs, e_offs):
+    """Batch element b's reduced (m, E) state and (m,) sum (fp32), as the reducing kernels' partials sum to."""
+    state = _load_matrix(state_ptr + b * m * E, m, E, m_offs, e_offs)
+    total = tl.load(sum_ptr + b * m + m_offs, mask=m_offs < m, other=0.0)
+    return state, total
+
+
+@triton.jit
 def _performer_fwd_state_kernel(
     k_ptr, v_ptr, w_ptr, part_kv_ptr, part_ksum_ptr,
     T, E, m, scale, stride_kb, stride_kt, stride_vb, stride_vt,
@@ -100,8 +108,7 @@ def _performer_fwd_output_kernel(
     t_offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
     w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
-    kv = _load_matrix(kv_ptr + b * m * E, m, E, m_offs, e_offs)
-    ksum = tl.load(ksum_ptr + b * m + m_offs, mask=m_offs < m, other=0.0)
+    kv, ksum = _load_state(kv_ptr, ksum_ptr, b, m, E, m_offs, e_offs)
     q = _load_rows(q_ptr + b * stride_qb, stride_qt, t_offs, e_offs, T, E)
     phi = _features(q, w, t_offs, m_offs, T, m, scale)
     numerator = tl.dot(phi, kv, input_precision=IEEE)
@@ -119,8 +126,7 @@ def _performer_bwd_query_kernel(
     b, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: b * (T * E) passes 2^31 in big batches
     e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
     w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
-    kv = _load_matrix(kv_ptr + b * m * E, m, E, m_offs, e_offs)
-    ksum = tl.load(ksum_ptr + b * m + m_offs, mask=m_offs < m, other=0.0)
+    kv, ksum = _load_state(kv_ptr, ksum_ptr, b, m, E, m_offs, e_offs)
     g_kv = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
     g_ksum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for i in range(BLOCKS_PER_PROGRAM):
@@ -150,8 +156,7 @@ def _performer_bwd_key_value_kernel(
     t_offs = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     e_offs, m_offs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_M)
     w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
-    g_kv = _load_matrix(gkv_ptr + b * m * E, m, E, m_offs, e_offs)
-    g_ksum = tl.load(gksum_ptr + b * m + m_offs, mask=m_offs < m, other=0.0)
+    g_kv, g_ksum = _load_state(gkv_ptr, gksum_ptr, b, m, E, m_offs, e_offs)
     k = _load_rows(k_ptr + b * stride_kb, stride_kt, t_offs, e_offs, T, E)
     v = _load_rows(v_ptr + b * stride_vb, stride_vt, t_offs, e_offs, T, E)
     phi = _features(k, w, t_offs, m_offs, T, m, scale)

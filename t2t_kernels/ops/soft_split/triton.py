@@ -24,6 +24,15 @@ from .reference import output_grid
 
 
 @triton.jit
+def window_block(L, BLOCK_L: tl.constexpr):
+    """(b, l_offs): the image and the BLOCK_L windows of this program, the grid's first axis running over
+    B * cdiv(L, BLOCK_L) blocks of windows. The fused layer norm's kernels use it too."""
+    pid = tl.program_id(0)
+    n_l_blocks = tl.cdiv(L, BLOCK_L)
+    return pid // n_l_blocks, (pid % n_l_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+
+
+@triton.jit
 def gather_windows(
     x_ptr, b, l_offs, f_offs, H, W, OW, L, F, stride_xb, stride_xc, stride_xh, stride_xw,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -50,10 +59,7 @@ def _soft_split_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_l_blocks = tl.cdiv(L, BLOCK_L)
-    b = pid // n_l_blocks
-    l_offs = (pid % n_l_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+    b, l_offs = window_block(L, BLOCK_L)
     f_offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     value, in_tile = gather_windows(x_ptr, b, l_offs, f_offs, H, W, OW, L, F, stride_xb, stride_xc, stride_xh,
                                     stride_xw, KH, KW, SH, SW, PH, PW)

@@ -14,10 +14,30 @@ import triton
 import triton.language as tl
 
 from .._backends import triton_interpreting
-from ..soft_split.triton import check_tensor, gather_windows, geometry, soft_split_backward
+from ..soft_split.triton import check_tensor, gather_windows, geometry, soft_split_backward, window_block
 
 OP = "soft_split_layer_norm"
 MAX_FEATURES = 8192  # a token's features must fit one tile
+
+
+@triton.jit
+def _load_features(ptr, f_offs, F):
+    """A per-feature (F,) parameter as fp32, zero past F."""
+    return tl.load(ptr + f_offs, mask=f_offs < F, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gather_tokens(
+    x_ptr, H, W, OW, L, F, stride_xb, stride_xc, stride_xh, stride_xw,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """This program's BLOCK_L tokens with all their features: (b, l_offs, f_offs, tokens in x's dtype, in_tile)."""
+    b, l_offs = window_block(L, BLOCK_L)
+    f_offs = tl.arange(0, BLOCK_F)
+    u, in_tile = gather_windows(x_ptr, b, l_offs, f_offs, H, W, OW, L, F, stride_xb, stride_xc, stride_xh,
+                                stride_xw, KH, KW, SH, SW, PH, PW)
+    return b, l_offs, f_offs, u, in_tile
 
 
 @triton.jit
@@ -28,19 +48,14 @@ def _forward_kernel(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_l_blocks = tl.cdiv(L, BLOCK_L)
-    b = pid // n_l_blocks
-    l_offs = (pid % n_l_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
-    f_offs = tl.arange(0, BLOCK_F)
-    u, in_tile = gather_windows(x_ptr, b, l_offs, f_offs, H, W, OW, L, F, stride_xb, stride_xc, stride_xh,
-                                stride_xw, KH, KW, SH, SW, PH, PW)
+    b, l_offs, f_offs, u, in_tile = _gather_tokens(x_ptr, H, W, OW, L, F, stride_xb, stride_xc, stride_xh, stride_xw,
+                                                   KH, KW, SH, SW, PH, PW, BLOCK_L, BLOCK_F)
     u = u.to(tl.float32)
     mean = tl.sum(u, axis=1) / F
     centred = tl.where(in_tile, u - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / F + eps)
-    w = tl.load(w_ptr + f_offs, mask=f_offs < F, other=0.0).to(tl.float32)
-    bias = tl.load(b_ptr + f_offs, mask=f_offs < F, other=0.0).to(tl.float32)
+    w = _load_features(w_ptr, f_offs, F)
+    bias = _load_features(b_ptr, f_offs, F)
     y = centred * rstd[:, None] * w[None, :] + bias[None, :]
     token = b.to(tl.int64) * L + l_offs
     tl.store(out_ptr + token[:, None] * F + f_offs[None, :], y.to(out_ptr.dtype.element_ty), mask=in_tile)
@@ -56,26 +71,21 @@ def _backward_kernel(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_l_blocks = tl.cdiv(L, BLOCK_L)
-    b = pid // n_l_blocks
-    l_offs = (pid % n_l_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
-    f_offs = tl.arange(0, BLOCK_F)
-    u, in_tile = gather_windows(x_ptr, b, l_offs, f_offs, H, W, OW, L, F, stride_xb, stride_xc, stride_xh,
-                                stride_xw, KH, KW, SH, SW, PH, PW)
+    b, l_offs, f_offs, u, in_tile = _gather_tokens(x_ptr, H, W, OW, L, F, stride_xb, stride_xc, stride_xh, stride_xw,
+                                                   KH, KW, SH, SW, PH, PW, BLOCK_L, BLOCK_F)
     token = b.to(tl.int64) * L + l_offs
     mean = tl.load(mean_ptr + token, mask=l_offs < L, other=0.0)
     rstd = tl.load(rstd_ptr + token, mask=l_offs < L, other=0.0)
     xhat = tl.where(in_tile, (u.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
     offs = token[:, None] * F + f_offs[None, :]
     g = tl.load(grad_out_ptr + tl.where(in_tile, offs, 0), mask=in_tile, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + f_offs, mask=f_offs < F, other=0.0).to(tl.float32)
+    w = _load_features(w_ptr, f_offs, F)
     gw = g * w[None, :]
     a = tl.sum(gw, axis=1) / F
     c = tl.sum(gw * xhat, axis=1) / F
     grad_u = rstd[:, None] * (gw - a[:, None] - xhat * c[:, None])
     tl.store(grad_u_ptr + offs, grad_u, mask=in_tile)
-    partial = partial_ptr + pid.to(tl.int64) * 2 * F + f_offs
+    partial = partial_ptr + tl.program_id(0).to(tl.int64) * 2 * F + f_offs  # one partial per program
     tl.store(partial, tl.sum(g * xhat, axis=0), mask=f_offs < F)
     tl.store(partial + F, tl.sum(g, axis=0), mask=f_offs < F)
 
