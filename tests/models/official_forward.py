@@ -1,10 +1,11 @@
 """Test oracle: the eval-mode forward of the official T2T-ViT (yitu-opensource/T2T-ViT, models/), written out
 functionally over a state dict with the official operations: nn.Unfold + transpose, the einsum Performer,
-explicit softmax attention, and the transpose + reshape between soft splits. Independent of t2t_kernels' layers."""
-import math
-
+explicit softmax attention, and the transpose + reshape between soft splits. Independent of t2t_kernels' layers
+(the Performer core is the package's copy of the official formula, kept for the benchmarks' eager baseline)."""
 import torch
 import torch.nn.functional as F
+
+from t2t_kernels.ops.performer_attention.reference import performer_attention_official
 
 
 def _linear(sd, prefix, x):
@@ -20,18 +21,7 @@ def _token_performer(sd, p, x):
     kqv = _linear(sd, f"{p}.kqv", x)
     emb = kqv.shape[-1] // 3
     k, q, v = torch.split(kqv, emb, dim=-1)
-    w = sd[f"{p}.w"]
-    m = w.shape[0]
-
-    def prm_exp(t):
-        xd = ((t * t).sum(dim=-1, keepdim=True)).repeat(1, 1, m) / 2
-        wtx = torch.einsum("bti,mi->btm", t.float(), w)
-        return torch.exp(wtx - xd) / math.sqrt(m)
-
-    kp, qp = prm_exp(k), prm_exp(q)
-    D = torch.einsum("bti,bi->bt", qp, kp.sum(dim=1)).unsqueeze(dim=2)
-    kptv = torch.einsum("bin,bim->bnm", v.float(), kp)
-    y = torch.einsum("bti,bni->btn", qp, kptv) / (D.repeat(1, 1, emb) + 1e-8)
+    y = performer_attention_official(q, k, v, sd[f"{p}.w"], 1e-8)  # the official einsums, op for op
     x = v + _linear(sd, f"{p}.proj", y)
     return x + _linear(sd, f"{p}.mlp.2", F.gelu(_linear(sd, f"{p}.mlp.0", _norm(sd, f"{p}.norm2", x))))
 

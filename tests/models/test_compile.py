@@ -37,3 +37,20 @@ def test_compiled_model_fullgraph_matches_eager(backend, compiler):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     for n, g in expected_grads.items():
         torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_on_the_fused_backend(strict):
+    """torch.export of the fused model (its custom ops through their fake kernels, the class-token-only last
+    block's hook checks traced away) gives a program with the model's logits, at another batch size too."""
+    torch.manual_seed(0)
+    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10, backend=_cpu_backends()[-1]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=strict)
+    names = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    if _cpu_backends()[-1] == "cpp":
+        assert any(name.startswith("t2t_kernels.") for name in names), names
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, 3, 32, 32)):
+            torch.testing.assert_close(program.module()(inputs), model(inputs), rtol=1e-5, atol=1e-6)
