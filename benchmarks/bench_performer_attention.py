@@ -5,29 +5,20 @@ torch.compile of it, the others are our backends. The cases are t2t_kernels/benc
 same ones `python -m t2t_kernels bench` times); extra_info carries the byte floor, its fraction of the copy
 bandwidth measured in the same session, and the memory.
 """
-import dataclasses
-
 import pytest
-import torch
 
-from t2t_kernels.bench.cases import FORWARD, FORWARD_BACKWARD, op_cases
+from t2t_kernels.bench.cases import FORWARD, FORWARD_BACKWARD
 
-from conftest import ON_GPU, SETTINGS, case_params, run_case_benchmark
+from conftest import case_params, op_cases_per_dtype, run_case_benchmark
 
-DTYPES = (torch.bfloat16, torch.float32) if ON_GPU else (torch.float32,)
-
-
-def cases(pass_):
-    return [case for dtype in DTYPES
-            for case in op_cases(dataclasses.replace(SETTINGS, dtype=dtype), ops=("performer_attention",),
-                                 passes=(pass_,))]
+OPS = ("performer_attention",)
 
 
-@pytest.mark.parametrize("case,provider", case_params(cases(FORWARD)))
+@pytest.mark.parametrize("case,provider", case_params(op_cases_per_dtype(OPS, FORWARD)))
 def test_forward(benchmark, case, provider):
     run_case_benchmark(benchmark, case, provider)
 
 
-@pytest.mark.parametrize("case,provider", case_params(cases(FORWARD_BACKWARD)))
+@pytest.mark.parametrize("case,provider", case_params(op_cases_per_dtype(OPS, FORWARD_BACKWARD)))
 def test_forward_backward(benchmark, case, provider):
     run_case_benchmark(benchmark, case, provider)

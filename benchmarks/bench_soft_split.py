@@ -12,29 +12,20 @@ speedups over eager and compile, all measured in this run, goes to the terminal 
 
 CPU target (B=8, fp32): cpp soft split >= 3x eager forward and forward+backward.
 """
-import dataclasses
-
 import pytest
-import torch
 
-from t2t_kernels.bench.cases import FORWARD, FORWARD_BACKWARD, op_cases
+from t2t_kernels.bench.cases import FORWARD, FORWARD_BACKWARD
 
-from conftest import ON_GPU, SETTINGS, case_params, run_case_benchmark
+from conftest import case_params, op_cases_per_dtype, run_case_benchmark
 
-DTYPES = (torch.bfloat16, torch.float32) if ON_GPU else (torch.float32,)
-
-
-def cases(pass_):
-    return [case for dtype in DTYPES
-            for case in op_cases(dataclasses.replace(SETTINGS, dtype=dtype), ops=("soft_split", "soft_split+layer_norm"),
-                                 passes=(pass_,))]
+OPS = ("soft_split", "soft_split+layer_norm")
 
 
-@pytest.mark.parametrize("case,provider", case_params(cases(FORWARD)))
+@pytest.mark.parametrize("case,provider", case_params(op_cases_per_dtype(OPS, FORWARD)))
 def test_forward(benchmark, case, provider):
     run_case_benchmark(benchmark, case, provider)
 
 
-@pytest.mark.parametrize("case,provider", case_params(cases(FORWARD_BACKWARD)))
+@pytest.mark.parametrize("case,provider", case_params(op_cases_per_dtype(OPS, FORWARD_BACKWARD)))
 def test_forward_backward(benchmark, case, provider):
     run_case_benchmark(benchmark, case, provider)

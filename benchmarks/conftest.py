@@ -5,6 +5,7 @@ The cases themselves live in t2t_kernels/bench/cases.py, shared with `python -m 
 Environment: T2T_BENCH_DEVICE, T2T_BENCH_BATCH, T2T_BENCH_IMG, T2T_BENCH_DTYPE, T2T_BENCH_MODELS (comma list),
 T2T_BENCH_COMPILE_BACKEND.
 """
+import dataclasses
 import functools
 import os
 
@@ -12,12 +13,13 @@ import pytest
 import torch
 
 from t2t_kernels.bench import runner
-from t2t_kernels.bench.cases import env_settings
+from t2t_kernels.bench.cases import env_settings, op_cases
 
 DEVICE = torch.device(os.environ.get("T2T_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 ON_GPU = DEVICE.type == "cuda"
 BATCH = int(os.environ.get("T2T_BENCH_BATCH", 128 if ON_GPU else 8))
 SETTINGS = env_settings(device=DEVICE, batch=BATCH)  # device, dtype, batch, image size, models of the shared cases
+OP_DTYPES = (torch.bfloat16, torch.float32) if ON_GPU else (torch.float32,)  # the dtypes of op_cases_per_dtype
 
 
 def synchronize():
@@ -59,6 +61,12 @@ def run_timed(benchmark, fn, *args, rounds=None):
 def copy_bandwidth():
     """The device's copy bandwidth, measured once per session: the roofline reference of the op rows."""
     return runner.copy_bandwidth(DEVICE)
+
+
+def op_cases_per_dtype(ops, pass_):
+    """The shared cases of `ops` for one pass (FORWARD or FORWARD_BACKWARD), in each of OP_DTYPES."""
+    return [case for dtype in OP_DTYPES
+            for case in op_cases(dataclasses.replace(SETTINGS, dtype=dtype), ops=ops, passes=(pass_,))]
 
 
 def case_params(cases):

@@ -39,3 +39,23 @@ def post_attention_formula(y, skip, proj_weight, proj_bias, norm_weight, norm_bi
     a = a + fc1_bias if fc1_bias is not None else a
     out = x + gelu(a) @ fc2_weight.T
     return out + fc2_bias if fc2_bias is not None else out
+
+
+# soft_split_layer_norm's bounds, shared by tests/ops/test_soft_split_layer_norm.py and its fuzzer:
+# max |error| / max(1, max |float64 reference|), per tensor (out, grad of x, of weight, of bias).
+# fp32/fp64: 128 units of roundoff (u = 2^-24, 2^-53) for sums of up to a few hundred terms; measured <= 1.1e-6 (fp32,
+# ~18u) and <= 1e-15 (fp64, ~9u). fp16/bf16: the kernels compute in fp32 and round once to the output dtype, so they
+# are within one rounding of the float64 result: measured <= 0.97u (u = 2^-11 fp16, 2^-8 bf16) for cpp. The bound is
+# 2u because the Triton *interpreter* (the CPU runs of these tests) converts fp32 -> bf16 by truncation, not
+# round-to-nearest, an error of up to 1 ulp = 2u (measured 1.9u); on a GPU the conversion rounds to nearest.
+SOFT_SPLIT_LAYER_NORM_TOLERANCES = {
+    torch.float64: 128 * 2.0**-53,
+    torch.float32: 128 * 2.0**-24,
+    torch.float16: 2 * 2.0**-11,
+    torch.bfloat16: 2 * 2.0**-8 + 1e-5,
+}
+# torch's own unfold + layer_norm in fp16/bf16 (backend "eager", and "cuda"'s layer_norm) is less accurate than the
+# kernels (it sums the weight and bias gradients in the low precision): grad of x up to 1.2e-3 (fp16) / 9.5e-3 (bf16),
+# weight and bias gradients up to 4.0e-3 (fp16) / 4.2e-2 (bf16), measured over the op tests' shapes and layouts with 4
+# seeds. Bounds: about 2x that.
+TORCH_LAYER_NORM_LOW_PRECISION_TOLERANCES = {torch.float16: 1e-2, torch.bfloat16: 8e-2}

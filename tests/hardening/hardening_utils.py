@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -64,6 +65,14 @@ def runnable_dtypes(op_backends, backend: str, device: str) -> list[torch.dtype]
         # the dispatcher advertises triton whenever triton imports; the op's kernel module is not written yet
         pytest.skip(f"t2t_kernels/ops/{op_backends.name}/triton.py does not exist (yet)")
     return dtypes
+
+
+def draw_dtype_seed_grad_mode(draw, dtypes) -> dict:
+    """The last fields of a fuzz case, drawn in this order: dtype (a name, one of `dtypes`), the tensor seed and the
+    grad mode (backward in 4 of 6 cases)."""
+    return dict(dtype=draw(st.sampled_from([str(d).removeprefix("torch.") for d in dtypes])),
+                seed=draw(st.integers(0, 2**31 - 1)),
+                grad_mode=draw(st.sampled_from(["backward"] * 4 + ["no_grad", "inference_mode"])))
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -356,14 +365,18 @@ def padding_wider_than_kernel(case) -> bool:
     return any(p > k for p, k in zip(_pair(case.padding), _pair(case.kernel_size)))
 
 
+# (x shape, kernel_size, padding) at stride 1 with windows wholly inside the padding: inputs that crashed the soft
+# split's kernels, probed on every op that shares its gather
+PADDING_WIDER_THAN_KERNEL_INPUTS = [((1, 1, 3, 6), 1, (2, 0)), ((2, 3, 5, 6), 3, (4, 0)), ((2, 3, 5, 6), 3, (0, 4)),
+                                    ((1, 2, 4, 4), (1, 2), 3)]
+
 SOFT_SPLIT_CRASH_PROBES = (
     CrashProbe(
         name="soft_split with padding > kernel_size (windows wholly inside the padding)",
-        code="""
+        code=f"""
             from t2t_kernels.ops import soft_split
             import torch.nn.functional as F
-            for shape, k, p in [((1, 1, 3, 6), 1, (2, 0)), ((2, 3, 5, 6), 3, (4, 0)), ((2, 3, 5, 6), 3, (0, 4)),
-                                ((1, 2, 4, 4), (1, 2), 3)]:
+            for shape, k, p in {PADDING_WIDER_THAN_KERNEL_INPUTS}:
                 x = torch.randn(shape, device=device, requires_grad=True)
                 y = soft_split(x, k, 1, p, backend=backend)
                 ref = F.unfold(x.detach().double(), k, padding=p, stride=1).transpose(1, 2)
@@ -380,3 +393,28 @@ def quarantined(probes, backend: str, device: str) -> list:
     if backend == "eager":
         return []
     return [probe for probe in probes if probe_crash(probe, backend, device)]
+
+
+def probe_id(probe: CrashProbe) -> str:
+    """A crash probe's pytest id: its name up to the parenthesis, spaces as underscores."""
+    return probe.name.split(" (")[0].replace(" ", "_")
+
+
+def fuzz_inputs(op_backends, backend: str, device: str, probes=()) -> tuple[list, bool, list]:
+    """What a fuzz test of `backend` draws from: the dtypes it runs (skips the test when none), whether cases must be
+    small (interpreted Triton), and the crash probes whose cases it must leave out (each named in a warning)."""
+    dtypes = runnable_dtypes(op_backends, backend, device)
+    small = backend == "triton" and device == "cpu"  # interpreted Triton: small images, short sequences
+    crashing = quarantined(probes, backend, device)
+    for probe in crashing:  # test_no_crash reports these as failures; in the fuzz test they would kill the whole run
+        warnings.warn(f"fuzzing {backend} without cases that crash it: {probe_crash(probe, backend, device)}",
+                      stacklevel=2)
+    return dtypes, small, crashing
+
+
+def assert_no_crash(probe: CrashProbe, op_backends, backend: str, device: str) -> None:
+    """The probe's code exits cleanly on `backend` (skips where the op does not run there); probed in a subprocess,
+    so a crash fails one test, not the whole session."""
+    runnable_dtypes(op_backends, backend, device)
+    crash = probe_crash(probe, backend, device)  # cached: the fuzz test may have probed already
+    assert crash is None, crash

@@ -12,8 +12,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from hardening_utils import (
-    PERFORMER_BACKENDS, PERFORMER_LAYOUTS, PerformerCase, backend_params, check_performer, count_case, examples_for,
-    runnable_dtypes,
+    PERFORMER_BACKENDS, PERFORMER_LAYOUTS, PerformerCase, backend_params, check_performer, count_case,
+    draw_dtype_seed_grad_mode, examples_for, fuzz_inputs,
 )
 
 pytestmark = pytest.mark.usefixtures("single_intraop_thread")
@@ -37,16 +37,13 @@ def performer_cases(draw, dtypes, small: bool):
         w_layout=draw(st.sampled_from(["contiguous", "transposed"])),
         w_dtype=draw(st.sampled_from(["float32", "same"])),
         eps=draw(st.sampled_from([1e-8, 1e-4, 1.0])),
-        dtype=draw(st.sampled_from([str(d).removeprefix("torch.") for d in dtypes])),
-        seed=draw(st.integers(0, 2**31 - 1)),
-        grad_mode=draw(st.sampled_from(["backward"] * 4 + ["no_grad", "inference_mode"])),
+        **draw_dtype_seed_grad_mode(draw, dtypes),
     )
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_performer_matches_float64_reference(device, backend, request):
-    dtypes = runnable_dtypes(PERFORMER_BACKENDS, backend, device)
-    small = backend == "triton" and device == "cpu"  # interpreted Triton: short sequences
+    dtypes, small, _ = fuzz_inputs(PERFORMER_BACKENDS, backend, device)  # no known crashes to leave out
 
     @settings(max_examples=examples_for(backend, device, "performer_attention"))
     @given(case=performer_cases(dtypes, small))

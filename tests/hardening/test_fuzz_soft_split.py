@@ -5,15 +5,13 @@ padding up to 3), memory layouts (channels_last, slices, token views, stride-0 b
 The forward must be exact (a soft split only copies); the input gradient must be within the rounding of its sums.
 A failure prints its case; rerun it with hardening_utils.check_soft_split(case, backend, device).
 """
-import warnings
-
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from hardening_utils import (
-    SOFT_SPLIT_BACKENDS, SOFT_SPLIT_CRASH_PROBES, SOFT_SPLIT_LAYOUTS, SoftSplitCase, backend_params,
-    check_soft_split, count_case, draw_split_geometry, examples_for, probe_crash, quarantined, runnable_dtypes,
+    SOFT_SPLIT_BACKENDS, SOFT_SPLIT_CRASH_PROBES, SOFT_SPLIT_LAYOUTS, SoftSplitCase, assert_no_crash, backend_params,
+    check_soft_split, count_case, draw_dtype_seed_grad_mode, draw_split_geometry, examples_for, fuzz_inputs, probe_id,
 )
 
 pytestmark = pytest.mark.usefixtures("single_intraop_thread")
@@ -24,19 +22,13 @@ def soft_split_cases(draw, dtypes, small: bool):
     return SoftSplitCase(
         **draw_split_geometry(draw, small),
         layout=draw(st.sampled_from(sorted(SOFT_SPLIT_LAYOUTS))),
-        dtype=draw(st.sampled_from([str(d).removeprefix("torch.") for d in dtypes])),
-        seed=draw(st.integers(0, 2**31 - 1)),
-        grad_mode=draw(st.sampled_from(["backward"] * 4 + ["no_grad", "inference_mode"])),
+        **draw_dtype_seed_grad_mode(draw, dtypes),
     )
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_soft_split_matches_float64_unfold(device, backend, request):
-    dtypes = runnable_dtypes(SOFT_SPLIT_BACKENDS, backend, device)
-    small = backend == "triton" and device == "cpu"  # interpreted Triton: small images
-    crashing = quarantined(SOFT_SPLIT_CRASH_PROBES, backend, device)
-    for probe in crashing:  # test_no_crash reports these as failures; here they would kill the whole run
-        warnings.warn(f"fuzzing {backend} without cases that crash it: {probe_crash(probe, backend, device)}")
+    dtypes, small, crashing = fuzz_inputs(SOFT_SPLIT_BACKENDS, backend, device, SOFT_SPLIT_CRASH_PROBES)
 
     @settings(max_examples=examples_for(backend, device, "soft_split"))
     @given(case=soft_split_cases(dtypes, small))
@@ -48,15 +40,13 @@ def test_soft_split_matches_float64_unfold(device, backend, request):
     run()
 
 
-@pytest.mark.parametrize("probe", SOFT_SPLIT_CRASH_PROBES, ids=lambda p: p.name.split(" (")[0].replace(" ", "_"))
+@pytest.mark.parametrize("probe", SOFT_SPLIT_CRASH_PROBES, ids=probe_id)
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_no_crash(device, backend, probe):
     """Inputs that once crashed a kernel, run in a subprocess: a crash fails this test, not the whole session."""
     if backend == "eager":
         pytest.skip("eager is F.unfold itself")
-    runnable_dtypes(SOFT_SPLIT_BACKENDS, backend, device)
-    crash = probe_crash(probe, backend, device)  # cached: the fuzz test above may have probed already
-    assert crash is None, crash
+    assert_no_crash(probe, SOFT_SPLIT_BACKENDS, backend, device)
 
 
 def test_the_case_generator_covers_the_edges():

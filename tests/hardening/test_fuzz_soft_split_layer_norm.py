@@ -10,7 +10,6 @@ A failure prints its case; rerun it with check_soft_split_layer_norm(case, backe
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -19,10 +18,11 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from float64_checks import SOFT_SPLIT_LAYER_NORM_TOLERANCES, TORCH_LAYER_NORM_LOW_PRECISION_TOLERANCES
 from hardening_utils import (
-    CrashProbe, DTYPE_NAMES, SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYOUTS, backend_params, count_case,
-    draw_split_geometry, examples_for, generator, padding_wider_than_kernel, probe_crash, quarantined, randn,
-    runnable_dtypes,
+    PADDING_WIDER_THAN_KERNEL_INPUTS, CrashProbe, DTYPE_NAMES, SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYOUTS, SoftSplitCase,
+    _pair, assert_no_crash, backend_params, count_case, draw_split_geometry, examples_for, fuzz_inputs, generator,
+    padding_wider_than_kernel, probe_id, randn,
 )
 from t2t_kernels.ops import soft_split_layer_norm
 from t2t_kernels.ops.soft_split_layer_norm import BACKENDS as SOFT_SPLIT_LAYER_NORM_BACKENDS
@@ -31,16 +31,11 @@ pytestmark = pytest.mark.usefixtures("single_intraop_thread")
 
 KERNELS = ("cpp", "triton")
 # max |error| / max(1, max |float64 reference|): 128u for fp32/fp64; for fp16/bf16 one rounding of an fp32 result (2u
-# covers the Triton interpreter's truncating fp32 -> bf16 conversion). See tests/ops/test_soft_split_layer_norm.py.
-TOLERANCES = {
-    torch.float64: 128 * 2.0**-53,
-    torch.float32: 128 * 2.0**-24,
-    torch.float16: 2 * 2.0**-11,
-    torch.bfloat16: 2 * 2.0**-8 + 1e-5,
-}
+# covers the Triton interpreter's truncating fp32 -> bf16 conversion): the op tests' bounds (tests/float64_checks.py)
+TOLERANCES = SOFT_SPLIT_LAYER_NORM_TOLERANCES
 # torch's own unfold + layer_norm in fp16/bf16 ("eager", and "cuda"'s layer_norm) sums the weight and bias gradients
 # in the low precision
-TORCH_LOW_PRECISION_TOLERANCES = {torch.float16: 1e-2, torch.bfloat16: 8e-2}
+TORCH_LOW_PRECISION_TOLERANCES = TORCH_LAYER_NORM_LOW_PRECISION_TOLERANCES
 # Conditioning: centring a token, u - mean, in the compute precision costs ~u * |mean|, i.e. kappa * u relative to
 # the token's spread, kappa = max over tokens of |mean| * rstd. The bounds above hold for kappa <= 1; each tensor's
 # bound gets COMPUTE_TOLERANCE * kappa added. Any LayerNorm has this error: tokens far from zero relative to their
@@ -57,28 +52,14 @@ def _op_backends(backend: str):
     return SOFT_SPLIT_BACKENDS if backend == "cuda" else SOFT_SPLIT_LAYER_NORM_BACKENDS
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 @dataclass(frozen=True)
-class SoftSplitLayerNormCase:
-    B: int
-    C: int
-    H: int
-    W: int
-    kernel_size: tuple | int
-    stride: tuple | int
-    padding: tuple | int
-    layout: str
-    dtype: str
-    seed: int
+class SoftSplitLayerNormCase(SoftSplitCase):
+    """A soft split case (input, geometry, layout, dtype, seed, grad mode) with the layer norm's own fields."""
     params: str = "both"  # "both", "weight", "bias" or "none": which of weight and bias are given (the rest None)
     param_dtype: str = "same"  # "same" (x's dtype) or "float32" (autocast's fp32 parameters with fp16/bf16 x)
     eps: float = 1e-5
     scale: float = 1.0  # x = offset + scale * randn
     offset: float = 0.0
-    grad_mode: str = "backward"  # "backward", "no_grad" or "inference_mode"
 
 
 def _tolerance(backend: str, dtype: torch.dtype, kappa: float) -> float:
@@ -209,11 +190,10 @@ def _unsupported_by_torch(case, backend) -> bool:
 CRASH_PROBES = (
     CrashProbe(
         name="soft_split_layer_norm with padding > kernel_size (tokens wholly inside the padding)",
-        code="""
+        code=f"""
             from t2t_kernels.ops import soft_split_layer_norm
             from t2t_kernels.ops.soft_split_layer_norm import reference
-            for shape, k, p in [((1, 1, 3, 6), 1, (2, 0)), ((2, 3, 5, 6), 3, (4, 0)), ((2, 3, 5, 6), 3, (0, 4)),
-                                ((1, 2, 4, 4), (1, 2), 3)]:
+            for shape, k, p in {PADDING_WIDER_THAN_KERNEL_INPUTS}:
                 x = torch.randn(shape, device=device, requires_grad=True)
                 y = soft_split_layer_norm(x, k, 1, p, backend=backend)
                 ref = reference.soft_split_layer_norm(x.detach().double(), k, 1, p, None, None, 1e-5)
@@ -227,11 +207,7 @@ CRASH_PROBES = (
 
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_soft_split_layer_norm_matches_float64(device, backend, request):
-    dtypes = runnable_dtypes(_op_backends(backend), backend, device)
-    small = backend == "triton" and device == "cpu"  # interpreted Triton: small images
-    crashing = quarantined(CRASH_PROBES, backend, device)
-    for probe in crashing:  # test_no_crash reports these as failures; here they would kill the whole run
-        warnings.warn(f"fuzzing {backend} without cases that crash it: {probe_crash(probe, backend, device)}")
+    dtypes, small, crashing = fuzz_inputs(_op_backends(backend), backend, device, CRASH_PROBES)
 
     # the soft split's budgets (an interpreted Triton case costs about two soft splits: forward, backward + fold)
     @settings(max_examples=examples_for(backend, device, "soft_split"))
@@ -245,16 +221,14 @@ def test_soft_split_layer_norm_matches_float64(device, backend, request):
     run()
 
 
-@pytest.mark.parametrize("probe", CRASH_PROBES, ids=lambda p: p.name.split(" (")[0].replace(" ", "_"))
+@pytest.mark.parametrize("probe", CRASH_PROBES, ids=probe_id)
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_no_crash(device, backend, probe):
     """Inputs that crashed the soft split's kernels (whose gather this op shares), run in a subprocess: a crash fails
     this test, not the whole session."""
     if backend == "eager":
         pytest.skip("eager is F.unfold + F.layer_norm itself")
-    runnable_dtypes(_op_backends(backend), backend, device)
-    crash = probe_crash(probe, backend, device)  # cached: the fuzz test above may have probed already
-    assert crash is None, crash
+    assert_no_crash(probe, _op_backends(backend), backend, device)
 
 
 def test_the_case_generator_covers_the_edges():

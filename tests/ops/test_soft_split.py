@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soft_split_layouts import LAYOUTS, make_input, shape_id
+from soft_split_layouts import (
+    LAYOUTS, PADDING_BEYOND_KERNEL, SHAPES, STAGE_IDS, STAGES, assert_compiles_like_eager, backend_dtype_params,
+    make_input, padding_case_id, shape_id,
+)
 from virtual_views import image_past_int32
 from t2t_kernels.ops import soft_split
 from t2t_kernels.ops.soft_split import BACKENDS, grad_is_channels_last
@@ -32,16 +35,6 @@ DTYPES = {
     "cpp": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
-# (B, C, H, W, kernel_size, stride, padding): the model's two settings, odd and non-square sizes, stride > k and
-# stride < k, C = 1, B = 1, rectangular kernels
-SHAPES = [
-    (2, 3, 16, 16, 7, 4, 2),
-    (1, 8, 8, 8, 3, 2, 1),
-    (2, 3, 17, 13, (7, 5), (4, 3), (2, 1)),
-    (2, 4, 11, 9, 2, 3, 1),
-    (1, 5, 9, 10, 3, 1, 1),
-    (3, 1, 8, 7, (3, 2), (2, 1), (0, 1)),
-]
 
 
 def skip_unless_available(backend, dtype=torch.float32, device="cpu"):
@@ -87,10 +80,6 @@ def check_forward_backward(backend, leaf, view, k, s, p):
     assert_backward_close(leaf.grad, leaf_ref.grad, dtype)
 
 
-def backend_dtype_params():
-    return [pytest.param(b, d, id=f"{b}-{str(d).removeprefix('torch.')}") for b in DTYPES for d in DTYPES[b]]
-
-
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_offsets_past_int32(backend):
     """x as a view into a 4.3 GB virtual storage whose last image's offsets pass 2^31 (tests/virtual_views.py), as
@@ -102,7 +91,7 @@ def test_offsets_past_int32(backend):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(DTYPES))
 def test_matches_unfold_and_fold(backend, dtype, shape, layout):
     skip_unless_available(backend, dtype)
     B, C, H, W, k, s, p = shape
@@ -121,8 +110,7 @@ def test_every_padding(backend, kernel_size):
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
-@pytest.mark.parametrize("case", [(2, 2, 1, 1, 3), (3, 4, 2, 3, 5), (1, 1, 3, 1, 7), (5, 3, (2, 1), (2, 1), (4, 2))],
-                         ids=lambda case: "H{}-W{}-k{}-s{}-p{}".format(*case))
+@pytest.mark.parametrize("case", PADDING_BEYOND_KERNEL, ids=padding_case_id)
 def test_padding_beyond_kernel(backend, case):
     """padding >= kernel_size: whole windows (rows, columns) lie in the padding, on every side."""
     skip_unless_available(backend)
@@ -198,17 +186,7 @@ def test_compile_fullgraph(backend):
         b = soft_split(tokens.transpose(1, 2).reshape(B, C, 4, 4), 3, 2, 1, backend=backend)
         return a.sin().sum() + b.cos().sum()
 
-    compiled = torch.compile(t2t_step, fullgraph=True)
-    inputs = [torch.randn(2, 16, 5), torch.randn(2, 3, 16, 16)]
-    args = [t.clone().requires_grad_() for t in inputs]
-    expected_args = [t.clone().requires_grad_() for t in inputs]
-    got = compiled(*args)
-    want = t2t_step(*expected_args)
-    torch.testing.assert_close(got, want)
-    got.backward()
-    want.backward()
-    for a, e in zip(args, expected_args):
-        torch.testing.assert_close(a.grad, e.grad)
+    assert_compiles_like_eager(t2t_step, [torch.randn(2, 16, 5), torch.randn(2, 3, 16, 16)])
 
 
 def test_export():
@@ -261,17 +239,11 @@ def test_deterministic(backend):
 
 # --- GPU ---------------------------------------------------------------------------------------------------------
 
-STAGES = [  # T2T-ViT-14 at 224: stage 0 image, stages 1 and 2 token views
-    ((3, 224, 224), "contiguous", 7, 4, 2),
-    ((64, 56, 56), "token_view", 3, 2, 1),
-    ((64, 28, 28), "token_view", 3, 2, 1),
-]
-
 
 @requires_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("stage", STAGES, ids=["stage0", "stage1", "stage2"])
+@pytest.mark.parametrize("stage", STAGES, ids=STAGE_IDS)
 def test_cuda_model_shapes(backend, dtype, stage):
     skip_unless_available(backend, dtype, "cuda")
     (C, H, W), layout, k, s, p = stage

@@ -10,8 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from float64_checks import assert_close_to, relative_error
-from soft_split_layouts import LAYOUTS, make_input, shape_id
+from float64_checks import (
+    SOFT_SPLIT_LAYER_NORM_TOLERANCES, TORCH_LAYER_NORM_LOW_PRECISION_TOLERANCES, assert_close_to, relative_error,
+)
+from soft_split_layouts import (
+    LAYOUTS, PADDING_BEYOND_KERNEL, STAGE_IDS, STAGES, assert_compiles_like_eager, backend_dtype_params, dtype_name,
+    make_input, padding_case_id, shape_id,
+)
+from soft_split_layouts import SHAPES as SOFT_SPLIT_SHAPES  # extended below
 from virtual_views import image_past_int32
 from t2t_kernels.ops import soft_split_layer_norm
 from t2t_kernels.ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
@@ -22,22 +28,12 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-# Max |error| / max(1, max |float64 reference|), per tensor (out, grad of x, of weight, of bias).
-# fp32/fp64: 128 units of roundoff (u = 2^-24, 2^-53) for sums of up to a few hundred terms; measured <= 1.1e-6 (fp32,
-# ~18u) and <= 1e-15 (fp64, ~9u). fp16/bf16: the kernels compute in fp32 and round once to the output dtype, so they
-# are within one rounding of the float64 result: measured <= 0.97u (u = 2^-11 fp16, 2^-8 bf16) for cpp. The bound is
-# 2u because the Triton *interpreter* (the CPU runs of these tests) converts fp32 -> bf16 by truncation, not
-# round-to-nearest, an error of up to 1 ulp = 2u (measured 1.9u); on a GPU the conversion rounds to nearest.
-TOLERANCES = {
-    torch.float64: 128 * 2.0**-53,
-    torch.float32: 128 * 2.0**-24,
-    torch.float16: 2 * 2.0**-11,
-    torch.bfloat16: 2 * 2.0**-8 + 1e-5,
-}
+# Max |error| / max(1, max |float64 reference|), per tensor (out, grad of x, of weight, of bias): 128u for fp32/fp64,
+# one rounding of the fp32 result (2u) for fp16/bf16 (tests/float64_checks.py has the measurements behind them).
+TOLERANCES = SOFT_SPLIT_LAYER_NORM_TOLERANCES
 # torch's own unfold + layer_norm in fp16/bf16 (backend "eager", and "cuda"'s layer_norm) is less accurate than the
-# kernels: grad of x up to 1.2e-3 (fp16) / 9.5e-3 (bf16), weight and bias gradients (summed over the tokens by torch)
-# up to 4.0e-3 (fp16) / 4.2e-2 (bf16), measured over these shapes and layouts with 4 seeds. Bounds: about 2x that.
-TORCH_LOW_PRECISION_TOLERANCES = {torch.float16: 1e-2, torch.bfloat16: 8e-2}
+# kernels: about 2x its measured errors
+TORCH_LOW_PRECISION_TOLERANCES = TORCH_LAYER_NORM_LOW_PRECISION_TOLERANCES
 
 DTYPES = {
     "eager": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
@@ -46,26 +42,12 @@ DTYPES = {
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
 KERNELS = ("cpp", "triton")  # the backends with a fused kernel (custom ops with their own backward)
-# (B, C, H, W, kernel_size, stride, padding): the model's two settings (k7 s4 p2 on the image, k3 s2 p1 on tokens),
-# odd and non-square sizes with a rectangular kernel/stride/padding, stride > kernel, stride 1, C = 1, B = 1, and a
-# wide token (C*kh*kw = 576, as in the model's later stages)
-SHAPES = [
-    (2, 3, 16, 16, 7, 4, 2),
-    (1, 8, 8, 8, 3, 2, 1),
-    (2, 3, 17, 13, (7, 5), (4, 3), (2, 1)),
-    (2, 4, 11, 9, 2, 3, 1),
-    (1, 5, 9, 10, 3, 1, 1),
-    (3, 1, 8, 7, (3, 2), (2, 1), (0, 1)),
-    (2, 64, 7, 6, 3, 2, 1),
-]
+# the soft split's shapes (soft_split_layouts.SHAPES) and a wide token (C*kh*kw = 576, as in the model's later stages)
+SHAPES = [*SOFT_SPLIT_SHAPES, (2, 64, 7, 6, 3, 2, 1)]
 
 
 def pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
 
 
 def unavailable_reason(backend, dtype=torch.float32, device="cpu"):
@@ -154,10 +136,6 @@ def check_against_float64(backend, leaf, view, k, s, p, *, param_dtype=None, wei
     return errors
 
 
-def backend_dtype_params():
-    return [pytest.param(b, d, id=f"{b}-{dtype_name(d)}") for b in DTYPES for d in DTYPES[b]]
-
-
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_offsets_past_int32(backend):
     """x as a view into a 4.3 GB virtual storage whose last image's offsets pass 2^31 (tests/virtual_views.py), as
@@ -169,7 +147,7 @@ def test_offsets_past_int32(backend):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(DTYPES))
 def test_matches_float64(backend, dtype, shape, layout):
     device = device_for(backend)
     skip_unless_available(backend, dtype, device)
@@ -301,9 +279,8 @@ def test_result_layouts(backend):
 # --- autograd: gradcheck, double backward ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "token_view"])
-def test_gradcheck_float64(layout):
-    skip_unless_available("cpp", torch.float64)
+def gradcheck_problem(layout):
+    """The cpp op as a function of float64 (leaf, weight, bias), x the `layout` view of leaf, and those inputs."""
     leaf, view = make_input(2, 2, 5, 4, layout, torch.float64)
     w, b = make_params(2 * 3 * 2, torch.float64)
     inputs = tuple(t.requires_grad_() for t in (leaf, w, b))
@@ -311,20 +288,19 @@ def test_gradcheck_float64(layout):
     def fn(leaf, w, b):
         return soft_split_layer_norm(view(leaf), (3, 2), (2, 1), (1, 1), w, b, backend="cpp")
 
-    assert torch.autograd.gradcheck(fn, inputs)
+    return fn, inputs
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "token_view"])
+def test_gradcheck_float64(layout):
+    skip_unless_available("cpp", torch.float64)
+    assert torch.autograd.gradcheck(*gradcheck_problem(layout))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "token_view"])
 def test_gradgradcheck_float64(layout):
     skip_unless_available("cpp", torch.float64)
-    leaf, view = make_input(2, 2, 5, 4, layout, torch.float64)
-    w, b = make_params(2 * 3 * 2, torch.float64)
-    inputs = tuple(t.requires_grad_() for t in (leaf, w, b))
-
-    def fn(leaf, w, b):
-        return soft_split_layer_norm(view(leaf), (3, 2), (2, 1), (1, 1), w, b, backend="cpp")
-
-    assert torch.autograd.gradgradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(*gradcheck_problem(layout))
 
 
 def gradient_penalty_grads(backend, dtype):
@@ -395,18 +371,9 @@ def test_compile_fullgraph(backend):
                                   backend=backend)
         return a.sin().sum() + b.cos().sum()
 
-    compiled = torch.compile(t2t_step, fullgraph=True)
     inputs = [torch.randn(2, 16, 5), torch.randn(2, 3, 16, 16), *make_params(147, torch.float32),
               *make_params(45, torch.float32)]
-    args = [t.clone().requires_grad_() for t in inputs]
-    expected_args = [t.clone().requires_grad_() for t in inputs]
-    got = compiled(*args)
-    want = t2t_step(*expected_args)
-    torch.testing.assert_close(got, want)
-    got.backward()
-    want.backward()
-    for a, e in zip(args, expected_args):
-        torch.testing.assert_close(a.grad, e.grad)
+    assert_compiles_like_eager(t2t_step, inputs)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -442,9 +409,7 @@ def test_compiled_graphs_use_the_fused_ops(backend):
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
-@pytest.mark.parametrize("case", [(2, 2, 1, 1, 3), (3, 4, 2, 3, 5), (1, 1, 3, 1, 7), (5, 3, (2, 1), (2, 1), (4, 2)),
-                                  (3, 4, 5, 2, 4)],
-                         ids=lambda case: "H{}-W{}-k{}-s{}-p{}".format(*case))
+@pytest.mark.parametrize("case", [*PADDING_BEYOND_KERNEL, (3, 4, 5, 2, 4)], ids=padding_case_id)
 def test_padding_dominated_windows(backend, case):
     """padding >= kernel_size: whole tokens lie in the padding (all zeros: variance 0, out = bias). With every fresh
     allocation NaN-filled, out and all gradients must be NaN-free and match float64."""
@@ -532,18 +497,12 @@ def test_auto_picks_cpp_on_cpu(dtype):
 
 # --- GPU -------------------------------------------------------------------------------------------------------------
 
-STAGES = [  # T2T-ViT-14 at 224: stage 0 image, stages 1 and 2 token views
-    ((3, 224, 224), "contiguous", 7, 4, 2),
-    ((64, 56, 56), "token_view", 3, 2, 1),
-    ((64, 28, 28), "token_view", 3, 2, 1),
-]
-
 
 @requires_cuda
 @pytest.mark.parametrize("param_dtype", ["same", "float32"])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_name)
-@pytest.mark.parametrize("stage", STAGES, ids=["stage0", "stage1", "stage2"])
+@pytest.mark.parametrize("stage", STAGES, ids=STAGE_IDS)
 def test_cuda_model_shapes(backend, dtype, stage, param_dtype):
     skip_unless_available(backend, dtype, "cuda")
     (C, H, W), layout, k, s, p = stage
