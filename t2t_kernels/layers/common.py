@@ -190,8 +190,8 @@ class Block(nn.Module):
 
     def class_token(self, x):
         """forward(x)[:, :1], the only row of the last block that the model's head reads: the other tokens enter
-        as keys and values alone, so their queries, projections and MLP rows are skipped (about a fifth of the
-        block's work at 197 tokens)."""
+        as keys and values alone, so their queries, projections and MLP rows are skipped. What remains, mostly the
+        keys and values, is about a fifth of the block's work at 197 tokens (3.5 vs 19 ms at B=8 on a 2-core CPU)."""
         attn = self.attn
         out, x = attn.attend_class_token(self.norm1(x)), x[:, :1]
         if self._fuses_post_attention(x):
