@@ -11,7 +11,7 @@ import os
 import torch
 from torch import nn
 
-from ..layers import Block, T2T_module
+from ..layers import Attention, Block, T2T_module
 from ..layers.common import maybe_checkpoint
 from ..ops._backends import check_backend_arg
 
@@ -51,9 +51,12 @@ def _check_int(name: str, value, minimum: int, why: str = "") -> None:
         raise ValueError(f"{name} must be {expected}{why}, got {value!r}")
 
 
-def _hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+def _as_defined(module: nn.Module) -> bool:
+    """module runs its class's forward as defined: no hooks, no forward set on the instance (accelerate's offload
+    hooks do that), not compiled on its own (Module.compile)."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__
+                or getattr(module, "_compiled_call_impl", None) is not None)
 
 
 def _global_hooks() -> bool:  # nn.modules.module.register_module_forward_hook and the like
@@ -204,7 +207,8 @@ class T2TViT(nn.Module):
     def forward_features(self, x):
         """The normed class token (B, E), as the official forward_features. Off the eager backend the last block
         computes that token alone (Block.class_token; the same values, about 5% less work for T2T-ViT-14), unless
-        hooks watch it or the final norm (they would see one token instead of all)."""
+        hooks watch it or the final norm (they would see one token instead of all) or its modules are not the
+        official ones running their forward as defined."""
         if not self._last_block_class_token_only():
             return self.forward_tokens(x)[:, 0]
         x = self._run_blocks(self._embed(x), self.blocks[:-1])
@@ -212,12 +216,14 @@ class T2TViT(nn.Module):
 
     def _last_block_class_token_only(self) -> bool:
         last = self.blocks[-1] if len(self.blocks) else None
-        # the official Block with per-token norms (LayerNorm), so that the class token's row needs no other row
-        if type(last) is not Block or last.backend == "eager" or not all(
-                isinstance(norm, nn.LayerNorm) for norm in (last.norm2, self.norm)):
+        # class_token re-implements the official Block, Attention and qkv Linear (it slices the qkv weight), and
+        # needs per-token norms after the attention: exactly those classes, each running its forward as defined
+        if (type(last) is not Block or last.backend == "eager" or type(last.attn) is not Attention
+                or type(last.attn.qkv) is not nn.Linear):
             return False
-        watched = (*last.modules(), *self.norm.modules())
-        return not (_global_hooks() or any(_hooks(m) for m in watched))
+        if not all(type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 for norm in (last.norm2, self.norm)):
+            return False
+        return not _global_hooks() and all(_as_defined(m) for m in (*last.modules(), *self.norm.modules()))
 
     def forward_head(self, x, pre_logits: bool = False):
         return x if pre_logits else self.head(x)

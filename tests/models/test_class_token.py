@@ -113,24 +113,68 @@ def test_hooks_see_every_token(where, monkeypatch):
     assert len(calls) == 2  # hooks removed: the short path again
 
 
-def test_only_the_official_block_and_norms_take_the_shortcut(monkeypatch):
-    """A replaced last block (a subclass may change forward) or a final norm other than LayerNorm (it might mix
-    tokens) runs the full path."""
-    calls = _count_class_token_calls(monkeypatch)
-    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10).eval()
-    x = torch.randn(2, 3, 32, 32)
+class _LoraLinear(nn.Linear):  # an adapter-style Linear: its forward adds a term the weight does not hold
+    def forward(self, x):
+        return super().forward(x) + 0.1 * x.flip(-1).repeat(1, 1, 3)
 
-    class Custom(Block):
-        pass
 
-    custom = Custom(256, 4, mlp_ratio=2.0)
+class _CustomBlock(Block):  # a subclass may change forward
+    pass
+
+
+class _TokenMixingNorm(nn.LayerNorm):  # a LayerNorm subclass whose output depends on other tokens
+    def forward(self, x):
+        return super().forward(x) + x.mean(1, keepdim=True)
+
+
+def _replace_qkv(model):
+    old = model.blocks[-1].attn.qkv
+    model.blocks[-1].attn.qkv = _LoraLinear(old.in_features, old.out_features, bias=old.bias is not None)
+    model.blocks[-1].attn.qkv.load_state_dict(old.state_dict())
+
+
+def _replace_block(model):
+    custom = _CustomBlock(256, 4, mlp_ratio=2.0)
     custom.load_state_dict(model.blocks[-1].state_dict())
+    model.blocks[-1] = custom
+
+
+def _patch_forward(model):  # as accelerate's offload hooks do: forward set on the instance
+    block = model.blocks[-1]
+    plain = block.forward
+    block.forward = lambda x: plain(x) * torch.linspace(0, 2, x.shape[-1])
+
+
+def _quantize(model):
+    quantize = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)  # deprecated in torch
+    if quantize is None:
+        pytest.skip("this torch has no torch.ao.quantization.quantize_dynamic")
+    return quantize(model, {nn.Linear}, dtype=torch.qint8)  # a Linear whose weight is a method
+
+
+REPLACEMENTS = {
+    "qkv Linear subclass": _replace_qkv,
+    "Block subclass": _replace_block,
+    "forward set on the block": _patch_forward,
+    "block compiled alone": lambda model: model.blocks[-1].compile(backend="eager"),
+    "final norm Identity": lambda model: setattr(model, "norm", nn.Identity()),
+    "final norm mixing tokens": lambda model: setattr(model, "norm", _TokenMixingNorm(256)),
+    "norm2 mixing tokens": lambda model: setattr(model.blocks[-1], "norm2", _TokenMixingNorm(256)),
+    "dynamic quantization": _quantize,
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")  # torch.ao.quantization's
+@pytest.mark.parametrize("change", REPLACEMENTS)
+def test_other_modules_in_the_last_block_run_the_full_path(change, monkeypatch):
+    """class_token re-implements the official Block, Attention and qkv Linear and needs per-token norms after the
+    attention: a subclass, a replaced or patched forward, a separately compiled block, a token-mixing norm or a
+    quantized Linear makes the model run the full last block, so the logits stay those of forward_tokens."""
+    calls = _count_class_token_calls(monkeypatch)
+    model = _perturbed(t2t_kernels.t2t_vit_7(img_size=32, num_classes=10)).eval()
+    model = REPLACEMENTS[change](model) or model
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        ref = model(x)
-        assert len(calls) == 1
-        official, model.blocks[-1] = model.blocks[-1], custom
-        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
-        assert len(calls) == 1
-        model.blocks[-1], model.norm = official, nn.Identity()
-        model(x)
-    assert len(calls) == 1
+        out = model(x)
+        torch.testing.assert_close(out, model.head(model.forward_tokens(x)[:, 0]), rtol=1e-5, atol=1e-6)
+    assert calls == []
