@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,31 @@ def maybe_checkpoint(enabled: bool, layer, x: torch.Tensor) -> torch.Tensor:
     if enabled and torch.is_grad_enabled():
         return checkpoint(partial(run_checkpointed, layer), x, use_reentrant=False)
     return layer(x)
+
+
+def runs_as_defined(module: nn.Module) -> bool:
+    """Whether calling module runs its class's forward as written: no hooks on it (nor global module hooks), no
+    forward set on the instance (accelerate's offload hooks), not compiled on its own (Module.compile)."""
+    return not _global_module_hooks() and _own_forward_as_defined(module)
+
+
+def submodules_run_as_defined(layer: nn.Module) -> bool:
+    """Whether every module inside layer (not layer itself) runs as defined. The fused and lean paths of a layer
+    read its submodules' parameters without calling them, so they apply only then: otherwise the submodules' hooks
+    would not fire, and spectral_norm's or the old weight_norm's pre-hooks would not recompute their weights."""
+    return not _global_module_hooks() and all(map(_own_forward_as_defined, islice(layer.modules(), 1, None)))
+
+
+def _own_forward_as_defined(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__
+                or getattr(module, "_compiled_call_impl", None) is not None)
+
+
+def _global_module_hooks() -> bool:  # nn.modules.module.register_module_forward_hook and the like
+    hooks = nn.modules.module
+    return any(getattr(hooks, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                       "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def fuses_post_attention(backend, x: torch.Tensor, proj: nn.Module, norm: nn.Module, mlp_fc1: nn.Module,
@@ -181,7 +207,7 @@ class Block(nn.Module):
         attn, mlp = self.attn, self.mlp
         if self._fuses_post_attention(x):
             return self._post_attention(attn.attend(self.norm1(x)), x)
-        if recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)):
+        if recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)) and submodules_run_as_defined(self):
             out = attn.attend_projected(norm_linear(self.norm1, attn.qkv, x))
             x = x + self.drop_path(attn.proj_drop(attn.proj(out)))
             return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
@@ -203,7 +229,7 @@ class Block(nn.Module):
         attn, mlp = self.attn, self.mlp
         dropouts = (attn.proj_drop.p, mlp.drop.p, getattr(self.drop_path, "drop_prob", 0.0))
         return fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2,
-                                    self.training, dropouts)
+                                    self.training, dropouts) and submodules_run_as_defined(self)
 
     def _post_attention(self, out, skip):
         return fused_post_attention(out, skip, self.attn.proj, self.norm2, self.mlp.fc1, self.mlp.fc2)

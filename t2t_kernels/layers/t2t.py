@@ -11,7 +11,7 @@ from torch import nn
 from ..ops import performer_attention, soft_split, soft_split_layer_norm
 from ..ops._backends import check_backend_arg
 from .common import (DropPath, Mlp, fused_post_attention, fuses_post_attention, maybe_checkpoint, mlp_after_fc1,
-                     multihead_attention)
+                     multihead_attention, runs_as_defined, submodules_run_as_defined)
 from .recompute import linear_of_recomputed, norm_linear, recomputes
 
 
@@ -20,6 +20,19 @@ def recomputed_norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tenso
     split) for backward instead of the normalised tokens."""
     return norm_linear(norm, linear, x) if split is None else linear_of_recomputed(
         split.norm_fn(norm), linear, x, norm.weight, norm.bias)
+
+
+def fusable(layer: nn.Module, split: SoftSplit | None) -> bool:
+    """Whether a T2T layer may take its fused or lean paths: they fold norm1 into the soft split and read the
+    layer's parameters without calling its modules, so every one of them (and the split) must run as defined."""
+    return submodules_run_as_defined(layer) and (split is None or runs_as_defined(split))
+
+
+def split_norm(x: torch.Tensor, split: SoftSplit | None, norm: nn.Module, fuse: bool) -> torch.Tensor:
+    """norm(x), or norm(split(x)) when split is given: one fused op where fuse allows it."""
+    if split is None:
+        return norm(x)
+    return split(x, norm=norm) if fuse else norm(split(x))
 
 
 class SoftSplit(nn.Module):
@@ -94,13 +107,14 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
     def forward(self, x, split: SoftSplit | None = None):
         """split: x is the image of that soft split, which runs here with norm1 fused into it (the T2T module)."""
         fc1, act, fc2, drop = self.mlp
-        if recomputes(self.backend, (self.norm1, self.kqv), (self.norm2, fc1)):
+        fuse = fusable(self, split)
+        if fuse and recomputes(self.backend, (self.norm1, self.kqv), (self.norm2, fc1)):
             v, y = self.attend_projected(recomputed_norm_linear(self.norm1, self.kqv, x, split))
             x = v + self.dp(self.proj(y))
             return x + mlp_after_fc1(self.mlp, norm_linear(self.norm2, fc1, x), self.training)
-        x = self.norm1(x) if split is None else split(x, norm=self.norm1)
-        if fuses_post_attention(self.backend, x, self.proj, self.norm2, fc1, act, fc2, self.training,
-                                (self.dp.p, drop.p)):
+        x = split_norm(x, split, self.norm1, fuse)
+        if fuse and fuses_post_attention(self.backend, x, self.proj, self.norm2, fc1, act, fc2, self.training,
+                                         (self.dp.p, drop.p)):
             kqv = self.kqv(x)
             # inference: the tokens are freed before the attention allocates. The lower peak also keeps glibc from
             # returning the heap to the OS after each call (page faults: README, Benchmarks)
@@ -162,14 +176,15 @@ class Token_transformer(nn.Module):  # noqa: N801  (official class name)
     def forward(self, x, split: SoftSplit | None = None):
         """split: x is the image of that soft split, which runs here with norm1 fused into it (the T2T module)."""
         attn, mlp = self.attn, self.mlp
-        if recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)):
+        fuse = fusable(self, split)
+        if fuse and recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)):
             v, out = attn.attend_projected(recomputed_norm_linear(self.norm1, attn.qkv, x, split))
             x = v + attn.proj_drop(attn.proj(out))
             return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
-        x = self.norm1(x) if split is None else split(x, norm=self.norm1)
+        x = split_norm(x, split, self.norm1, fuse)
         dropouts = (attn.proj_drop.p, mlp.drop.p, getattr(self.drop_path, "drop_prob", 0.0))
-        if fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2, self.training,
-                                dropouts):
+        if fuse and fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2,
+                                         self.training, dropouts):
             qkv = attn.qkv(x)
             del x  # the tokens are freed before the attention allocates, as in Token_performer.forward
             v, out = attn.attend_projected(qkv)

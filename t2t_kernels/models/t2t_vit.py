@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..layers import Attention, Block, T2T_module
-from ..layers.common import maybe_checkpoint
+from ..layers.common import maybe_checkpoint, runs_as_defined, submodules_run_as_defined
 from ..ops._backends import check_backend_arg
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -49,20 +49,6 @@ def _check_int(name: str, value, minimum: int, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         expected = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"{name} must be {expected}{why}, got {value!r}")
-
-
-def _as_defined(module: nn.Module) -> bool:
-    """module runs its class's forward as defined: no hooks, no forward set on the instance (accelerate's offload
-    hooks do that), not compiled on its own (Module.compile)."""
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__
-                or getattr(module, "_compiled_call_impl", None) is not None)
-
-
-def _global_hooks() -> bool:  # nn.modules.module.register_module_forward_hook and the like
-    hooks = nn.modules.module
-    return any(getattr(hooks, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                       "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def _cfg(**kwargs):
@@ -223,7 +209,7 @@ class T2TViT(nn.Module):
             return False
         if not all(type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 for norm in (last.norm2, self.norm)):
             return False
-        return not _global_hooks() and all(_as_defined(m) for m in (*last.modules(), *self.norm.modules()))
+        return runs_as_defined(last) and runs_as_defined(self.norm) and submodules_run_as_defined(last)
 
     def forward_head(self, x, pre_logits: bool = False):
         return x if pre_logits else self.head(x)

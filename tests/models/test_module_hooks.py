@@ -1,0 +1,107 @@
+"""The fused and lean paths of a layer read its modules' parameters without calling them. Where a module inside the
+layer has hooks, a forward set on the instance or its own compilation, the layer runs its plain modules instead:
+hooks fire as in the official model, and weight-recomputing pre-hooks (the old weight_norm, spectral_norm) are
+honoured. Without them the fused paths stay on (test_fused_post_attention, test_recompute)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import t2t_kernels
+from op_log import OpLog
+
+
+def _model(backend="auto"):
+    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10, backend=backend).eval()
+    with torch.no_grad():  # off the init (zero biases, unit norms), so every parameter matters
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+WATCHED = ["tokens_to_token.soft_split0", "tokens_to_token.attention1.norm1", "tokens_to_token.attention1.proj",
+           "tokens_to_token.attention2.mlp.0", "blocks.0.attn", "blocks.0.norm2", "blocks.0.mlp.fc1",
+           "blocks.0.mlp"]
+
+
+@pytest.mark.parametrize("name", WATCHED)
+def test_a_hooked_module_runs_and_its_hook_fires(name):
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+    seen = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, args, out: seen.append(out))
+    with torch.no_grad():
+        hooked = model(x)
+    handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
+    if name == "tokens_to_token.soft_split0":  # the raw split, not the split fused with the next norm
+        torch.testing.assert_close(seen[0], F.unfold(x, 7, stride=4, padding=2).transpose(1, 2))
+
+
+def test_hooks_turn_off_only_their_own_layer():
+    """A hook inside one block leaves the other layers on the fused post_attention op (CPU inference)."""
+    model = _model()
+    if model.blocks[0].backend == "auto" and not any(
+            n == "t2t_kernels::post_attention" for n in _op_names(model)):
+        pytest.skip("the compiled post_attention is not available")
+    fused_before = _op_names(model).count("t2t_kernels::post_attention")
+    handle = model.blocks[0].mlp.fc2.register_forward_hook(lambda *args: None)
+    fused_after = _op_names(model).count("t2t_kernels::post_attention")
+    handle.remove()
+    assert fused_after == fused_before - 1
+
+
+def _op_names(model):
+    with torch.no_grad(), OpLog() as log:
+        model(torch.randn(2, 3, 32, 32))
+    return log.names
+
+
+NORMED = ("tokens_to_token.attention1.kqv", "blocks.0.mlp.fc1", "blocks.1.attn.qkv")
+
+
+def _old_weight_norm(module):
+    """The old torch.nn.utils.weight_norm: a forward pre-hook recomputes `weight` from weight_g and weight_v."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated for the parametrization
+        torch.nn.utils.weight_norm(module)
+    return module.weight_g
+
+
+def _parametrized_weight_norm(module):
+    """The new one: a parametrization (the module becomes a subclass of nn.Linear; `weight` is computed on access)."""
+    torch.nn.utils.parametrizations.weight_norm(module)
+    return module.parametrizations.weight.original0
+
+
+@pytest.mark.parametrize("style", [_old_weight_norm, _parametrized_weight_norm], ids=["pre-hook", "parametrization"])
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "gradients"])
+def test_weight_norm_is_honoured(style, train):
+    """With the pre-hook, `weight` is stale until the module is called: a path that read it without calling the
+    module would compute with the old one. The fused model gives the eager model's logits and gradients."""
+    model = _model()
+    with torch.no_grad():
+        for name in NORMED:
+            style(model.get_submodule(name)).mul_(1.5)  # each row's norm g: `weight` changes with it
+    x = torch.randn(2, 3, 32, 32)
+    results = {}
+    for backend in ("auto", "eager"):  # fused first: an eager pass would refresh the stale weights
+        model.set_backend(backend)
+        model.zero_grad()
+        with torch.set_grad_enabled(train):
+            out = model(x)
+        if train:
+            out.square().sum().backward()
+        results[backend] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                          if p.grad is not None}
+    (out, grads), (ref, ref_grads) = results["auto"], results["eager"]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:  # fp32 GEMM rounding scales with the gradient's size
+        scale = ref_grads[n].abs().max().item()
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-5 * scale, msg=n)
