@@ -48,21 +48,24 @@ def _global_module_hooks() -> bool:  # nn.modules.module.register_module_forward
 
 
 def fuses_post_attention(backend, x: torch.Tensor, proj: nn.Module, norm: nn.Module, mlp_fc1: nn.Module,
-                         act: nn.Module, mlp_fc2: nn.Module, training: bool, dropouts: tuple) -> bool:
+                         act: nn.Module, mlp_fc2: nn.Module, training: bool, dropouts: tuple[nn.Module, ...]) -> bool:
     """Whether a layer runs skip + proj(y) and its residual MLP on norm as the fused post_attention op: on the
     backends whose ops are CPU kernels (auto, cpp), in the official shape (nn.Linear, LayerNorm, exact GELU), with
     every dropout and drop-path inactive, one dtype throughout (no autocast), and no gradient wanted (the op's
     backward recomputes the chain in eager, so training keeps the unfused layers). Anything else runs unfused.
 
-    dropouts: the probabilities of the dropouts and drop-paths in that part of the layer (0, or off when not
-    training)."""
+    dropouts: the dropout and drop-path modules in that part of the layer: exactly nn.Dropout, DropPath or
+    nn.Identity (a subclass, e.g. dropout kept on in eval for Monte-Carlo sampling, runs unfused), with p = 0 or
+    off when not training."""
     if backend not in (None, "auto", "cpp") or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return False
     linears = (proj, mlp_fc1, mlp_fc2)
     if not (all(type(m) is nn.Linear for m in linears) and type(norm) is nn.LayerNorm
             and len(norm.normalized_shape) == 1 and type(act) is nn.GELU and act.approximate == "none"):
         return False
-    if training and any(p > 0 for p in dropouts):
+    if not all(type(d) in (nn.Dropout, DropPath, nn.Identity) for d in dropouts):
+        return False
+    if training and any(getattr(d, "p", getattr(d, "drop_prob", 0.0)) > 0 for d in dropouts):
         return False
     params = [p for m in (*linears, norm) for p in m.parameters()]
     if any(p.dtype != x.dtype for p in params):
@@ -227,9 +230,8 @@ class Block(nn.Module):
 
     def _fuses_post_attention(self, x):
         attn, mlp = self.attn, self.mlp
-        dropouts = (attn.proj_drop.p, mlp.drop.p, getattr(self.drop_path, "drop_prob", 0.0))
-        return fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2,
-                                    self.training, dropouts) and submodules_run_as_defined(self)
+        return fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2, self.training,
+                                    (attn.proj_drop, mlp.drop, self.drop_path)) and submodules_run_as_defined(self)
 
     def _post_attention(self, out, skip):
         return fused_post_attention(out, skip, self.attn.proj, self.norm2, self.mlp.fc1, self.mlp.fc2)

@@ -50,7 +50,8 @@ class SoftSplit(nn.Module):
     def forward(self, x, norm: nn.Module | None = None):
         if norm is None:
             return soft_split(x, self.kernel_size, self.stride, self.padding, backend=self.backend)
-        if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:  # nothing to fuse with
+        # only the official LayerNorm fuses: a subclass may compute something else
+        if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
             return norm(soft_split(x, self.kernel_size, self.stride, self.padding, backend=self.backend))
         return self.norm_fn(norm)(x, norm.weight, norm.bias)
 
@@ -114,7 +115,7 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
             return x + mlp_after_fc1(self.mlp, norm_linear(self.norm2, fc1, x), self.training)
         x = split_norm(x, split, self.norm1, fuse)
         if fuse and fuses_post_attention(self.backend, x, self.proj, self.norm2, fc1, act, fc2, self.training,
-                                         (self.dp.p, drop.p)):
+                                         (self.dp, drop)):
             kqv = self.kqv(x)
             # inference: the tokens are freed before the attention allocates. The lower peak also keeps glibc from
             # returning the heap to the OS after each call (page faults: README, Benchmarks)
@@ -182,9 +183,8 @@ class Token_transformer(nn.Module):  # noqa: N801  (official class name)
             x = v + attn.proj_drop(attn.proj(out))
             return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
         x = split_norm(x, split, self.norm1, fuse)
-        dropouts = (attn.proj_drop.p, mlp.drop.p, getattr(self.drop_path, "drop_prob", 0.0))
         if fuse and fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2,
-                                         self.training, dropouts):
+                                         self.training, (attn.proj_drop, mlp.drop, self.drop_path)):
             qkv = attn.qkv(x)
             del x  # the tokens are freed before the attention allocates, as in Token_performer.forward
             v, out = attn.attend_projected(qkv)

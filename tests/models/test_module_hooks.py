@@ -1,7 +1,8 @@
 """The fused and lean paths of a layer read its modules' parameters without calling them. Where a module inside the
 layer has hooks, a forward set on the instance or its own compilation, the layer runs its plain modules instead:
 hooks fire as in the official model, and weight-recomputing pre-hooks (the old weight_norm, spectral_norm) are
-honoured. Without them the fused paths stay on (test_fused_post_attention, test_recompute)."""
+honoured. Only the official module classes are fused: replaced dropouts, drop-paths and norms run as modules.
+Without any of this the fused paths stay on (test_fused_post_attention, test_recompute)."""
 import warnings
 
 import pytest
@@ -105,3 +106,67 @@ def test_weight_norm_is_honoured(style, train):
     for n in ref_grads:  # fp32 GEMM rounding scales with the gradient's size
         scale = ref_grads[n].abs().max().item()
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-5 * scale, msg=n)
+
+
+class _McDropout(torch.nn.Dropout):  # Monte-Carlo dropout: stays on in eval
+    def forward(self, x):
+        return F.dropout(x, self.p, training=True)
+
+
+class _Halve(torch.nn.Module):  # a replaced drop-path
+    def forward(self, x):
+        return 0.5 * x
+
+
+REPLACED_DROPOUTS = {
+    "blocks.0.mlp.drop": lambda: _McDropout(0.2),
+    "blocks.0.attn.proj_drop": lambda: _McDropout(0.2),
+    "blocks.0.drop_path": _Halve,
+    "tokens_to_token.attention1.dp": lambda: _McDropout(0.2),
+}
+
+
+@pytest.mark.parametrize("name", REPLACED_DROPOUTS)
+def test_replaced_dropouts_run(name):
+    """The fused post_attention op skips dropout and drop-path only where they are the official modules, inactive:
+    a replacement (Monte-Carlo dropout in eval, a rescaling drop-path) runs, as on the eager backend."""
+    model = _model()
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, REPLACED_DROPOUTS[name]())
+    x = torch.randn(2, 3, 32, 32)
+    outputs = []
+    for backend in ("auto", "eager"):
+        model.set_backend(backend)
+        torch.manual_seed(0)  # the same dropout masks, drawn in the same order
+        with torch.no_grad():
+            outputs.append(model(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", ["attention1", "attention2"])
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_a_layer_norm_subclass_before_a_t2t_layer_runs(name, layer):
+    """Only the official LayerNorm is fused into the soft split before it: a subclass's own forward runs (on every
+    backend), the same as when a hook on the split forces the plain path."""
+    class Shifted(torch.nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2 + 1
+
+    model = t2t_kernels.create_model(name, img_size=32, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    t2t = model.tokens_to_token
+    old = getattr(t2t, layer).norm1
+    new = Shifted(old.normalized_shape)
+    new.load_state_dict(old.state_dict())
+    with torch.no_grad():
+        official_norm = model(x)
+        getattr(t2t, layer).norm1 = new
+        for backend in ("auto", "eager"):
+            model.set_backend(backend)
+            out = model(x)
+            split = t2t.soft_split0 if layer == "attention1" else t2t.soft_split1
+            handle = split.register_forward_hook(lambda *args: None)  # forces norm1(split(x)) through the module
+            plain = model(x)
+            handle.remove()
+            torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(out, official_norm, atol=1e-3)
