@@ -136,19 +136,27 @@ def split_heads(t: torch.Tensor, num_heads: int, head_dim: int):
     return t.reshape(B, N, width // (num_heads * head_dim), num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn_drop: float):
-    """softmax(q k^T * scale) v through F.scaled_dot_product_attention, heads merged back: (B, Nq, heads*head_dim)."""
+def attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn_drop: float,
+                    fused: bool = True):
+    """softmax(q k^T * scale) v, heads merged back: (B, Nq, heads*head_dim). fused: through
+    F.scaled_dot_product_attention; otherwise written out as the official code does, which double backward
+    (gradient penalties) can go through, where SDPA's fused CPU and GPU kernels have no second derivative."""
     B, heads, Nq, head_dim = q.shape
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop, scale=scale)
+    if fused:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop, scale=scale)
+    else:
+        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+        out = (F.dropout(attn, attn_drop) if attn_drop > 0 else attn) @ v
     return out.transpose(1, 2).reshape(B, Nq, heads * head_dim)
 
 
-def multihead_attention(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, attn_drop: float):
-    """Multi-head attention of a packed qkv (B, N, 3*heads*head_dim).
+def multihead_attention(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, attn_drop: float,
+                        fused: bool = True):
+    """Multi-head attention of a packed qkv (B, N, 3*heads*head_dim) (attention_heads).
 
     Returns (out (B, N, heads*head_dim), v (B, heads, N, head_dim))."""
     q, k, v = split_heads(qkv, num_heads, head_dim)
-    return attention_heads(q, k, v, scale, attn_drop), v
+    return attention_heads(q, k, v, scale, attn_drop, fused), v
 
 
 class Attention(nn.Module):
@@ -165,6 +173,7 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.fused_attn = True  # F.scaled_dot_product_attention; False: the official formula (T2TViT.set_fused_attn)
 
     def attend(self, x):
         """The heads' output (B, N, dim) before the projection."""
@@ -173,7 +182,7 @@ class Attention(nn.Module):
     def attend_projected(self, qkv):
         """attend() after the qkv projection."""
         drop = self.attn_drop if self.training else 0.0
-        return multihead_attention(qkv, self.num_heads, self.head_dim, self.scale, drop)[0]
+        return multihead_attention(qkv, self.num_heads, self.head_dim, self.scale, drop, self.fused_attn)[0]
 
     def attend_class_token(self, x):
         """attend(x)[:, :1]: the class token's query alone, against every token's key and value."""
@@ -183,7 +192,7 @@ class Attention(nn.Module):
         kv = F.linear(x, weight[dim:], None if bias is None else bias[dim:])
         drop = self.attn_drop if self.training else 0.0
         return attention_heads(*split_heads(q, self.num_heads, self.head_dim),
-                               *split_heads(kv, self.num_heads, self.head_dim), self.scale, drop)
+                               *split_heads(kv, self.num_heads, self.head_dim), self.scale, drop, self.fused_attn)
 
     def forward(self, x):
         return self.proj_drop(self.proj(self.attend(x)))

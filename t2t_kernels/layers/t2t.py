@@ -143,6 +143,7 @@ class TokenAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(in_dim, in_dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.fused_attn = True  # as Attention.fused_attn
 
     def attend(self, x):
         """(v as tokens, the attention's output): what the projection and its skip take."""
@@ -151,7 +152,8 @@ class TokenAttention(nn.Module):
     def attend_projected(self, qkv):
         """attend() after the qkv projection."""
         drop = self.attn_drop if self.training else 0.0
-        out, v = multihead_attention(qkv, self.num_heads, self.in_dim // self.num_heads, self.scale, drop)
+        out, v = multihead_attention(qkv, self.num_heads, self.in_dim // self.num_heads, self.scale, drop,
+                                     self.fused_attn)
         return v.transpose(1, 2).reshape(out.shape), out  # official: v.squeeze(1) (one head)
 
     def forward(self, x):

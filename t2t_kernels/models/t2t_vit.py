@@ -147,6 +147,14 @@ class T2TViT(nn.Module):
         """Recompute the T2T layers and the blocks in backward instead of keeping their activations."""
         self.grad_checkpointing = self.tokens_to_token.grad_checkpointing = bool(enable)
 
+    def set_fused_attn(self, enable: bool = True):
+        """Softmax attention (the blocks', and the t-variants' T2T layers') through F.scaled_dot_product_attention
+        (the default), or written out as the official code does: slower, but double backward (gradient penalties)
+        goes through it, where SDPA's fused kernels have no second derivative."""
+        for module in self.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = bool(enable)
+
     def set_backend(self, backend: str | None):
         """Switch the implementation of the fused ops in every layer that has one."""
         check_backend_arg(backend)

@@ -64,3 +64,36 @@ def test_channels_last_images(backend):
     ref.sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x_cl.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def _gradient_penalty_grads(model, x, backend):
+    """Parameter gradients of |d logits.sum() / d x|^2 (double backward through every layer)."""
+    model.set_backend(backend)
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    (grad_x,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    grad_x.square().sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.skipif(not CASES, reason="no fused CPU backend available (extension not built)")
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_gradient_penalty_with_written_out_attention(name):
+    """SDPA's fused kernels have no second derivative; set_fused_attn(False) writes the softmax attention out as the
+    official code does (same logits), and then a gradient penalty goes through the whole fused model (its custom ops
+    differentiate their eager formulas under create_graph) with the eager model's gradients."""
+    model = _dropout_off(t2t_kernels.create_model(name, img_size=32, num_classes=10)).eval()
+    with torch.no_grad():  # off the init (zero biases, identity norms) so every term matters
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused_attn = model(x)
+        model.set_fused_attn(False)
+        torch.testing.assert_close(model(x), fused_attn, rtol=1e-5, atol=1e-6)
+    ref = _gradient_penalty_grads(model, x, "eager")
+    got = _gradient_penalty_grads(model, x, CASES[0][1])
+    assert got.keys() == ref.keys() and len(ref) > 0
+    for n in ref:  # fp32 rounding through two backward passes scales with the gradient's size
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-3, atol=1e-5 * ref[n].abs().max().item(), msg=n)

@@ -146,6 +146,30 @@ def test_gradcheck_float64(backend):
         return performer_attention(*x.split(6, dim=-1), w, eps=EPS, backend=backend)
 
     assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def gradient_penalty_grads(backend, dtype):
+    """d/d(q|k|v, grad_y) of |d y/d(q|k|v) . grad_y|^2: a gradient penalty through the op (double backward)."""
+    torch.manual_seed(0)
+    x, _, w = make_inputs((2,), 9, 8, 4, dtype, requires_grad=True)
+    y = performer_attention(*x.split(8, dim=-1), w.to(dtype), eps=EPS, backend=backend)
+    grad_y = torch.randn_like(y).requires_grad_()
+    (gx,) = torch.autograd.grad(y, x, grad_y, create_graph=True)
+    return torch.autograd.grad(gx.square().sum(), (x, grad_y), allow_unused=True)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_double_backward_matches_eager(backend):
+    """The fused backward has no derivative of its own: under create_graph the op's gradient comes from the eager
+    formula under autograd, so a gradient penalty matches eager's (the backward op alone would cut the graph)."""
+    dtype = torch.float64 if backend == "cpp" else torch.float32
+    skip_unless_available(backend, dtype)
+    got, want = gradient_penalty_grads(backend, dtype), gradient_penalty_grads("eager", dtype)
+    rtol, atol = TOLERANCES[dtype]
+    for name, g, e in zip(("q|k|v", "grad_y"), got, want):
+        assert g is not None, f"the second derivative with respect to {name} is missing (graph cut)"
+        torch.testing.assert_close(g, e, rtol=rtol * 8, atol=atol * 8, msg=name)
 
 
 @pytest.mark.parametrize("op_name", ["performer_attention", "performer_attention_triton"])

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._backends import OpBackends
-from .._registry import check_eps, op_exists
+from .._registry import check_eps, op_exists, recompute_grads
 from . import reference
 
 BACKENDS = OpBackends(
@@ -120,7 +120,13 @@ def _register(suffix: str) -> None:
 
     def grad(ctx, grad_y, _grad_kv_state, _grad_k_sum):
         q, k, v, w, kv_state, k_sum = ctx.saved_tensors
-        gq, gk, gv = backward_op(grad_y.contiguous(), q, k, v, w, kv_state, k_sum, ctx.eps)
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): the fused backward op has no derivative of its own, so the gradient
+            # comes from the reference under autograd, whose graph reaches q, k and v
+            gq, gk, gv = recompute_grads(lambda q, k, v: reference.performer_attention(q, k, v, w, ctx.eps),
+                                         (q, k, v), (), grad_y, ctx.needs_input_grad[:3])
+        else:
+            gq, gk, gv = backward_op(grad_y.contiguous(), q, k, v, w, kv_state, k_sum, ctx.eps)
         return gq, gk, gv, None, None
 
     torch.library.register_autograd(forward, grad, setup_context=setup_context)
