@@ -1,10 +1,21 @@
 """Small helpers the ops share for argument handling and custom-op registration."""
 import torch
+from torch.autograd import forward_ad
 
 
 def op_exists(qualname: str) -> bool:
     namespace, name = qualname.split("::")
     return hasattr(getattr(torch.ops, namespace), name)
+
+
+def forward_tangents(*tensors) -> bool:
+    """Whether forward-mode AD (torch.func.jvp/jacfwd, forward_ad dual tensors) carries a tangent on any of the
+    tensors. The compiled kernels have no forward derivative (torch.library autograd is reverse mode only, and
+    without a grad-requiring input the tangent would be dropped silently), so the ops run their eager formulas then.
+    Not checked while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def to_pair(value, name: str) -> tuple[int, int]:

@@ -97,3 +97,22 @@ def test_gradient_penalty_with_written_out_attention(name):
     assert got.keys() == ref.keys() and len(ref) > 0
     for n in ref:  # fp32 rounding through two backward passes scales with the gradient's size
         torch.testing.assert_close(got[n], ref[n], rtol=1e-3, atol=1e-5 * ref[n].abs().max().item(), msg=n)
+
+
+@pytest.mark.skipif(not CASES, reason="no fused CPU backend available (extension not built)")
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_forward_mode_jvp_matches_eager(name):
+    """torch.func.jvp of the logits in inference: the fused ops take their eager formulas for inputs that carry a
+    tangent (their kernels have none), so the fused model's jvp is eager's, not zero. Written-out attention, as
+    SDPA's fused kernel has no forward derivative either."""
+    model = _dropout_off(t2t_kernels.create_model(name, img_size=32, num_classes=10)).eval()
+    model.set_fused_attn(False)
+    x, tangent = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    jvps = {}
+    for backend in ("eager", CASES[0][1]):
+        model.set_backend(backend)
+        with torch.no_grad():
+            jvps[backend] = torch.func.jvp(model, (x,), (tangent,))[1]
+    want = jvps.pop("eager")
+    assert want.abs().max() > 0
+    torch.testing.assert_close(jvps.popitem()[1], want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
