@@ -217,9 +217,10 @@ class Block(nn.Module):
 
     def forward(self, x):
         attn, mlp = self.attn, self.mlp
-        if self._fuses_post_attention(x):
+        fuse = submodules_run_as_defined(self)  # the fused and lean paths read the modules' weights directly
+        if fuse and self._fuses_post_attention(x):
             return self._post_attention(attn.attend(self.norm1(x)), x)
-        if recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)) and submodules_run_as_defined(self):
+        if fuse and recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)):
             out = attn.attend_projected(norm_linear(self.norm1, attn.qkv, x))
             x = x + self.drop_path(attn.proj_drop(attn.proj(out)))
             return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
@@ -229,7 +230,8 @@ class Block(nn.Module):
     def class_token(self, x):
         """forward(x)[:, :1], the only row of the last block that the model's head reads: the other tokens enter
         as keys and values alone, so their queries, projections and MLP rows are skipped. What remains, mostly the
-        keys and values, is about a fifth of the block's work at 197 tokens (3.5 vs 19 ms at B=8 on a 2-core CPU)."""
+        keys and values, is about a fifth of the block's work at 197 tokens (3.5 vs 19 ms at B=8 on a 2-core CPU).
+        Callers check that the block's modules run as defined (T2TViT._last_block_class_token_only does)."""
         attn = self.attn
         out, x = attn.attend_class_token(self.norm1(x)), x[:, :1]
         if self._fuses_post_attention(x):
@@ -240,7 +242,7 @@ class Block(nn.Module):
     def _fuses_post_attention(self, x):
         attn, mlp = self.attn, self.mlp
         return fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2, self.training,
-                                    (attn.proj_drop, mlp.drop, self.drop_path)) and submodules_run_as_defined(self)
+                                    (attn.proj_drop, mlp.drop, self.drop_path))
 
     def _post_attention(self, out, skip):
         return fused_post_attention(out, skip, self.attn.proj, self.norm2, self.mlp.fc1, self.mlp.fc2)
