@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import t2t_kernels
+from perturb import perturbed
 from t2t_kernels.ops import PERFORMER_BACKENDS, SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS
 
 
@@ -36,11 +37,8 @@ CASES += [("t2t_vit_7", "triton")] if "triton" in _fused_backends() else []
 @pytest.mark.parametrize("name,backend", CASES or [("none", "none")])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_fused_backend_matches_eager(name, backend, mode):
-    model = _dropout_off(t2t_kernels.create_model(name, img_size=32, num_classes=10)).train(mode == "train")
-    with torch.no_grad():  # move off the init (zero biases, identity norms) so every term matters
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.02)
+    model = perturbed(_dropout_off(t2t_kernels.create_model(name, img_size=32, num_classes=10)), 0.02)
+    model.train(mode == "train")
     x = torch.randn(2, 3, 32, 32)
     ref_out, ref_grads = _logits_and_grads(model, x, "eager")
     out, grads = _logits_and_grads(model, x, backend)
@@ -82,11 +80,7 @@ def test_gradient_penalty_with_written_out_attention(name):
     """SDPA's fused kernels have no second derivative; set_fused_attn(False) writes the softmax attention out as the
     official code does (same logits), and then a gradient penalty goes through the whole fused model (its custom ops
     differentiate their eager formulas under create_graph) with the eager model's gradients."""
-    model = _dropout_off(t2t_kernels.create_model(name, img_size=32, num_classes=10)).eval()
-    with torch.no_grad():  # off the init (zero biases, identity norms) so every term matters
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.02)
+    model = perturbed(_dropout_off(t2t_kernels.create_model(name, img_size=32, num_classes=10)), 0.02).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         fused_attn = model(x)

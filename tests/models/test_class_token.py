@@ -6,17 +6,14 @@ import torch
 from torch import nn
 
 import t2t_kernels
+from perturb import perturbed
 from t2t_kernels.layers import Block
 
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 
 
-def _perturbed(module, scale=0.05):
-    with torch.no_grad():  # off the init (zero biases, unit norms), so every parameter matters
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * scale)
-    return module
+def _perturbed(module):
+    return perturbed(module, 0.05)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

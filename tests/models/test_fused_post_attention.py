@@ -7,6 +7,7 @@ import torch
 
 import t2t_kernels
 from op_log import OpLog
+from perturb import perturbed
 from t2t_kernels.ops import POST_ATTENTION_BACKENDS
 
 FUSED = "t2t_kernels::post_attention"
@@ -16,11 +17,7 @@ requires_cpp = pytest.mark.skipif(
 
 
 def _perturbed(model):
-    with torch.no_grad():  # off the init (zero biases, unit norms), so every parameter matters
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return perturbed(model, 0.02)
 
 
 def _logged(model, x):

@@ -11,15 +11,11 @@ import torch.nn.functional as F
 
 import t2t_kernels
 from op_log import OpLog
+from perturb import perturbed
 
 
 def _model(backend="auto"):
-    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10, backend=backend).eval()
-    with torch.no_grad():  # off the init (zero biases, unit norms), so every parameter matters
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return perturbed(t2t_kernels.t2t_vit_7(img_size=32, num_classes=10, backend=backend), 0.05).eval()
 
 
 WATCHED = ["tokens_to_token.soft_split0", "tokens_to_token.attention1.norm1", "tokens_to_token.attention1.proj",

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from official_forward import official_forward
+from perturb import perturbed
 
 import t2t_kernels
 from t2t_kernels import T2TViT, create_model, list_models
@@ -89,20 +90,11 @@ def test_qk_scales():
     assert t2t_kernels.t2t_vit_14(qk_scale=384**-0.5).blocks[0].attn.scale == 384**-0.5
 
 
-def _with_random_state(model):
-    """Non-trivial weights everywhere (init leaves biases zero and LayerNorms identity)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name not in ("pos_embed",) and not name.endswith(".w"):
-                p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
 @pytest.mark.parametrize("name,img", [("t2t_vit_7", 64), ("t2t_vit_t_14", 64), ("t2t_vit_14_resnext", 48),
                                       ("t2t_vit_7", (48, 80)), ("t2t_vit_12", 224)])
 @pytest.mark.parametrize("backend", ["eager", "auto"])
 def test_matches_official_forward(name, img, backend):
-    model = _with_random_state(create_model(name, img_size=img, backend=backend)).eval()
+    model = perturbed(create_model(name, img_size=img, backend=backend), 0.05).eval()
     size = (img, img) if isinstance(img, int) else img
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
@@ -148,7 +140,7 @@ def test_timm_style_helpers():
 
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    model = _with_random_state(t2t_kernels.t2t_vit_7(img_size=32)).eval()  # eval: no dropout randomness
+    model = perturbed(t2t_kernels.t2t_vit_7(img_size=32), 0.05).eval()  # eval: no dropout randomness
     x = torch.randn(2, 3, 32, 32)
 
     def grads():
