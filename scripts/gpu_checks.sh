@@ -18,7 +18,9 @@
 #
 # Env: GPU_CHECKS_STEPS="build smoke sanitizers gpu-tests op-tests" (the default: all; pick some to split the run, e.g.
 #      where one command may take at most 10 minutes: first "build smoke sanitizers", then "gpu-tests op-tests"),
-#      GPU_CHECKS_QUICK=1 (sanitizers: memcheck + racecheck only), SANITIZER=/path/to/compute-sanitizer, PYTHON=python3.
+#      GPU_CHECKS_QUICK=1 (sanitizers: memcheck + racecheck only), SANITIZER=/path/to/compute-sanitizer, PYTHON=python3,
+#      GPU_CHECKS_PYTEST_ARGS="-n 8 --timeout 120" (extra pytest arguments for steps 4 and 5: pytest-xdist workers share
+#      the GPU, pytest-timeout ends a hung test).
 # Each step logs to LOG_DIR/<step>.log and prints its tail; the summary at the end lists every step.
 # Exit status: 0 when every selected step passed, 1 otherwise. Syntax-checked on CPU CI with `bash -n`.
 set -uo pipefail
@@ -31,6 +33,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}  # keep autotune results for the sanitizer runs
 unset TRITON_INTERPRET                                       # the real Triton kernels, not the CPU interpreter
 QUICK=${GPU_CHECKS_QUICK:-0}
+read -r -a PYTEST_ARGS <<<"${GPU_CHECKS_PYTEST_ARGS:-}"
 STEPS=" ${GPU_CHECKS_STEPS:-build smoke sanitizers gpu-tests op-tests} "
 declare -a SUMMARY=()
 FAILED=0
@@ -100,15 +103,17 @@ else
 fi
 
 # 4. huge tensors, determinism, memory, threads -----------------------------------------------------------------
-wants gpu-tests && step gpu-tests "$PYTHON" -m pytest tests/gpu -v -ra -p no:cacheprovider
+wants gpu-tests && step gpu-tests "$PYTHON" -m pytest tests/gpu -v -ra -p no:cacheprovider "${PYTEST_ARGS[@]}"
 
 # 5. the op tests and the fuzzers on the CUDA backends ----------------------------------------------------------
 if ! wants op-tests; then
   :
 elif "$PYTHON" -c "import hypothesis" 2>/dev/null; then
-  step cuda-op-tests "$PYTHON" -m pytest tests/ops tests/models tests/hardening -ra -q -p no:cacheprovider -k "cuda or triton"
+  step cuda-op-tests "$PYTHON" -m pytest tests/ops tests/models tests/hardening -ra -q -p no:cacheprovider -k "cuda or triton" \
+    "${PYTEST_ARGS[@]}"
 else
-  step cuda-op-tests "$PYTHON" -m pytest tests/ops tests/models -ra -q -p no:cacheprovider -k "cuda or triton"
+  step cuda-op-tests "$PYTHON" -m pytest tests/ops tests/models -ra -q -p no:cacheprovider -k "cuda or triton" \
+    "${PYTEST_ARGS[@]}"
   skip hardening-fuzz "hypothesis is not installed (pip install hypothesis, then rerun step 5)"
 fi
 

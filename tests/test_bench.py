@@ -297,3 +297,18 @@ def test_post_attention_cases_are_forward_only_and_providers_agree():
 def test_unknown_op_case_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown op 'softsplit'"):
         op_cases(Settings(**TINY), ops=("softsplit",))
+
+
+def test_cli_cases_picks_cases_by_name(tmp_path, capsys):
+    """--cases keeps the cases whose name contains one of the given parts (GPU runs pick cases to fit a time limit)."""
+    out = tmp_path / "out"
+    argv = ["bench", "--model", "t2t_vit_7", "--img-size", "32", "--batch", "1", "--no-compile", "--no-memory",
+            "--min-reps", "1", "--max-reps", "1", "--min-time", "0", "--no-progress", "--out", str(out),
+            "--ops", "performer_attention", "--bandwidth-mb", "16", "--no-checkpointing",
+            "--cases", "t2t_vit_7/forward,stage1/forward+backward"]
+    assert main(argv) == 0
+    cases = {r["case"] for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert cases == {"t2t_vit_7/forward", "performer_attention/stage1/forward+backward"}
+    capsys.readouterr()
+    assert main(argv[:-1] + ["nothing"]) != 0
+    assert "--cases 'nothing' matches none of the cases [" in capsys.readouterr().err

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", default="soft_split,soft_split+layer_norm,performer_attention,post_attention",
                    help="which op cases (comma list; soft_split+layer_norm: the split and the LayerNorm after it; "
                         "post_attention: a T2T layer's projection, norm2 and MLP, forward)")
+    p.add_argument("--cases", default=None,
+                   help="only the cases whose name contains one of these (comma list), e.g. 't2t_vit_14/train step' "
+                        "(case names: model/forward, model/train step, model.tokens_to_token/..., op/stage/pass)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing providers")
@@ -98,6 +101,12 @@ def main(argv=None) -> int:
     to_img_size(settings.img_size)  # a clear error for sizes the model cannot take
     cases = [] if args.no_ops else op_cases(settings, ops=tuple(o for o in args.ops.split(",") if o))
     cases += [] if args.no_model else model_cases(settings)
+    if args.cases is not None:
+        wanted = [c for c in args.cases.split(",") if c]
+        names = [case.name for case in cases]
+        cases = [case for case in cases if any(w in case.name for w in wanted)]
+        if not cases:
+            raise ValueError(f"--cases {args.cases!r} matches none of the cases {names}")
     if settings.timm and TimmCase.unavailable_reason():
         print(f"note: {TimmCase.unavailable_reason()}; its rows are skipped", file=sys.stderr)
     result = run(settings, cases, argv=_recorded_argv(argv), warmup=args.warmup, min_reps=args.min_reps,
