@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._backends import OpBackends
@@ -57,8 +56,7 @@ def soft_split_layer_norm(x: Tensor, kernel_size, stride, padding, weight: Tenso
     _check_param("bias", bias, x, features)
     check_eps(eps, "soft_split_layer_norm")
     if backend == "cuda":  # no fused CUDA kernel: the CUDA soft split, then torch's layer norm
-        tokens = soft_split(x, k, s, p, backend="cuda")
-        return F.layer_norm(tokens, (features,), weight, bias, eps)
+        return reference.layer_norm(soft_split(x, k, s, p, backend="cuda"), weight, bias, eps)
     name = BACKENDS.resolve(backend, x)
     if name == "eager" or forward_tangents(x, weight, bias):
         return reference.soft_split_layer_norm(x, k, s, p, weight, bias, eps)

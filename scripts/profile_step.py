@@ -1,0 +1,81 @@
+"""Where a benchmark case's time goes, per provider: torch.profiler's table of one case of `python -m t2t_kernels bench`.
+
+    python scripts/profile_step.py [--case "t2t_vit_14/train step"] [--providers eager,fused] [--steps 3] [--rows 25]
+                                   [--device cuda] [--batch 128] [--img-size 224] [--dtype bf16] [--out DIR]
+
+Builds each provider's workload exactly as the benchmark does (same weights, inputs, autocast, optimizer), warms it up,
+profiles --steps calls, and prints the top --rows ops by self device time (self CPU time on CPU), then the step's total
+wall time next to the summed device time: a wall time well above the device time means the GPU waits for the host
+(launch overhead, syncs). --out also writes each provider's full table and a Chrome trace.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository's package
+
+from t2t_kernels.bench.cases import model_cases  # noqa: E402
+from t2t_kernels.bench.cli import DTYPES, settings_from_args  # noqa: E402
+from t2t_kernels.bench.runner import synchronize  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", default="t2t_vit_14/train step", help="a model case name of the benchmark")
+    p.add_argument("--providers", default="eager,fused")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--out", default=None, help="folder for the full tables and Chrome traces")
+    args = p.parse_args(argv)
+    model = args.case.split("/")[0].split(".")[0]
+    bench_args = argparse.Namespace(device=args.device, dtype=args.dtype, batch=args.batch, img_size=args.img_size,
+                                    model=(model,), no_compile=False, compile_backend="inductor",
+                                    no_checkpointing=False, timm=False)
+    settings = settings_from_args(bench_args)
+    cases = {c.name: c for c in model_cases(settings)}
+    if args.case not in cases:
+        raise SystemExit(f"--case {args.case!r}: not one of {sorted(cases)}")
+    case, device = cases[args.case], settings.device
+    on_gpu = device.type == "cuda"
+    sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    summary = []
+    for name in args.providers.split(","):
+        workload = case.build(name)
+        for _ in range(2):  # compile, autotune, allocator caches
+            workload()
+        synchronize(device)
+        with torch.profiler.profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                workload()
+            synchronize(device)
+            wall = (time.perf_counter() - start) / args.steps
+        events = prof.key_averages()
+        device_total = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e6 / args.steps
+        table = events.table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60)
+        print(f"\n=== {args.case} / {name}: wall {wall * 1e3:.1f} ms per step, device time {device_total * 1e3:.1f} ms "
+              f"per step (profiled; profiling slows the host)\n{table}")
+        summary.append(f"{name:>14}: wall {wall * 1e3:8.1f} ms/step, device {device_total * 1e3:8.1f} ms/step")
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            stem = os.path.join(args.out, name.replace("+", "_"))
+            with open(stem + ".txt", "w") as f:
+                f.write(events.table(sort_by=sort_key, row_limit=-1, max_name_column_width=100))
+            prof.export_chrome_trace(stem + ".trace.json")
+        del workload
+    print(f"\n{args.case} ({settings.describe()})\n" + "\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
