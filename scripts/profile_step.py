@@ -4,9 +4,10 @@
                                    [--device cuda] [--batch 128] [--img-size 224] [--dtype bf16] [--out DIR]
 
 Builds each provider's workload exactly as the benchmark does (same weights, inputs, autocast, optimizer), warms it up,
-profiles --steps calls, and prints the top --rows ops by self device time (self CPU time on CPU), then the step's total
-wall time next to the summed device time: a wall time well above the device time means the GPU waits for the host
-(launch overhead, syncs). --out also writes each provider's full table and a Chrome trace.
+profiles --steps calls, and prints the top --rows ops by self device time (self CPU time on CPU), then the step's
+wall time next to its kernels' summed time: a wall time well above the kernel time means the GPU waits for the host
+(launch overhead, Python, syncs). On an H100 (2026-11-26) this found the nested autograd call in the lean
+LayerNorm/GELU -> Linear backward (t2t_kernels/layers/recompute.py): 18 ms of host time per T2T-ViT-14 train step. --out also writes each provider's full table and a Chrome trace.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 import time
 
 import torch
+from torch.autograd import DeviceType
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository's package
 
@@ -61,7 +63,9 @@ def main(argv=None) -> int:
             synchronize(device)
             wall = (time.perf_counter() - start) / args.steps
         events = prof.key_averages()
-        device_total = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e6 / args.steps
+        # the kernels' own events (the ops' rows repeat their kernels' time), as the table's "Self CUDA time total"
+        device_total = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA
+                           and not e.is_user_annotation) / 1e6 / args.steps
         table = events.table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60)
         print(f"\n=== {args.case} / {name}: wall {wall * 1e3:.1f} ms per step, device time {device_total * 1e3:.1f} ms "
               f"per step (profiled; profiling slows the host)\n{table}")

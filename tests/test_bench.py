@@ -312,3 +312,20 @@ def test_cli_cases_picks_cases_by_name(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv[:-1] + ["nothing"]) != 0
     assert "--cases 'nothing' matches none of the cases [" in capsys.readouterr().err
+
+
+def test_profile_step_script_prints_each_providers_table(capsys):
+    """scripts/profile_step.py (where a case's time goes, per provider) runs on a tiny CPU case."""
+    import runpy
+    import sys
+
+    module = runpy.run_path("scripts/profile_step.py", run_name="profile_step")
+    argv = sys.argv
+    try:
+        assert module["main"](["--case", "t2t_vit_7/train step", "--batch", "1", "--img-size", "32", "--steps", "1",
+                               "--rows", "3", "--device", "cpu"]) == 0
+    finally:
+        sys.argv = argv
+    printed = capsys.readouterr().out
+    assert "=== t2t_vit_7/train step / eager: wall" in printed and "=== t2t_vit_7/train step / fused: wall" in printed
+    assert "Self CPU time total" in printed

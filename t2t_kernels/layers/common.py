@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from functools import partial
-from itertools import islice
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,19 @@ def submodules_run_as_defined(layer: nn.Module) -> bool:
     """Whether every module inside layer (not layer itself) runs as defined. The fused and lean paths of a layer
     read its submodules' parameters without calling them, so they apply only then: otherwise the submodules' hooks
     would not fire, and spectral_norm's or the old weight_norm's pre-hooks would not recompute their weights."""
-    return not _global_module_hooks() and all(map(_own_forward_as_defined, islice(layer.modules(), 1, None)))
+    return not _global_module_hooks() and all(map(_own_forward_as_defined, _submodules(layer)))
+
+
+def _submodules(layer: nn.Module):
+    """The modules inside layer, each once (what layer.modules() yields after layer itself, without its name
+    bookkeeping: this runs in every block's forward, and a GPU train step waits on the host)."""
+    seen, stack = {id(layer)}, [layer]
+    while stack:
+        for child in stack.pop()._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+                yield child
 
 
 def _own_forward_as_defined(module: nn.Module) -> bool:
@@ -58,6 +69,8 @@ def fuses_post_attention(backend, x: torch.Tensor, proj: nn.Module, norm: nn.Mod
     nn.Identity (a subclass, e.g. dropout kept on in eval for Monte-Carlo sampling, runs unfused), with p = 0 or
     off when not training."""
     if backend not in (None, "auto", "cpp") or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:  # the cheap half of the last check, first (training)
         return False
     linears = (proj, mlp_fc1, mlp_fc2)
     if not (all(type(m) is nn.Linear for m in linears) and type(norm) is nn.LayerNorm

@@ -4,8 +4,10 @@ training (the soft split + norm -> kqv Linear of the T2T layers too).
 In eager autograd the Linear saves its input, f's output, while f saves its own input as well: two activations where
 one determines the other through a cheap elementwise op. Here only f's input (and f's small parameters) is saved;
 backward recomputes f(x) once (under the forward's autocast state, so the Linear sees the same values), takes the
-Linear's gradients from it, and backpropagates through the recomputation to x and f's parameters (differentiably
-when a double backward asks for it). Same gradients as eager, up to the GEMMs' rounding. The saved activations of a
+Linear's gradients from it, and backpropagates to x and f's parameters: through f's own backward formula for the
+LayerNorm and GELU (native_layer_norm_backward, gelu_backward: no nested autograd call, whose host time a GPU train
+step waits for), through a nested torch.autograd.grad for the T2T's fused split + norm and whenever a double backward
+asks for a differentiable backward. Same gradients as eager, up to the GEMMs' rounding. The saved activations of a
 T2T-ViT block drop from 14 to 9 widths per token (fp32); T2T-ViT-14's in all from 78.9 to 46.7 MB per 224x224 image
 (44.6 MB with the model's class-token-only last block).
 
@@ -18,6 +20,7 @@ more (427 vs 385 MB at B=8) and ran 2-4% slower.
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from functools import partial
 from typing import Callable
 
@@ -42,24 +45,44 @@ class _LinearOfRecomputed(torch.autograd.Function):
         weight, x, *f_params = ctx.saved_tensors
         create_graph = torch.is_grad_enabled()  # a double backward: every step below is differentiable then
         needs_weight, needs_bias = ctx.needs_input_grad[1:3]
+        needs_inputs = ctx.needs_input_grad[3:]
         inputs = [x, *f_params]
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
         device, dtype, enabled = ctx.autocast
+        vjp = getattr(ctx.f, "vjp", None)
+        if vjp is not None and not create_graph and device in _AUTOCAST_LAYER_NORM_FP32:
+            # f's own backward formula: no nested autograd call (its graph and engine pass took ~0.4 ms of host time
+            # per pair, profiled: 18 ms of a T2T-ViT-14 train step at B=128 on an H100, whose GPU waited for the host)
+            # the vjp casts as the forward's autocast did; autocast left on in this thread (a CPU backward called
+            # inside the autocast region) would cast again. CUDA's backward threads run without it: no context there
+            with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+                a, f_backward = vjp(enabled, *inputs)
+                grad_weight, grad_bias, grad_a = _linear_grads(grad_out, a, weight, needs_weight, needs_bias,
+                                                               any(needs_inputs))
+                grad_inputs = f_backward(grad_a, needs_inputs) if grad_a is not None else [None] * len(inputs)
+            return (None, grad_weight, grad_bias, *grad_inputs)
+        wanted = [i for i, need in enumerate(needs_inputs) if need]
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             # from the saved inputs themselves (not detached copies), so that a double backward reaches them
             a = ctx.f(*inputs)
-        # what the Linear consumed: autocast casts its input (and weight) to the output's dtype
-        consumed = (a if create_graph else a.detach()).to(grad_out.dtype)
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_weight = (g2.t() @ consumed.reshape(-1, consumed.shape[-1])).to(weight.dtype) if needs_weight else None
-        grad_bias = g2.sum(0).to(weight.dtype) if needs_bias else None  # False for a missing bias
+        grad_weight, grad_bias, grad_a = _linear_grads(grad_out, a if create_graph else a.detach(), weight,
+                                                       needs_weight, needs_bias, bool(wanted))
         grad_inputs = [None] * len(inputs)
         if wanted:
-            grad_a = (grad_out @ weight.to(grad_out.dtype)).to(a.dtype)
             grads = torch.autograd.grad(a, [inputs[i] for i in wanted], grad_a, create_graph=create_graph)
             for i, g in zip(wanted, grads):
                 grad_inputs[i] = g
         return (None, grad_weight, grad_bias, *grad_inputs)
+
+
+def _linear_grads(grad_out, a, weight, needs_weight, needs_bias, needs_a):
+    """The Linear's weight and bias gradients and the gradient of its input a (in a's dtype)."""
+    # what the Linear consumed: autocast casts its input (and weight) to the output's dtype
+    consumed = a.to(grad_out.dtype)
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_weight = (g2.t() @ consumed.reshape(-1, consumed.shape[-1])).to(weight.dtype) if needs_weight else None
+    grad_bias = g2.sum(0).to(weight.dtype) if needs_bias else None  # False for a missing bias
+    grad_a = (grad_out @ weight.to(grad_out.dtype)).to(a.dtype) if needs_a else None
+    return grad_weight, grad_bias, grad_a
 
 
 def _keep_products(ctx, op, *args, **kwargs):  # the selective checkpoint's policy (under torch.compile)
@@ -79,10 +102,45 @@ def linear_of_recomputed(f: Callable[..., Tensor], linear: nn.Linear, x: Tensor,
     return _LinearOfRecomputed.apply(f, linear.weight, linear.bias, x, *f_params)
 
 
+# whether autocast runs layer_norm in float32 on this device type (CUDA's fp32 list; CPU's autocast leaves it alone):
+# the vjps below cast as autocast did. Other devices take the nested-autograd backward.
+_AUTOCAST_LAYER_NORM_FP32 = {"cpu": False, "cuda": True}
+
+
 def _layer_norm(norm: nn.LayerNorm):
+    shape, eps = norm.normalized_shape, norm.eps
+
     def f(x, weight, bias):
-        return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+        return F.layer_norm(x, shape, weight, bias, eps)
+
+    def vjp(autocast_enabled, x, weight, bias):
+        """f's output and backward as autograd runs them for F.layer_norm (autocast's cast to fp32 included)."""
+        inputs = (x, weight, bias)
+        if autocast_enabled and _AUTOCAST_LAYER_NORM_FP32[x.device.type]:
+            inputs = tuple(t.float() if t is not None and t.dtype != torch.float64 else t for t in inputs)  # as autocast
+        a, mean, rstd = torch.native_layer_norm(*inputs[:1], shape, *inputs[1:], eps)
+
+        def backward(grad_a, needs):
+            mask = [bool(need) and t is not None for need, t in zip(needs, inputs)]
+            grads = torch.ops.aten.native_layer_norm_backward(grad_a, inputs[0], shape, mean, rstd, inputs[1],
+                                                              inputs[2], mask)
+            return [g.to(t.dtype) if need else None for g, t, need in zip(grads, (x, weight, bias), mask)]
+        return a, backward
+
+    f.vjp = vjp
     return f
+
+
+def _gelu(h: Tensor) -> Tensor:
+    return F.gelu(h)
+
+
+def _gelu_vjp(autocast_enabled, h):
+    # autocast leaves GELU in its input's dtype on every device
+    return F.gelu(h), lambda grad_a, needs: [torch.ops.aten.gelu_backward(grad_a, h) if needs[0] else None]
+
+
+_gelu.vjp = _gelu_vjp
 
 
 _checkpointed = threading.local()  # .active: this thread runs a layer inside gradient checkpointing
@@ -118,4 +176,4 @@ def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: Tensor) -> Tensor:
 
 def gelu_linear(linear: nn.Linear, h: Tensor) -> Tensor:
     """linear(gelu(h)) (exact GELU) keeping h for backward, not gelu(h)."""
-    return linear_of_recomputed(F.gelu, linear, h)
+    return linear_of_recomputed(_gelu, linear, h)

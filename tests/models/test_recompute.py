@@ -157,6 +157,103 @@ def test_autocast_bfloat16_matches_the_plain_modules():
         torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * r.abs().max().item())
 
 
+def _vjp_and_nested(f, f_params_shapes, x0, autocast=False, param_dtype=None):
+    """Gradients of linear(f(x)) through f's own backward formula (f.vjp) and through the nested autograd call that
+    a plain f takes, from the same inputs; and how many nested autograd calls each made."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(x0.shape[-1], 24).to(torch.float32 if autocast else x0.dtype)
+    f_params = [torch.randn(shape, dtype=param_dtype or x0.dtype).requires_grad_() if shape else None
+                for shape in f_params_shapes]
+    results = []
+    for fn in (f, lambda *args: f(*args)):  # the lambda has no .vjp: the nested-autograd path
+        x = x0.clone().requires_grad_()
+        calls = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = _LinearOfRecomputed.apply(fn, linear.weight, linear.bias, x, *f_params)
+        grad = torch.autograd.grad
+        torch.autograd.grad = lambda *a, **k: calls.append(1) or grad(*a, **k)
+        try:
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype))
+        finally:
+            torch.autograd.grad = grad
+        tensors = [t for t in (x, linear.weight, linear.bias, *f_params) if t is not None]
+        results.append(([t.grad for t in tensors], len(calls)))
+        for t in tensors:
+            t.grad = None
+    return results
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "layer_norm_no_affine", "gelu"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16_tokens_fp32_params", "autocast_bf16"])
+def test_vjp_backward_equals_the_nested_autograd_one(kind, mode):
+    """The LayerNorm and GELU pairs backpropagate through f's own formula (native_layer_norm_backward, gelu_backward)
+    instead of a nested torch.autograd.grad (host time: found on an H100, where the GPU train step waited for it):
+    bitwise the same gradients, in fp32, with bf16 tokens beside fp32 norm parameters, and under autocast."""
+    from t2t_kernels.layers.recompute import _gelu, _layer_norm
+
+    f, shapes = {"layer_norm": (_layer_norm(torch.nn.LayerNorm(40)), [(40,), (40,)]),
+                 "layer_norm_no_affine": (_layer_norm(torch.nn.LayerNorm(40)), [None, None]),
+                 "gelu": (_gelu, [])}[kind]
+    x0 = torch.randn(3, 17, 40) * 2 + 0.5
+    if mode == "bf16_tokens_fp32_params":
+        x0 = x0.bfloat16()
+    (vjp_grads, vjp_calls), (nested_grads, nested_calls) = _vjp_and_nested(
+        f, shapes, x0, autocast=mode == "autocast_bf16", param_dtype=torch.float32)
+    assert vjp_calls == 0 and nested_calls == 1
+    for g, r in zip(vjp_grads, nested_grads):
+        assert g.dtype == r.dtype and torch.equal(g, r)
+
+
+def test_vjp_casts_as_autocast_does():
+    """_AUTOCAST_LAYER_NORM_FP32 says whether autocast runs layer_norm in fp32 on a device type: CPU's autocast leaves
+    it alone (a bf16 input stays bf16), CUDA's registers it (its fp32 list); on a GPU, the cast itself."""
+    from t2t_kernels.layers.recompute import _AUTOCAST_LAYER_NORM_FP32
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu_dtype = F.layer_norm(torch.randn(2, 8).bfloat16(), (8,), torch.ones(8), torch.zeros(8)).dtype
+    assert _AUTOCAST_LAYER_NORM_FP32["cpu"] == (cpu_dtype == torch.float32) == False  # noqa: E712
+    assert _AUTOCAST_LAYER_NORM_FP32["cuda"] == torch._C._dispatch_has_kernel_for_dispatch_key(
+        "aten::native_layer_norm", "AutocastCUDA")
+    if torch.cuda.is_available():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = F.layer_norm(torch.randn(2, 8, device="cuda").bfloat16(), (8,))
+        assert (out.dtype == torch.float32) == _AUTOCAST_LAYER_NORM_FP32["cuda"]
+
+
+def test_vjp_cast_branch_is_the_gradient_of_layer_norm_on_fp32_casts(monkeypatch):
+    """Where autocast runs layer_norm in fp32 (CUDA), the vjp casts tokens and parameters as autocast does: exercised
+    here on CPU by declaring CPU's autocast so and giving f the casts explicitly; bf16 tokens and parameters."""
+    from t2t_kernels.layers import recompute
+
+    monkeypatch.setitem(recompute._AUTOCAST_LAYER_NORM_FP32, "cpu", True)
+
+    def f(x, weight, bias):  # what CUDA's autocast runs for F.layer_norm
+        return F.layer_norm(x.float(), (40,), weight.float(), bias.float(), 1e-5)
+
+    f.vjp = recompute._layer_norm(torch.nn.LayerNorm(40)).vjp
+    x0 = (torch.randn(3, 17, 40) * 2 + 0.5).bfloat16()
+    (vjp_grads, vjp_calls), (nested_grads, nested_calls) = _vjp_and_nested(
+        f, [(40,), (40,)], x0, autocast=True, param_dtype=torch.bfloat16)
+    assert vjp_calls == 0 and nested_calls == 1
+    for g, r in zip(vjp_grads, nested_grads):
+        assert g.dtype == r.dtype and torch.equal(g, r)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "gelu"])
+def test_gradcheck_float64_through_the_vjps(kind):
+    from t2t_kernels.layers.recompute import _gelu, _layer_norm
+
+    torch.manual_seed(0)
+    f = _layer_norm(torch.nn.LayerNorm(6)) if kind == "layer_norm" else _gelu
+
+    def fn(x, weight, bias, *f_params):
+        return _LinearOfRecomputed.apply(f, weight, bias, x, *f_params)
+
+    shapes = ((2, 3, 6), (4, 6), (4,)) + (((6,), (6,)) if kind == "layer_norm" else ())
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes]
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
 def _lean_and_plain_blocks(E):
     """A training Block (width E, 4 heads, hidden 3E) on the default backend, its copy on eager, and tokens
     (2, 50, E) that want a gradient."""
