@@ -31,6 +31,9 @@ LOG_DIR=${1:-${OUT:-$(mktemp -d -t t2t_gpu_checks.XXXXXX)}}
 mkdir -p "$LOG_DIR"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}  # keep autotune results for the sanitizer runs
+# one fixed tile per Triton soft-split launch: timing 9 configs at every odd test shape took minutes on an H100;
+# T2T_TRITON_AUTOTUNE=1 checks every autotune config (slow)
+export T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
 unset TRITON_INTERPRET                                       # the real Triton kernels, not the CPU interpreter
 QUICK=${GPU_CHECKS_QUICK:-0}
 read -r -a PYTEST_ARGS <<<"${GPU_CHECKS_PYTEST_ARGS:-}"

@@ -280,6 +280,25 @@ def test_cuda_odd_shapes(backend, shape, layout):
 
 
 @requires_cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_fixed_tiles_equal_the_autotuned_ones(monkeypatch, channels_last):
+    """T2T_TRITON_AUTOTUNE=0 (scripts/gpu_checks.sh's default) launches one fixed tile: the same outputs and
+    gradients as the autotuned configs (a gather and a fixed-order sum per element, whatever the tile)."""
+    skip_unless_available("triton", torch.bfloat16, "cuda")
+    x = torch.randn(3, 5, 19, 23, device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    results = []
+    for autotune in ("1", "0"):
+        monkeypatch.setenv("T2T_TRITON_AUTOTUNE", autotune)
+        leaf = x.detach().requires_grad_()
+        out = soft_split(leaf, 3, 2, 1, backend="triton")
+        out.backward(torch.linspace(-2, 2, out.numel(), device="cuda").reshape(out.shape).to(out.dtype))
+        results.append((out, leaf.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@requires_cuda
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_cuda_int64_indexing(backend):

@@ -14,6 +14,7 @@ large fixed tile keeps the interpreter's per-program overhead low.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -124,6 +125,19 @@ def _gpu_configs(row_name: str, col_name: str):
     ]
 
 
+def autotuning() -> bool:
+    """T2T_TRITON_AUTOTUNE=0: one fixed tile per launch instead of timing every config per new shape (GPU test and
+    sanitizer runs: on an H100 the 9 configs' compiles and timings at each odd test shape took minutes)."""
+    return os.environ.get("T2T_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _fixed_tile(n_rows: int, n_cols: int, max_elems: int) -> tuple[int, int]:
+    """(rows, cols) of a launch that is not autotuned: large in the interpreter (fewer programs to simulate), 4K
+    elements on a GPU (the autotune configs' middle size; 4 warps)."""
+    max_cols, max_elems = (1024, max_elems) if triton_interpreting() else (128, 4096)
+    return _tile(n_rows, n_cols, max_cols=max_cols, max_elems=max_elems)
+
+
 @functools.cache
 def _autotuned_forward():
     return triton.autotune(_gpu_configs("BLOCK_L", "BLOCK_F"), key=["L", "F", "stride_xc", "stride_xw"])(
@@ -172,15 +186,15 @@ def soft_split_forward(x: torch.Tensor, kernel_size, stride, padding) -> torch.T
     if out.numel() == 0:
         return out
     args = (x, out, H, W, ow, L, F, *x.stride())
-    if x.is_cuda and not triton_interpreting():
+    if x.is_cuda and not triton_interpreting() and autotuning():
         def grid(meta):
             return (B * triton.cdiv(L, meta["BLOCK_L"]), triton.cdiv(F, meta["BLOCK_F"]))
 
         _autotuned_forward()[grid](*args, **geo)
     else:
-        block_l, block_f = _tile(L, F, max_cols=1024, max_elems=16384)
+        block_l, block_f = _fixed_tile(L, F, max_elems=16384)
         grid = (B * triton.cdiv(L, block_l), triton.cdiv(F, block_f))
-        _soft_split_fwd_kernel[grid](*args, **geo, BLOCK_L=block_l, BLOCK_F=block_f)
+        _soft_split_fwd_kernel[grid](*args, **geo, BLOCK_L=block_l, BLOCK_F=block_f, num_warps=4)
     return out
 
 
@@ -203,13 +217,14 @@ def soft_split_backward(grad_out: torch.Tensor, input_size, kernel_size, stride,
         return grad_x
     n_rows, n_cols = (B * H * W, C) if channels_last else (B * C * H, W)
     args = (grad_out, grad_x, C, H, W, oh, ow, L, F, n_rows, n_cols)
-    if grad_out.is_cuda and not triton_interpreting():
+    if grad_out.is_cuda and not triton_interpreting() and autotuning():
         def grid(meta):
             return (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(n_cols, meta["BLOCK_N"]))
 
         _autotuned_backward()[grid](*args, **geo, CHANNELS_LAST=channels_last)
     else:
-        block_r, block_n = _tile(n_rows, n_cols, max_cols=1024, max_elems=8192)
+        block_r, block_n = _fixed_tile(n_rows, n_cols, max_elems=8192)
         grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_n))
-        _soft_split_bwd_kernel[grid](*args, **geo, CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_N=block_n)
+        _soft_split_bwd_kernel[grid](*args, **geo, CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_N=block_n,
+                                     num_warps=4)
     return grad_x
