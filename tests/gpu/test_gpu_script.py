@@ -11,18 +11,20 @@ import torch
 import sanitizer_workload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "scripts", "gpu_checks.sh")
+SCRIPTS = [os.path.join(ROOT, "scripts", name) for name in ("gpu_checks.sh", "gpu_session.sh")]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_script_parses():
-    result = subprocess.run(["bash", "-n", SCRIPT], capture_output=True, text=True)
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_script_parses(script):
+    result = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or shutil.which("bash") is None, reason="checks the no-GPU path")
-def test_script_refuses_without_a_gpu(tmp_path):
-    result = subprocess.run(["bash", SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=300,
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_script_refuses_without_a_gpu(tmp_path, script):
+    result = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 1
     assert "no CUDA device visible" in result.stderr

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# gpu_session.sh — what a short GPU lease should run, most valuable first, each step under its own time limit, so the
+# whole fits one 10-minute device command (the device machine starts bare: build included):
+#
+#   bash scripts/gpu_session.sh [OUT_DIR]      (default: $OUT when set, else a new temp dir)
+#
+#   1. build        the extension with its CUDA kernels for sm_90 only (~50 s on 16 cores)
+#   2. bench        T2T-ViT-14's whole-model train step and forward with every provider, torch.compile included:
+#                   the GPU targets of issue 5 (results in OUT_DIR/bench: JSON, markdown, plot)
+#   3. op-tests     the CUDA/Triton op and model tests (pytest-xdist, fixed Triton tiles)
+#   4. gpu-tests    tests/gpu (huge tensors, determinism, memory, threads)
+#   5. profile      scripts/profile_step.py on the train step: where the host and the GPU spend the step
+#
+# Env: GPU_SESSION_LIMITS="build=120 bench=240 op-tests=120 gpu-tests=60 profile=60" (seconds per step).
+# Logs go to OUT_DIR/<step>.log; a step past its limit is interrupted (pytest prints what it has) and the next runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR=${1:-${OUT:-$(mktemp -d -t t2t_gpu_session.XXXXXX)}}
+mkdir -p "$OUT_DIR"
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
+declare -A LIMIT=([build]=120 [bench]=240 [op-tests]=120 [gpu-tests]=60 [profile]=60)
+for kv in ${GPU_SESSION_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
+
+run() {  # run STEP COMMAND...: under the step's limit, logged; prints the log's tail
+  local name=$1; shift
+  echo "=== $name (limit ${LIMIT[$name]} s): $*"
+  local start=$SECONDS
+  timeout -s INT -k 15 "${LIMIT[$name]}" "$@" >"$OUT_DIR/$name.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s" | tee -a "$OUT_DIR/$name.log"
+  tail -n 25 "$OUT_DIR/$name.log"
+}
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_session.sh: no CUDA device visible to torch; nothing to run here" >&2
+  exit 1
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$OUT_DIR/device.txt"
+run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+# the bench keeps its own autotuning (timings): T2T_TRITON_AUTOTUNE applies to the checks only
+run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm \
+  --cases "t2t_vit_14/" --no-progress --out "$OUT_DIR/bench"
+run op-tests "$PYTHON" -m pytest tests/ops tests/models -k "cuda or triton" -n 12 --timeout 60 -q -rfE \
+  -p no:cacheprovider
+run gpu-tests "$PYTHON" -m pytest tests/gpu --timeout 60 -q -rfE -p no:cacheprovider
+run profile "$PYTHON" scripts/profile_step.py --case "t2t_vit_14/train step" --providers eager,fused --rows 30 \
+  --out "$OUT_DIR/profile"
