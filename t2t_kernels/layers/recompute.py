@@ -32,13 +32,16 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 class _LinearOfRecomputed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, f, weight, bias, x, *f_params):
-        out = F.linear(f(x, *f_params), weight, bias)
+    def forward(f, weight, bias, x, *f_params):
+        return F.linear(f(x, *f_params), weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # apart from forward: torch.func transforms (grad, vjp) need it so
+        f, weight, bias, x, *f_params = inputs
         device = x.device.type
         ctx.f = f
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.save_for_backward(weight, x, *f_params)
-        return out
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -8,14 +8,17 @@ def op_exists(qualname: str) -> bool:
     return hasattr(getattr(torch.ops, namespace), name)
 
 
-def forward_tangents(*tensors) -> bool:
-    """Whether forward-mode AD (torch.func.jvp/jacfwd, forward_ad dual tensors) carries a tangent on any of the
-    tensors. The compiled kernels have no forward derivative (torch.library autograd is reverse mode only, and
-    without a grad-requiring input the tangent would be dropped silently), so the ops run their eager formulas then.
-    Not checked while torch.compile traces."""
+def needs_eager_autodiff(*tensors) -> bool:
+    """Whether an op must run its eager formula for the autodiff asked of it: forward-mode AD carries a tangent on
+    one of the tensors (torch.autograd.forward_ad dual tensors), or a torch.func transform (grad, vjp, jacrev, jvp,
+    jacfwd, vmap) wraps one. The compiled kernels have no forward derivative (torch.library autograd is reverse mode
+    only, and without a grad-requiring input the tangent would be dropped silently), and torch.library's generated
+    autograd Function has no setup_context, which the torch.func transforms require. Not checked while torch.compile
+    traces."""
     if torch.compiler.is_compiling():
         return False
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return any(t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
+                                  or forward_ad.unpack_dual(t).tangent is not None) for t in tensors)
 
 
 def to_pair(value, name: str) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """Every variant gives the same logits and parameter gradients on each available backend as on eager."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import t2t_kernels
 from perturb import perturbed
@@ -110,3 +111,33 @@ def test_forward_mode_jvp_matches_eager(name):
     want = jvps.pop("eager")
     assert want.abs().max() > 0
     torch.testing.assert_close(jvps.popitem()[1], want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.skipif(not CASES, reason="no fused CPU backend available (extension not built)")
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_func_grad_of_a_train_step_matches_backward(name):
+    """torch.func.grad over functional_call of the fused model in training (the lean recompute pairs, the fused ops)
+    equals loss.backward()'s gradients and the eager backend's. It used to raise: torch.func needs setup_context on
+    autograd Functions, which the lean pairs' lacked and torch.library's generated one lacks (the ops take their
+    eager formulas under torch.func). The Performer's fixed random features are passed as non-differentiated."""
+    torch.manual_seed(0)
+    model = _dropout_off(t2t_kernels.create_model(name, img_size=32, num_classes=10)).train()
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
+    trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
+
+    def loss(params):
+        return F.cross_entropy(torch.func.functional_call(model, {**params, **frozen}, (x,)), labels)
+
+    results = {}
+    for backend in (CASES[0][1], "eager"):
+        model.set_backend(backend)
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), labels).backward()
+        results[backend] = (torch.func.grad(loss)(trainable), {k: p.grad for k, p in model.named_parameters()
+                                                                if p.requires_grad})
+    (func_grads, backward_grads), (eager_func, _) = results[CASES[0][1]], results["eager"]
+    for k in trainable:
+        scale = backward_grads[k].abs().max().item()
+        torch.testing.assert_close(func_grads[k], backward_grads[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
+        torch.testing.assert_close(func_grads[k], eager_func[k], rtol=1e-4, atol=1e-5 * scale, msg=k)

@@ -1,7 +1,9 @@
-"""Forward-mode AD through every op. The compiled kernels have no forward derivative (torch.library autograd is
-reverse mode only, and without a grad-requiring input the tangent used to be dropped silently: zero jvps), so the
-ops take their eager formulas when an input carries a tangent. torch.func.jvp, forward_ad dual tensors and the
-forward-mode Jacobian match the eager backend, with respect to the data and to the parameters."""
+"""torch.func and forward-mode AD through every op. The compiled kernels have no forward derivative (torch.library
+autograd is reverse mode only, and without a grad-requiring input the tangent used to be dropped silently: zero
+jvps), and torch.library's generated autograd Function lacks the setup_context that torch.func.grad/vjp/jacrev
+require (they raised), so the ops take their eager formulas when an input carries a tangent or a torch.func
+transform wraps it. torch.func.jvp, forward_ad dual tensors, the forward-mode Jacobian, torch.func.vjp, grad,
+jacrev and vmap match the eager backend, with respect to the data and to the parameters."""
 import math
 
 import pytest
@@ -100,4 +102,37 @@ def test_forward_mode_jacobian_matches_eager(op, backend):
     want = torch.autograd.functional.jacobian(lambda x: of_first(x, "eager"), first, vectorize=True,
                                               strategy="forward-mode")
     assert want.abs().max() > 0
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("op,backend", PARAMS)
+def test_func_vjp_and_grad_match_eager(op, backend):
+    fn, inputs = _case(op, backend)
+    cotangent = torch.randn_like(fn(*inputs, "eager"))
+    results = {}
+    for name in (backend, "eager"):
+        out, vjp_fn = torch.func.vjp(lambda *xs: fn(*xs, name), *inputs)
+        grads = torch.func.grad(lambda *xs: (fn(*xs, name) * cotangent).sum(), argnums=tuple(range(len(inputs))))(
+            *inputs)
+        results[name] = (out, vjp_fn(cotangent), grads)
+    (out, vjps, grads), (want_out, want_vjps, want_grads) = results[backend], results["eager"]
+    torch.testing.assert_close(out, want_out)
+    for got_vjp, got_grad, want in zip(vjps, grads, want_vjps):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got_vjp, want)
+        torch.testing.assert_close(got_grad, want)
+
+
+@pytest.mark.parametrize("op,backend", PARAMS)
+def test_jacrev_and_vmap_match_eager(op, backend):
+    fn, inputs = _case(op, backend)
+    first = inputs[0][:1]
+    rest = [t[:1] if t.dim() == first.dim() else t for t in inputs[1:]]
+    got = torch.func.jacrev(lambda x: fn(x, *rest, backend))(first)
+    want = torch.func.jacrev(lambda x: fn(x, *rest, "eager"))(first)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want)
+    batched = torch.stack([inputs[0], inputs[0].flip(0)])  # vmap over a new leading dim of the first input
+    got = torch.func.vmap(lambda x: fn(x, *inputs[1:], backend))(batched)
+    want = torch.stack([fn(x, *inputs[1:], "eager") for x in batched])
     torch.testing.assert_close(got, want)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._backends import OpBackends
-from .._registry import check_eps, forward_tangents, op_exists, recompute_grads
+from .._registry import check_eps, needs_eager_autodiff, op_exists, recompute_grads
 from . import reference
 
 BACKENDS = OpBackends(
@@ -64,7 +64,7 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float =
     """
     check_performer_args(q, k, v, w, eps)
     name = BACKENDS.resolve(backend, q)
-    if name == "eager" or q.numel() == 0 or forward_tangents(q, k, v, w):
+    if name == "eager" or q.numel() == 0 or needs_eager_autodiff(q, k, v, w):
         # empty inputs (a 0 in the leading dims, T or E) have nothing to compute, and (-1, T, E) is ambiguous for them
         return reference.performer_attention(q, k, v, w, float(eps))
     op = (torch.ops.t2t_kernels.performer_attention_triton if name == "triton"

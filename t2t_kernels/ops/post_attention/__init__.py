@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .._backends import OpBackends
-from .._registry import check_eps, forward_tangents, op_exists, register_recompute_autograd
+from .._registry import check_eps, needs_eager_autodiff, op_exists, register_recompute_autograd
 from . import reference
 
 # weights (D E + 2 E H elements) above this many bytes take the cpp kernel's wide path (kWideWeightBytes there)
@@ -102,7 +102,7 @@ def post_attention(y: Tensor, skip: Tensor, proj_weight: Tensor, proj_bias: Tens
     params = (proj_weight, proj_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     check_post_attention_args(y, skip, params, eps)
     name = BACKENDS.resolve(backend, y)
-    if name == "eager" or y.numel() == 0 or skip.numel() == 0 or forward_tangents(y, skip, *params):
+    if name == "eager" or y.numel() == 0 or skip.numel() == 0 or needs_eager_autodiff(y, skip, *params):
         # contiguous like the kernel's output (the reference's would follow skip's layout)
         return reference.post_attention(y, skip, *params, float(eps)).contiguous()
     # the kernel takes every parameter: a missing bias is zeros, a missing norm weight ones

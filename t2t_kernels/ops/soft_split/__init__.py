@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._backends import OpBackends
-from .._registry import forward_tangents, op_exists, to_pair
+from .._registry import needs_eager_autodiff, op_exists, to_pair
 from . import reference
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,7 +64,7 @@ def soft_split(x: Tensor, kernel_size, stride, padding=0, backend: str | None = 
     k, s, p = to_pair(kernel_size, "kernel_size"), to_pair(stride, "stride"), to_pair(padding, "padding")
     check_soft_split_args(x, k, s, p)
     name = BACKENDS.resolve(backend, x)
-    if name == "eager" or forward_tangents(x):
+    if name == "eager" or needs_eager_autodiff(x):
         return reference.soft_split(x, k, s, p)
     op = torch.ops.t2t_kernels.soft_split_triton if name == "triton" else torch.ops.t2t_kernels.soft_split
     return op(x, k, s, p)

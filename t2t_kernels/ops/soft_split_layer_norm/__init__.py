@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._backends import OpBackends
-from .._registry import check_eps, forward_tangents, op_exists, recompute_grads, to_pair
+from .._registry import check_eps, needs_eager_autodiff, op_exists, recompute_grads, to_pair
 from ..soft_split import check_soft_split_args, grad_is_channels_last, soft_split
 from . import reference
 
@@ -58,7 +58,7 @@ def soft_split_layer_norm(x: Tensor, kernel_size, stride, padding, weight: Tenso
     if backend == "cuda":  # no fused CUDA kernel: the CUDA soft split, then torch's layer norm
         return reference.layer_norm(soft_split(x, k, s, p, backend="cuda"), weight, bias, eps)
     name = BACKENDS.resolve(backend, x)
-    if name == "eager" or forward_tangents(x, weight, bias):
+    if name == "eager" or needs_eager_autodiff(x, weight, bias):
         return reference.soft_split_layer_norm(x, k, s, p, weight, bias, eps)
     # the kernels return both parameter gradients in one dtype: give the parameters a common one, so an fp32 bias
     # beside a missing or low-precision weight keeps an fp32 gradient
