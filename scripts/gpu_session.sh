@@ -11,8 +11,10 @@
 #   4. gpu-tests    tests/gpu (huge tensors, determinism, memory, threads)
 #   5. profile      scripts/profile_step.py on the train step: where the host and the GPU spend the step
 #
-# Env: GPU_SESSION_LIMITS="build=120 bench=240 op-tests=120 gpu-tests=60 profile=60" (seconds per step).
-# Logs go to OUT_DIR/<step>.log; a step past its limit is interrupted (pytest prints what it has) and the next runs.
+# Env: GPU_SESSION_LIMITS="build=90 bench=270 op-tests=100 gpu-tests=50 profile=50" (seconds per step: 560 in all).
+# A step past its limit is interrupted (pytest prints what it has, the bench keeps the cases it finished) and the
+# next runs. Logs and results are packed into OUT_DIR/session.tgz after every step (a lent machine returns at most
+# 8 files from $OUT, and what a killed command wrote).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,29 +23,30 @@ mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
-declare -A LIMIT=([build]=120 [bench]=240 [op-tests]=120 [gpu-tests]=60 [profile]=60)
+declare -A LIMIT=([build]=90 [bench]=270 [op-tests]=100 [gpu-tests]=50 [profile]=50)
 for kv in ${GPU_SESSION_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 
 run() {  # run STEP COMMAND...: under the step's limit, logged; prints the log's tail
   local name=$1; shift
   echo "=== $name (limit ${LIMIT[$name]} s): $*"
   local start=$SECONDS
-  timeout -s INT -k 15 "${LIMIT[$name]}" "$@" >"$OUT_DIR/$name.log" 2>&1
-  echo "exit $? after $((SECONDS - start)) s" | tee -a "$OUT_DIR/$name.log"
-  tail -n 25 "$OUT_DIR/$name.log"
+  timeout -s INT -k 15 "${LIMIT[$name]}" "$@" >"$WORK/$name.log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s" | tee -a "$WORK/$name.log"
+  tail -n 25 "$WORK/$name.log"
+  tar czf "$OUT_DIR/session.tgz" -C "$WORK" .
 }
 
 if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_session.sh: no CUDA device visible to torch; nothing to run here" >&2
   exit 1
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$OUT_DIR/device.txt"
+WORK=$(mktemp -d -t t2t_gpu_session.XXXXXX)
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$WORK/device.txt"
 run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 # the bench keeps its own autotuning (timings): T2T_TRITON_AUTOTUNE applies to the checks only
 run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm \
-  --cases "t2t_vit_14/" --no-progress --out "$OUT_DIR/bench"
+  --cases "t2t_vit_14/" --no-progress --out "$WORK/bench"
 run op-tests "$PYTHON" -m pytest tests/ops tests/models -k "cuda or triton" -n 12 --timeout 60 -q -rfE \
   -p no:cacheprovider
 run gpu-tests "$PYTHON" -m pytest tests/gpu --timeout 60 -q -rfE -p no:cacheprovider
-run profile "$PYTHON" scripts/profile_step.py --case "t2t_vit_14/train step" --providers eager,fused --rows 30 \
-  --out "$OUT_DIR/profile"
+run profile "$PYTHON" scripts/profile_step.py --case "t2t_vit_14/train step" --providers eager,fused --rows 30

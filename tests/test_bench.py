@@ -329,3 +329,31 @@ def test_profile_step_script_prints_each_providers_table(capsys):
     printed = capsys.readouterr().out
     assert "=== t2t_vit_7/train step / eager: wall" in printed and "=== t2t_vit_7/train step / fused: wall" in printed
     assert "Self CPU time total" in printed
+
+
+def test_a_run_cut_short_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    """results.json is written after each case (meta.partial says how far it got), so a bench stopped by a time limit
+    (a lent GPU's) keeps its rows; the finished run's JSON has no "partial"."""
+    out = tmp_path / "out"
+    argv = ["bench", "--model", "t2t_vit_7", "--img-size", "32", "--batch", "1", "--no-compile", "--no-memory",
+            "--min-reps", "1", "--max-reps", "1", "--min-time", "0", "--no-progress", "--out", str(out),
+            "--no-ops", "--no-checkpointing", "--cases", "t2t_vit_7/"]
+    real_run_case = runner.run_case
+    calls = []
+
+    def run_case_then_stop(case, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # the time limit, during the second case
+        calls.append(case.name)
+        return real_run_case(case, **kwargs)
+
+    monkeypatch.setattr(runner, "run_case", run_case_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["meta"]["partial"] == "1/2 cases"
+    assert {r["case"] for r in partial["rows"]} == {"t2t_vit_7/forward"}
+    assert "- partial run: stopped after 1/2 cases" in report.markdown(partial)
+    monkeypatch.setattr(runner, "run_case", real_run_case)
+    assert main(argv) == 0
+    assert "partial" not in json.loads((out / "results.json").read_text())["meta"]

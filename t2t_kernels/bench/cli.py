@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     result = run(settings, cases, argv=_recorded_argv(argv), warmup=args.warmup, min_reps=args.min_reps,
                  max_reps=args.max_reps, min_time=args.min_time, memory=not args.no_memory,
                  bandwidth_bytes=args.bandwidth_mb << 20 if args.bandwidth_mb else None,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, on_case=lambda partial: report.write_json(partial, args.out))
     paths = report.write_all(result, args.out, args.note)
     print(report.markdown(result, args.note) if args.markdown else report.text_table(result))
     print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}")

@@ -162,6 +162,8 @@ def markdown(result: dict, note: str | None = None) -> str:
     ]
     if m.get("wall_s"):
         lines.append(f"- the whole run (compilation included) took {m['wall_s'] / 60:.1f} min")
+    if m.get("partial"):
+        lines.append(f"- partial run: stopped after {m['partial']} (the JSON written after each case)")
     lines += [f"- {line}" for line in
               provider_notes(result) + skipped_lines(result) + noise_lines(result) + page_fault_lines(result)]
     if note:
@@ -261,14 +263,20 @@ def plot(result: dict, path: str) -> str:
 
 
 # ---- files -----------------------------------------------------------------------------------------------------
-def write_all(result: dict, out_dir: str, note: str | None = None) -> dict[str, str]:
-    """results.json, results.md and speedups.png in out_dir."""
+def write_json(result: dict, out_dir: str) -> str:
+    """out_dir/results.json (the bench writes it after each case too: a partial run keeps its rows)."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md"),
-             "plot": os.path.join(out_dir, "speedups.png")}
-    with open(paths["json"], "w") as f:
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
         f.write("\n")
+    return path
+
+
+def write_all(result: dict, out_dir: str, note: str | None = None) -> dict[str, str]:
+    """results.json, results.md and speedups.png in out_dir."""
+    paths = {"json": write_json(result, out_dir), "markdown": os.path.join(out_dir, "results.md"),
+             "plot": os.path.join(out_dir, "speedups.png")}
     with open(paths["markdown"], "w") as f:
         f.write(markdown(result, note))
     plot(result, paths["plot"])

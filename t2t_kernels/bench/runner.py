@@ -309,8 +309,10 @@ def count_units(cases) -> int:
 
 def run(settings: Settings, cases: list[Case], argv=None, warmup: int = 1, min_reps: int = 3, max_reps: int = 50,
         min_time: float = 1.0, memory: bool = True, progress: bool = True, reset_dynamo: bool = True,
-        bandwidth_bytes: int | None = None) -> dict:
-    """Runs every case; returns the result document (the JSON): meta, copy bandwidth, rows, targets."""
+        bandwidth_bytes: int | None = None, on_case=None) -> dict:
+    """Runs every case; returns the result document (the JSON): meta, copy bandwidth, rows, targets.
+    on_case(partial document) after each case (its meta says "partial": "done/total cases"), so that a run cut
+    short by a time limit (a lent GPU's) keeps what it measured."""
     from tqdm import tqdm
 
     meta = machine_info(settings.device)
@@ -345,6 +347,11 @@ def run(settings: Settings, cases: list[Case], argv=None, warmup: int = 1, min_r
                     row["bw_fraction"] = row["bytes_per_s"] / bandwidth["bytes_per_s"]
                 row["case_wall_s"] = time.perf_counter() - start
             rows += case_rows
+            if on_case is not None:
+                partial = {"meta": {**meta, "partial": f"{cases.index(case) + 1}/{len(cases)} cases"},
+                           "copy_bandwidth": bandwidth, "rows": rows}
+                partial["targets"] = targets(partial)
+                on_case(partial)
     meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta["wall_s"] = time.perf_counter() - run_start
     result = {"meta": meta, "copy_bandwidth": bandwidth, "rows": rows}
