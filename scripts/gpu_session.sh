@@ -46,7 +46,11 @@ run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 # the bench keeps its own autotuning (timings): T2T_TRITON_AUTOTUNE applies to the checks only
 run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm \
   --cases "t2t_vit_14/" --no-progress --out "$WORK/bench"
-run op-tests "$PYTHON" -m pytest tests/ops tests/models -k "cuda or triton" -n 12 --timeout 60 -q -rfE \
+# pytest-xdist workers and a per-test timeout where the plugins are there (the device image has both)
+PARALLEL=() TIMEOUT=()
+"$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 12)
+"$PYTHON" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 60)
+run op-tests "$PYTHON" -m pytest tests/ops tests/models -k "cuda or triton" "${PARALLEL[@]}" "${TIMEOUT[@]}" -q -rfE \
   -p no:cacheprovider
-run gpu-tests "$PYTHON" -m pytest tests/gpu --timeout 60 -q -rfE -p no:cacheprovider
+run gpu-tests "$PYTHON" -m pytest tests/gpu "${TIMEOUT[@]}" -q -rfE -p no:cacheprovider
 run profile "$PYTHON" scripts/profile_step.py --case "t2t_vit_14/train step" --providers eager,fused --rows 30

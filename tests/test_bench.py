@@ -357,3 +357,18 @@ def test_a_run_cut_short_keeps_the_cases_it_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "run_case", real_run_case)
     assert main(argv) == 0
     assert "partial" not in json.loads((out / "results.json").read_text())["meta"]
+
+
+def test_an_interrupt_while_writing_keeps_the_previous_results(tmp_path, monkeypatch):
+    """results.json is replaced whole (written aside, then renamed): a time limit that strikes mid-write leaves the
+    previous cases' file readable (found by review: the in-place rewrite truncated it)."""
+    report.write_json({"rows": [1]}, str(tmp_path))
+
+    def dump_then_interrupt(obj, f, **kwargs):
+        f.write('{"rows": [1, 2')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.json, "dump", dump_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_json({"rows": [1, 2]}, str(tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text()) == {"rows": [1]}

@@ -267,9 +267,10 @@ def write_json(result: dict, out_dir: str) -> str:
     """out_dir/results.json (the bench writes it after each case too: a partial run keeps its rows)."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # then renamed: an interrupt mid-write keeps the previous file whole
         json.dump(result, f, indent=1, default=str)
         f.write("\n")
+    os.replace(path + ".tmp", path)
     return path
 
 

@@ -327,7 +327,7 @@ def run(settings: Settings, cases: list[Case], argv=None, warmup: int = 1, min_r
               dynamic_ncols=True, file=sys.stderr) as bar:
         bandwidth = copy_bandwidth(settings.device, bandwidth_bytes)
         bar.update()
-        for case in cases:
+        for done, case in enumerate(cases, 1):
             if reset_dynamo:
                 torch._dynamo.reset()  # each case compiles its own graphs; do not let earlier ones pile up
             start = time.perf_counter()
@@ -348,7 +348,7 @@ def run(settings: Settings, cases: list[Case], argv=None, warmup: int = 1, min_r
                 row["case_wall_s"] = time.perf_counter() - start
             rows += case_rows
             if on_case is not None:
-                partial = {"meta": {**meta, "partial": f"{cases.index(case) + 1}/{len(cases)} cases"},
+                partial = {"meta": {**meta, "partial": f"{done}/{len(cases)} cases"},
                            "copy_bandwidth": bandwidth, "rows": rows}
                 partial["targets"] = targets(partial)
                 on_case(partial)

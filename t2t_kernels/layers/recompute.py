@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..ops._registry import needs_eager_autodiff
+
 
 class _LinearOfRecomputed(torch.autograd.Function):
     @staticmethod
@@ -102,6 +104,10 @@ def linear_of_recomputed(f: Callable[..., Tensor], linear: nn.Linear, x: Tensor,
     if torch.compiler.is_compiling():
         return checkpoint(_linear_of, f, linear, x, *f_params, use_reentrant=False,
                           context_fn=partial(create_selective_checkpoint_contexts, _keep_products))
+    if needs_eager_autodiff(x, linear.weight, linear.bias, *f_params):
+        # torch.func transforms and forward-mode AD: the Function has no vmap or jvp rule, and torch.func.vjp calls
+        # its backward outside the transform (found by review: vjp, jacrev, vmap, jvp raised in training)
+        return _linear_of(f, linear, x, *f_params)
     return _LinearOfRecomputed.apply(f, linear.weight, linear.bias, x, *f_params)
 
 
