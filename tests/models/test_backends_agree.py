@@ -118,8 +118,9 @@ def test_forward_mode_jvp_matches_eager(name):
 def test_func_grad_of_a_train_step_matches_backward(name):
     """torch.func.grad over functional_call of the fused model in training (the lean recompute pairs, the fused ops)
     equals loss.backward()'s gradients and the eager backend's. It used to raise: torch.func needs setup_context on
-    autograd Functions, which the lean pairs' lacked and torch.library's generated one lacks (the ops take their
-    eager formulas under torch.func). The Performer's fixed random features are passed as non-differentiated."""
+    autograd Functions, which the lean pairs' and torch.library's generated one lack (under torch.func the ops take
+    their eager formulas and the pairs run as plain modules). The Performer's fixed random features are passed as
+    non-differentiated."""
     torch.manual_seed(0)
     model = _dropout_off(t2t_kernels.create_model(name, img_size=32, num_classes=10)).train()
     x, labels = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
