@@ -5,8 +5,8 @@
 #   bash scripts/gpu_session.sh [OUT_DIR]      (default: $OUT when set, else a new temp dir)
 #
 #   1. build        the extension with its CUDA kernels for sm_90 only (~50 s on 16 cores)
-#   2. bench        T2T-ViT-14's whole-model train step and forward with every provider, torch.compile included:
-#                   the GPU targets of issue 5 (results in OUT_DIR/bench: JSON, markdown, plot)
+#   2. bench        T2T-ViT-14's whole-model train step with every provider, torch.compile included, then timm's
+#                   ViT-S train step: the GPU targets of issue 5 (bench/: JSON, markdown, plot)
 #   3. op-tests     the CUDA/Triton op and model tests (pytest-xdist, fixed Triton tiles)
 #   4. gpu-tests    tests/gpu (huge tensors, determinism, memory, threads)
 #   5. profile      scripts/profile_step.py on the train step: where the host and the GPU spend the step
@@ -44,8 +44,9 @@ WORK=$(mktemp -d -t t2t_gpu_session.XXXXXX)
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$WORK/device.txt"
 run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 # the bench keeps its own autotuning (timings): T2T_TRITON_AUTOTUNE applies to the checks only
-run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm \
-  --cases "t2t_vit_14/" --no-progress --out "$WORK/bench"
+# the train step first (every issue-5 GPU target is in it; results.json is rewritten after each case), then timm's
+run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --timm \
+  --cases "t2t_vit_14/train step,timm.vit_small_patch16_224/train step" --no-progress --out "$WORK/bench"
 # pytest-xdist workers and a per-test timeout where the plugins are there (the device image has both)
 PARALLEL=() TIMEOUT=()
 "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 12)
