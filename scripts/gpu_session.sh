@@ -10,8 +10,13 @@
 #   3. op-tests     the CUDA/Triton op and model tests (pytest-xdist, fixed Triton tiles)
 #   4. gpu-tests    tests/gpu (huge tensors, determinism, memory, threads)
 #   5. profile      scripts/profile_step.py on the train step: where the host and the GPU spend the step
+#   (graphs)        not by default: the train step's compile providers with --compile-mode reduce-overhead (CUDA
+#                   graphs, for a step whose GPU waits on the host), into bench-graphs/
 #
-# Env: GPU_SESSION_LIMITS="build=90 bench=270 op-tests=100 gpu-tests=50 profile=50" (seconds per step: 560 in all).
+# Env: GPU_SESSION_STEPS="build bench op-tests gpu-tests profile" (the default; add "graphs", or drop steps a second
+#      call does not need: the build is needed on every fresh machine),
+#      GPU_SESSION_LIMITS="build=90 bench=270 op-tests=100 gpu-tests=50 profile=50 graphs=240" (seconds per step; the
+#      default steps: 560 in all).
 # A step past its limit is interrupted (pytest prints what it has, the bench keeps the cases it finished) and the
 # next runs. Logs and results are packed into OUT_DIR/session.tgz after every step (a lent machine returns at most
 # 8 files from $OUT, and what a killed command wrote).
@@ -23,11 +28,13 @@ mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
-declare -A LIMIT=([build]=90 [bench]=270 [op-tests]=100 [gpu-tests]=50 [profile]=50)
+declare -A LIMIT=([build]=90 [bench]=270 [op-tests]=100 [gpu-tests]=50 [profile]=50 [graphs]=240)
+STEPS=" ${GPU_SESSION_STEPS:-build bench op-tests gpu-tests profile} "
 for kv in ${GPU_SESSION_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 
-run() {  # run STEP COMMAND...: under the step's limit, logged; prints the log's tail
+run() {  # run STEP COMMAND...: under the step's limit, logged; prints the log's tail (selected steps only)
   local name=$1; shift
+  [[ "$STEPS" == *" $name "* ]] || return 0
   echo "=== $name (limit ${LIMIT[$name]} s): $*"
   local start=$SECONDS
   timeout -s INT -k 15 "${LIMIT[$name]}" "$@" >"$WORK/$name.log" 2>&1
@@ -55,3 +62,6 @@ run op-tests "$PYTHON" -m pytest tests/ops tests/models -k "cuda or triton" "${P
   -p no:cacheprovider
 run gpu-tests "$PYTHON" -m pytest tests/gpu "${TIMEOUT[@]}" -q -rfE -p no:cacheprovider
 run profile "$PYTHON" scripts/profile_step.py --case "t2t_vit_14/train step" --providers eager,fused --rows 30
+run graphs env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm \
+  --no-checkpointing --compile-mode reduce-overhead --cases "t2t_vit_14/train step" --no-progress \
+  --out "$WORK/bench-graphs"

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     model = args.case.split("/")[0].split(".")[0]
     bench_args = argparse.Namespace(device=args.device, dtype=args.dtype, batch=args.batch, img_size=args.img_size,
-                                    model=(model,), no_compile=False, compile_backend="inductor",
+                                    model=(model,), no_compile=False, compile_backend="inductor", compile_mode=None,
                                     no_checkpointing=False, timm=False)
     settings = settings_from_args(bench_args)
     cases = {c.name: c for c in model_cases(settings)}

@@ -372,3 +372,24 @@ def test_an_interrupt_while_writing_keeps_the_previous_results(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         report.write_json({"rows": [1, 2]}, str(tmp_path))
     assert json.loads((tmp_path / "results.json").read_text()) == {"rows": [1]}
+
+
+def test_compile_mode_reaches_torch_compile_and_the_report(monkeypatch):
+    """--compile-mode (e.g. reduce-overhead: CUDA graphs for a host-bound GPU step) is passed to torch.compile and
+    said in the provider notes and the report."""
+    from t2t_kernels.bench import cases as bench_cases
+    from t2t_kernels.bench.cli import build_parser, settings_from_args
+
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.update(kwargs) or fn)
+    args = build_parser().parse_args(["--device", "cpu", "--compile-mode", "reduce-overhead"])
+    settings = settings_from_args(args)
+    bench_cases.compiled(lambda x: x, settings)
+    assert seen["mode"] == "reduce-overhead" and seen["backend"] == "inductor"
+    case = ModelCase(settings, "t2t_vit_7", "model", TRAIN_STEP)
+    notes = {p.name: p.note for p in case.providers()}
+    assert notes["compile-fused"] == "torch.compile(inductor, mode='reduce-overhead')"
+    result = {"meta": {"device_name": "cpu", "torch": "x", "t2t_kernels": "x", "extension_loaded": True,
+                       "python": "3", "date": "today", "command": "bench", "settings": settings.describe()},
+              "copy_bandwidth": {"bytes_per_s": 1e9, "method": "clone", "tensor_bytes": 1 << 20}, "rows": []}
+    assert "(mode reduce-overhead)" in report.markdown(result)

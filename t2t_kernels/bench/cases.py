@@ -62,6 +62,7 @@ class Settings:
     models: tuple[str, ...] = ("t2t_vit_14",)
     compile: bool = True
     compile_backend: str = "inductor"
+    compile_mode: str | None = None  # torch.compile's mode (e.g. "reduce-overhead": CUDA graphs for host-bound steps)
     checkpointing: bool = True
     timm: bool = False  # add timm's vit_small_patch16_224 (when timm imports)
 
@@ -81,7 +82,8 @@ class Settings:
     def describe(self) -> dict:
         return {"device": str(self.device), "dtype": dtype_name(self.dtype), "batch": self.batch,
                 "img_size": list(self.img_size), "models": list(self.models), "compile": self.compile,
-                "compile_backend": self.compile_backend, "checkpointing": self.checkpointing, "timm": self.timm}
+                "compile_backend": self.compile_backend, "compile_mode": self.compile_mode,
+                "checkpointing": self.checkpointing, "timm": self.timm}
 
 
 @dataclass
@@ -112,7 +114,12 @@ def compiled(fn, settings: Settings):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
     # dynamic=False: every stage shape gets its own static graph (automatic dynamic shapes would otherwise switch
     # the second shape to a symbolic-shape graph and time that instead)
-    return torch.compile(fn, backend=settings.compile_backend, dynamic=False)
+    return torch.compile(fn, backend=settings.compile_backend, mode=settings.compile_mode, dynamic=False)
+
+
+def compile_note(settings: Settings, what: str = "") -> str:
+    mode = f", mode={settings.compile_mode!r}" if settings.compile_mode else ""
+    return f"torch.compile({settings.compile_backend}{mode}){what}"
 
 
 def _compile_reason(settings: Settings) -> str | None:
@@ -168,7 +175,7 @@ class OpCase(Case):
         for name in BACKEND_NAMES:
             if name != "eager":
                 out.append(Provider(name, op_backend_reason(self.backends, name, s.device, s.dtype)))
-        out.append(Provider("compile", _compile_reason(s), note=f"torch.compile({s.compile_backend}) of eager"))
+        out.append(Provider("compile", _compile_reason(s), note=compile_note(s, " of eager")))
         return out
 
     def build(self, provider):
@@ -490,7 +497,7 @@ class ModelCase(Case):
                                           'softmax attention through SDPA)'),
                Provider("fused", note=f'backend="auto": {self.auto_text()}')]
         for base in ("eager", "fused"):
-            out.append(Provider(f"compile-{base}", _compile_reason(s), note=f"torch.compile({s.compile_backend})"))
+            out.append(Provider(f"compile-{base}", _compile_reason(s), note=compile_note(s)))
         if self.mode == TRAIN_STEP:
             for base in ("eager", "fused"):
                 reason = None if s.checkpointing else "gradient checkpointing providers are off (--no-checkpointing)"
@@ -558,7 +565,7 @@ class TimmCase(ModelCase):
         reason = self.unavailable_reason()
         s = self.settings
         out = [Provider("eager", reason), Provider("compile-eager", reason or _compile_reason(s),
-                                                   note=f"torch.compile({s.compile_backend})")]
+                                                   note=compile_note(s))]
         if self.mode == TRAIN_STEP:
             out.append(Provider("eager+ckpt", reason or (None if s.checkpointing else "checkpointing is off"),
                                 note="set_grad_checkpointing(True)"))

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(case names: model/forward, model/train step, model.tokens_to_token/..., op/stage/pass)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for the compile providers (default: torch's; 'reduce-overhead' replays CUDA "
+                        "graphs, for steps whose GPU waits on the host)")
     p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing providers")
     p.add_argument("--timm", action=argparse.BooleanOptionalAction, default=None,
                    help="add timm's vit_small_patch16_224 (default: on for GPU runs)")
@@ -79,6 +82,7 @@ def settings_from_args(args):
     return Settings.defaults(
         device, dtype=DTYPES[args.dtype] if args.dtype else None, batch=args.batch, img_size=args.img_size,
         models=args.model, compile=not args.no_compile, compile_backend=args.compile_backend,
+        compile_mode=args.compile_mode,
         checkpointing=not args.no_checkpointing, timm=args.timm)
 
 
