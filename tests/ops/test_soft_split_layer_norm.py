@@ -198,6 +198,29 @@ def test_fp32_params_with_low_precision_x(backend, dtype, layout):
         assert errors["grad_weight"] <= TOLERANCES[torch.float32] and errors["grad_bias"] <= TOLERANCES[torch.float32]
 
 
+class _LayerNormDtypesAsOnCuda(torch.utils._python_dispatch.TorchDispatchMode):
+    """Raises where ATen's layer_norm gets mixed dtypes, as CUDA's kernel does (CPU's accepts them): on an H100 the
+    eager and "cuda" paths with bf16 tokens and fp32 parameters raised "expected scalar type BFloat16 but found
+    Float"; this catches that on a CPU."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.native_layer_norm.default, torch.ops.aten.native_layer_norm_backward.default):
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            if len(dtypes) > 1:
+                raise RuntimeError(f"{func}: mixed dtypes {sorted(map(str, dtypes))} (CUDA refuses them)")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_name)
+def test_eager_path_gives_layer_norm_one_dtype(dtype):
+    x = torch.randn(2, 3, 9, 8, dtype=dtype, requires_grad=True)
+    weight, bias = (torch.randn(27, requires_grad=True) for _ in range(2))
+    with _LayerNormDtypesAsOnCuda():
+        out = soft_split_layer_norm(x, 3, 2, 1, weight, bias, backend="eager")
+        out.backward(torch.randn_like(out))
+    assert out.dtype == dtype and x.grad.dtype == dtype and weight.grad.dtype == torch.float32
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_name)
 @pytest.mark.parametrize("backend", KERNELS)
 def test_fp32_bias_without_weight(backend, dtype):
