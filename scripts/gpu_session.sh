@@ -8,14 +8,14 @@
 #   2. bench        T2T-ViT-14's whole-model train step with every provider, torch.compile included, then timm's
 #                   ViT-S train step: the GPU targets of issue 5 (bench/: JSON, markdown, plot)
 #   3. op-tests     the CUDA/Triton op and model tests (pytest-xdist, fixed Triton tiles)
-#   4. gpu-tests    tests/gpu (huge tensors, determinism, memory, threads)
+#   4. gpu-tests    tests/gpu (the whole model against float64, huge tensors, determinism, memory, threads)
 #   5. profile      scripts/profile_step.py on the train step: where the host and the GPU spend the step
 #   (graphs)        not by default: the train step's compile providers with --compile-mode reduce-overhead (CUDA
 #                   graphs, for a step whose GPU waits on the host), into bench-graphs/
 #
 # Env: GPU_SESSION_STEPS="build bench op-tests gpu-tests profile" (the default; add "graphs", or drop steps a second
 #      call does not need: the build is needed on every fresh machine),
-#      GPU_SESSION_LIMITS="build=90 bench=270 op-tests=100 gpu-tests=50 profile=50 graphs=240" (seconds per step; the
+#      GPU_SESSION_LIMITS="build=90 bench=270 op-tests=80 gpu-tests=80 profile=40 graphs=240" (seconds per step; the
 #      default steps: 560 in all).
 # A step past its limit is interrupted (pytest prints what it has, the bench keeps the cases it finished) and the
 # next runs. Logs and results are packed into OUT_DIR/session.tgz after every step (a lent machine returns at most
@@ -28,7 +28,7 @@ mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
-declare -A LIMIT=([build]=90 [bench]=270 [op-tests]=100 [gpu-tests]=50 [profile]=50 [graphs]=240)
+declare -A LIMIT=([build]=90 [bench]=270 [op-tests]=80 [gpu-tests]=80 [profile]=40 [graphs]=240)
 STEPS=" ${GPU_SESSION_STEPS:-build bench op-tests gpu-tests profile} "
 for kv in ${GPU_SESSION_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 
