@@ -1,5 +1,6 @@
 """CUDA-only tests (the whole model against float64, huge tensors, determinism, CUDA memory, launches from
-threads). Tests marked `cuda` skip without a CUDA device; scripts/gpu_checks.sh runs this folder on a GPU machine together with the sanitizers."""
+threads). Tests marked `cuda` skip without a CUDA device; scripts/gpu_checks.sh runs this folder on a GPU machine
+together with the sanitizers."""
 import pytest
 import torch
 
