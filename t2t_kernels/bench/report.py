@@ -71,6 +71,11 @@ def skipped_lines(result: dict) -> list[str]:
     return [f"skipped {provider} ({n} case{'s' if n > 1 else ''}): {reason}" for (provider, reason), n in seen.items()]
 
 
+def compile_text(settings: dict) -> str:
+    mode = settings.get("compile_mode")
+    return f"compile backend {settings['compile_backend']}" + (f" (mode {mode})" if mode else "")
+
+
 def header_lines(result: dict) -> list[str]:
     m, bw = result["meta"], result["copy_bandwidth"]
     s = m["settings"]
@@ -79,7 +84,7 @@ def header_lines(result: dict) -> list[str]:
         f"device: {m['device_name']}  |  torch {m['torch']}  triton {m.get('triton')}  CUDA {m.get('cuda')}  "
         f"t2t_kernels {m['t2t_kernels']} (extension {'loaded' if m['extension_loaded'] else 'not loaded'})",
         f"date: {m['date']}  |  dtype {s['dtype']}  batch {s['batch']}  image {s['img_size'][0]}x{s['img_size'][1]}  "
-        f"compile backend {s['compile_backend']}" + (f" mode {s['compile_mode']}" if s.get("compile_mode") else ""),
+        + compile_text(s),
         f"copy bandwidth (measured in this run): {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})",
     ] + provider_notes(result) + skipped_lines(result) + noise_lines(result) + page_fault_lines(result)
 
@@ -155,8 +160,7 @@ def markdown(result: dict, note: str | None = None) -> str:
         f"- device: {m['device_name']}; torch {m['torch']}, triton {m.get('triton')}, CUDA {m.get('cuda')}, "
         f"t2t_kernels {m['t2t_kernels']} (extension {'loaded' if m['extension_loaded'] else 'not loaded'}), "
         f"Python {m['python']}" + (f", git {m['git']}" if m.get("git") else ""),
-        f"- date: {m['date']} (UTC); compile backend {s['compile_backend']}"
-        + (f" (mode {s['compile_mode']})" if s.get("compile_mode") else "") + "; timing: median of per-call times, "
+        f"- date: {m['date']} (UTC); {compile_text(s)}; timing: median of per-call times, "
         "p20-p80 in brackets, providers interleaved",
         f"- copy bandwidth measured in the same run: {bw['bytes_per_s'] / 1e9:.1f} GB/s (`torch.clone`, "
         f"{bw['tensor_bytes'] / MB:.0f} MB)",

@@ -126,12 +126,12 @@ def _layer_norm(norm: nn.LayerNorm):
         inputs = (x, weight, bias)
         if autocast_enabled and _AUTOCAST_LAYER_NORM_FP32[x.device.type]:
             inputs = tuple(t.float() if t is not None and t.dtype != torch.float64 else t for t in inputs)  # as autocast
-        a, mean, rstd = torch.native_layer_norm(*inputs[:1], shape, *inputs[1:], eps)
+        xc, wc, bc = inputs
+        a, mean, rstd = torch.native_layer_norm(xc, shape, wc, bc, eps)
 
         def backward(grad_a, needs):
             mask = [bool(need) and t is not None for need, t in zip(needs, inputs)]
-            grads = torch.ops.aten.native_layer_norm_backward(grad_a, inputs[0], shape, mean, rstd, inputs[1],
-                                                              inputs[2], mask)
+            grads = torch.ops.aten.native_layer_norm_backward(grad_a, xc, shape, mean, rstd, wc, bc, mask)
             return [g.to(t.dtype) if need else None for g, t, need in zip(grads, (x, weight, bias), mask)]
         return a, backward
 

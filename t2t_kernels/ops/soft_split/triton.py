@@ -131,11 +131,12 @@ def autotuning() -> bool:
     return os.environ.get("T2T_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _fixed_tile(n_rows: int, n_cols: int, max_elems: int) -> tuple[int, int]:
-    """(rows, cols) of a launch that is not autotuned: large in the interpreter (fewer programs to simulate), 4K
-    elements on a GPU (the autotune configs' middle size; 4 warps)."""
-    max_cols, max_elems = (1024, max_elems) if triton_interpreting() else (128, 4096)
-    return _tile(n_rows, n_cols, max_cols=max_cols, max_elems=max_elems)
+def _fixed_tile(n_rows: int, n_cols: int, interpreter_elems: int) -> tuple[int, int]:
+    """(rows, cols) of a launch that is not autotuned: interpreter_elems in the interpreter (large: fewer programs
+    to simulate), 4K elements on a GPU (the autotune configs' middle size; 4 warps)."""
+    if triton_interpreting():
+        return _tile(n_rows, n_cols, max_cols=1024, max_elems=interpreter_elems)
+    return _tile(n_rows, n_cols, max_cols=128, max_elems=4096)
 
 
 @functools.cache
@@ -192,7 +193,7 @@ def soft_split_forward(x: torch.Tensor, kernel_size, stride, padding) -> torch.T
 
         _autotuned_forward()[grid](*args, **geo)
     else:
-        block_l, block_f = _fixed_tile(L, F, max_elems=16384)
+        block_l, block_f = _fixed_tile(L, F, interpreter_elems=16384)
         grid = (B * triton.cdiv(L, block_l), triton.cdiv(F, block_f))
         _soft_split_fwd_kernel[grid](*args, **geo, BLOCK_L=block_l, BLOCK_F=block_f, num_warps=4)
     return out
@@ -223,7 +224,7 @@ def soft_split_backward(grad_out: torch.Tensor, input_size, kernel_size, stride,
 
         _autotuned_backward()[grid](*args, **geo, CHANNELS_LAST=channels_last)
     else:
-        block_r, block_n = _fixed_tile(n_rows, n_cols, max_elems=8192)
+        block_r, block_n = _fixed_tile(n_rows, n_cols, interpreter_elems=8192)
         grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_n))
         _soft_split_bwd_kernel[grid](*args, **geo, CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_N=block_n,
                                      num_warps=4)
