@@ -12,11 +12,15 @@
 #   5. profile      scripts/profile_step.py on the train step: where the host and the GPU spend the step
 #   (graphs)        not by default: the train step's compile providers with --compile-mode reduce-overhead (CUDA
 #                   graphs, for a step whose GPU waits on the host), into bench-graphs/
+#   (performer-ab)  not by default: the Performer op cases (no compile) with bf16's products on the FMA path and
+#                   split into bf16 parts on the tensor cores (T2T_PERFORMER_SPLIT_BF16=0/1), into bench-performer-*/
+#   (train)         not by default: the train step, eager and fused only (no compile, no checkpointing), into
+#                   bench-train/
 #
 # Env: GPU_SESSION_STEPS="build bench op-tests gpu-tests profile" (the default; add "graphs", or drop steps a second
 #      call does not need: the build is needed on every fresh machine),
 #      GPU_SESSION_LIMITS="build=90 bench=270 op-tests=80 gpu-tests=80 profile=40 graphs=240" (seconds per step; the
-#      default steps: 560 in all).
+#      default steps: 560 in all), GPU_SESSION_GPU_TESTS (the gpu-tests step's pytest arguments; default tests/gpu).
 # A step past its limit is interrupted (pytest prints what it has, the bench keeps the cases it finished) and the
 # next runs. Logs and results are packed into OUT_DIR/session.tgz after every step (a lent machine returns at most
 # 8 files from $OUT, and what a killed command wrote).
@@ -28,7 +32,8 @@ mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
-declare -A LIMIT=([build]=90 [bench]=270 [op-tests]=80 [gpu-tests]=80 [profile]=40 [graphs]=240)
+declare -A LIMIT=([build]=90 [bench]=270 [op-tests]=80 [gpu-tests]=80 [profile]=40 [graphs]=240 [performer-ab]=60
+                  [train]=60)
 STEPS=" ${GPU_SESSION_STEPS:-build bench op-tests gpu-tests profile} "
 for kv in ${GPU_SESSION_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 
@@ -50,6 +55,12 @@ fi
 WORK=$(mktemp -d -t t2t_gpu_session.XXXXXX)
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$WORK/device.txt"
 run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+# the Performer op cases with each kind of bf16 products, one run after the other (same machine, minutes apart)
+run performer-ab env PYTHON="$PYTHON" WORK="$WORK" bash -c 'for split in 0 1; do
+  T2T_PERFORMER_SPLIT_BF16=$split "$PYTHON" -m t2t_kernels bench --no-model --ops performer_attention --no-compile \
+    --no-progress --out "$WORK/bench-performer-split$split" || exit; done'
+run train env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm --no-compile \
+  --no-checkpointing --cases "t2t_vit_14/train step" --no-progress --out "$WORK/bench-train"
 # the bench keeps its own autotuning (timings): T2T_TRITON_AUTOTUNE applies to the checks only
 # the train step first (every issue-5 GPU target is in it; results.json is rewritten after each case), then timm's
 run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --timm \
@@ -58,9 +69,11 @@ run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_v
 PARALLEL=() TIMEOUT=()
 "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 12)
 "$PYTHON" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 60)
-run op-tests "$PYTHON" -m pytest tests/ops tests/models -k "cuda or triton" "${PARALLEL[@]}" "${TIMEOUT[@]}" -q -rfE \
-  -p no:cacheprovider
-run gpu-tests "$PYTHON" -m pytest tests/gpu "${TIMEOUT[@]}" -q -rfE -p no:cacheprovider
+# test_triton_aot compiles for GPUs without one (CI runs it); here its minutes would only crowd out the GPU tests
+run op-tests "$PYTHON" -m pytest tests/ops tests/models -k "(cuda or triton) and not triton_aot" "${PARALLEL[@]}" \
+  "${TIMEOUT[@]}" -q -rfE -p no:cacheprovider
+# shellcheck disable=SC2086  # GPU_SESSION_GPU_TESTS holds several pytest arguments
+run gpu-tests "$PYTHON" -m pytest ${GPU_SESSION_GPU_TESTS:-tests/gpu} "${TIMEOUT[@]}" -q -rfE -p no:cacheprovider
 run profile "$PYTHON" scripts/profile_step.py --case "t2t_vit_14/train step" --providers eager,fused --rows 30
 run graphs env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm \
   --no-checkpointing --compile-mode reduce-overhead --cases "t2t_vit_14/train step" --no-progress \

@@ -105,7 +105,7 @@ def test_triton_programs_sum_several_blocks(monkeypatch, dtype):
     from t2t_kernels.ops.performer_attention import triton as performer_triton
 
     monkeypatch.setattr(performer_triton, "TARGET_PROGRAMS", 1)
-    n_blocks, n_chunks, blocks_per_program, meta = performer_triton._launch_config(2, 300, 64, 32)
+    n_blocks, n_chunks, blocks_per_program, meta = performer_triton._launch_config(2, 300, 64, 32, dtype)
     assert (meta["BLOCK_T"], n_blocks, blocks_per_program, n_chunks) == (32, 10, 4, 3)
     _, (q, k, v), w = make_inputs((2,), 300, 64, 32, dtype)
     y, grads, grad_y = run_and_grads("triton", q, k, v, w)
@@ -113,6 +113,27 @@ def test_triton_programs_sum_several_blocks(monkeypatch, dtype):
     assert_close(y, y_ref, dtype)
     for g, g_ref in zip(grads, grads_ref):
         assert_close(g, g_ref, dtype)
+
+
+def ulps_off(actual, expected_fp64, dtype):
+    """max |actual - expected| in units of the dtype's last place at the expected value; values under 1/64 of the
+    largest count at that floor (where the numerator's sum cancels, fp32 math loses relative accuracy too)."""
+    magnitude = expected_fp64.abs().clamp_min(expected_fp64.abs().max().item() / 64)
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(magnitude)))
+    return ((actual.double() - expected_fp64).abs() / ulp).max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_triton_16bit_inputs_keep_fp32_accuracy(dtype):
+    """y within 1.25 ulps of the float64 result, as fp32 math rounded once gives: 0.5 ulp on a GPU, 1 in Triton's
+    interpreter (its bf16 store truncates), plus 0.25 for the products. bf16 takes split-bf16 tensor-core products
+    (1.06 ulps here, interpreted); one product of the hi parts alone was 41 ulps off, and fp16 inputs through the
+    three split products 2.6: both fail. fp16 keeps fp32 FMA products (0.5)."""
+    skip_unless_available("triton", dtype)
+    _, (q, k, v), w = make_inputs((2,), 201, 64, 32, dtype)
+    y = performer_attention(q, k, v, w, eps=EPS, backend="triton")
+    y_ref = reference.performer_attention(q.double(), k.double(), v.double(), w.double(), EPS)
+    assert ulps_off(y, y_ref, dtype) <= 1.25
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
