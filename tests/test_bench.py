@@ -393,3 +393,21 @@ def test_compile_mode_reaches_torch_compile_and_the_report(monkeypatch):
                        "python": "3", "date": "today", "command": "bench", "settings": settings.describe()},
               "copy_bandwidth": {"bytes_per_s": 1e9, "method": "clone", "tensor_bytes": 1 << 20}, "rows": []}
     assert "(mode reduce-overhead)" in report.markdown(result)
+
+
+def test_cuda_graph_providers_report_no_memory(monkeypatch):
+    """Under CUDA graphs (reduce-overhead, max-autotune) a replay allocates from the pool its recording made: the
+    compile providers' memory is marked not measured instead of reading near zero (an H100 run read 83 MB peak for
+    T2T-ViT-14's train step); eager providers and torch's default mode are measured."""
+    from t2t_kernels.bench.cases import unmeasured_memory_reason
+
+    cuda = Settings(**{**TINY, "device": torch.device("cuda"), "compile_mode": "reduce-overhead"})
+    assert "CUDA graphs" in unmeasured_memory_reason(cuda, "compile-fused")
+    assert unmeasured_memory_reason(cuda, "fused") is None
+    assert unmeasured_memory_reason(Settings(**{**TINY, "device": torch.device("cuda")}), "compile-fused") is None
+    assert unmeasured_memory_reason(Settings(**{**TINY, "compile_mode": "reduce-overhead"}), "compile-fused") is None
+    # the runner consults it per provider (the case runs on the CPU here, with the reason forced)
+    monkeypatch.setattr(runner, "unmeasured_memory_reason",
+                        lambda settings, provider: "not measured: test" if provider == "eager" else None)
+    rows = {r["provider"]: r for r in runner.run_case(_BrokenCase(), **FAST)}
+    assert rows["eager"]["memory_error"] == "not measured: test" and "peak_bytes" not in rows["eager"]

@@ -29,7 +29,7 @@ import time
 import torch
 
 from ..ops._backends import triton_interpreting
-from .cases import Case, Settings
+from .cases import Case, Settings, unmeasured_memory_reason
 
 
 def synchronize(device: torch.device) -> None:
@@ -266,7 +266,10 @@ def run_case(case: Case, warmup: int = 1, min_reps: int = 3, max_reps: int = 50,
                 rows[name]["page_faults_per_call"] = faults[name] / len(ts)
     for name, workload in workloads.items():
         row = rows[name]
-        if memory:
+        unmeasured = unmeasured_memory_reason(settings, name)
+        if memory and unmeasured:
+            row["memory_error"] = unmeasured
+        elif memory:
             try:
                 row["peak_bytes"] = measure_memory(workload, device)[0]
                 if workload.probe is not None:
