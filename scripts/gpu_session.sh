@@ -4,12 +4,15 @@
 #
 #   bash scripts/gpu_session.sh [OUT_DIR]      (default: $OUT when set, else a new temp dir)
 #
-#   1. build        the extension with its CUDA kernels for sm_90 only (~50 s on 16 cores)
-#   2. bench        T2T-ViT-14's whole-model train step with every provider, torch.compile included, then timm's
+#   1. build        the extension with its CUDA kernels for sm_90 only (~60 s on 16 cores)
+#   2. checks       the GPU checks of the newest kernel code first: the Performer at the model's shapes in every
+#                   dtype (bf16's split-bf16 tensor-core products had no GPU test yet), the whole model against
+#                   float64, the Performer past int32 indexing
+#   3. bench        T2T-ViT-14's whole-model train step with every provider, torch.compile included, then timm's
 #                   ViT-S train step: the GPU targets of issue 5 (bench/: JSON, markdown, plot)
-#   3. op-tests     the CUDA/Triton op and model tests (pytest-xdist, fixed Triton tiles)
-#   4. gpu-tests    tests/gpu (the whole model against float64, huge tensors, determinism, memory, threads)
-#   5. profile      scripts/profile_step.py on the train step: where the host and the GPU spend the step
+#   4. op-tests     the CUDA/Triton op and model tests (pytest-xdist, fixed Triton tiles)
+#   5. gpu-tests    tests/gpu (the whole model against float64, huge tensors, determinism, memory, threads)
+#   (profile)       not by default: scripts/profile_step.py on the train step: where the host and the GPU spend it
 #   (graphs)        not by default: the train step's compile providers with --compile-mode reduce-overhead (CUDA
 #                   graphs, for a step whose GPU waits on the host), into bench-graphs/
 #   (performer-ab)  not by default: the Performer op cases (no compile) with bf16's products on the FMA path and
@@ -17,10 +20,10 @@
 #   (train)         not by default: the train step, eager and fused only (no compile, no checkpointing), into
 #                   bench-train/
 #
-# Env: GPU_SESSION_STEPS="build bench op-tests gpu-tests profile" (the default; add "graphs", or drop steps a second
-#      call does not need: the build is needed on every fresh machine),
-#      GPU_SESSION_LIMITS="build=90 bench=270 op-tests=80 gpu-tests=80 profile=40 graphs=240" (seconds per step; the
-#      default steps: 560 in all), GPU_SESSION_GPU_TESTS (the gpu-tests step's pytest arguments; default tests/gpu).
+# Env: GPU_SESSION_STEPS="build checks bench op-tests gpu-tests" (the default; add "graphs" or "profile", or drop
+#      steps a second call does not need: the build is needed on every fresh machine),
+#      GPU_SESSION_LIMITS="build=90 checks=80 bench=260 op-tests=70 gpu-tests=60" (seconds per step, these the
+#      defaults: 560 in all), GPU_SESSION_GPU_TESTS (the gpu-tests step's pytest arguments; default tests/gpu).
 # A step past its limit is interrupted (pytest prints what it has, the bench keeps the cases it finished) and the
 # next runs. Logs and results are packed into OUT_DIR/session.tgz after every step (a lent machine returns at most
 # 8 files from $OUT, and what a killed command wrote).
@@ -32,9 +35,9 @@ mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
-declare -A LIMIT=([build]=90 [bench]=270 [op-tests]=80 [gpu-tests]=80 [profile]=40 [graphs]=240 [performer-ab]=60
-                  [train]=60)
-STEPS=" ${GPU_SESSION_STEPS:-build bench op-tests gpu-tests profile} "
+declare -A LIMIT=([build]=90 [checks]=80 [bench]=260 [op-tests]=70 [gpu-tests]=60 [profile]=40 [graphs]=240
+                  [performer-ab]=60 [train]=60)
+STEPS=" ${GPU_SESSION_STEPS:-build checks bench op-tests gpu-tests} "
 for kv in ${GPU_SESSION_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 
 run() {  # run STEP COMMAND...: under the step's limit, logged; prints the log's tail (selected steps only)
@@ -55,6 +58,8 @@ fi
 WORK=$(mktemp -d -t t2t_gpu_session.XXXXXX)
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$WORK/device.txt"
 run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+run checks "$PYTHON" -m pytest tests/ops/test_performer_attention.py::test_cuda_model_shapes tests/gpu/test_gpu_model.py \
+  tests/gpu/test_gpu_huge_tensors.py::test_performer_sequence_beyond_int32 -q -rfE -p no:cacheprovider
 # the Performer op cases with each kind of bf16 products, one run after the other (same machine, minutes apart)
 run performer-ab env PYTHON="$PYTHON" WORK="$WORK" bash -c 'for split in 0 1; do
   T2T_PERFORMER_SPLIT_BF16=$split "$PYTHON" -m t2t_kernels bench --no-model --ops performer_attention --no-compile \
