@@ -79,14 +79,24 @@ class _LinearOfRecomputed(torch.autograd.Function):
 
 
 def _linear_grads(grad_out, a, weight, needs_weight, needs_bias, needs_a):
-    """The Linear's weight and bias gradients and the gradient of its input a (in a's dtype)."""
-    # what the Linear consumed: autocast casts its input (and weight) to the output's dtype
-    consumed = a.to(grad_out.dtype)
+    """The Linear's weight and bias gradients and the gradient of its input a (in a's dtype): 2-D mm on flat views,
+    and casts only where dtypes differ (each call from Python costs host time, which a GPU step waits for)."""
+    dtype = grad_out.dtype
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    grad_weight = (g2.t() @ consumed.reshape(-1, consumed.shape[-1])).to(weight.dtype) if needs_weight else None
-    grad_bias = g2.sum(0).to(weight.dtype) if needs_bias else None  # False for a missing bias
-    grad_a = (grad_out @ weight.to(grad_out.dtype)).to(a.dtype) if needs_a else None
+    grad_weight = grad_bias = grad_a = None
+    if needs_weight:
+        # what the Linear consumed: autocast casts its input (and weight) to the output's dtype
+        consumed = a if a.dtype == dtype else a.to(dtype)
+        grad_weight = _cast(torch.mm(g2.t(), consumed.reshape(-1, consumed.shape[-1])), weight.dtype)
+    if needs_bias:  # False for a missing bias
+        grad_bias = _cast(g2.sum(0), weight.dtype)
+    if needs_a:
+        grad_a = _cast(torch.mm(g2, _cast(weight, dtype)), a.dtype).view(*grad_out.shape[:-1], weight.shape[1])
     return grad_weight, grad_bias, grad_a
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _keep_products(ctx, op, *args, **kwargs):  # the selective checkpoint's policy (under torch.compile)
@@ -132,7 +142,7 @@ def _layer_norm(norm: nn.LayerNorm):
         def backward(grad_a, needs):
             mask = [bool(need) and t is not None for need, t in zip(needs, inputs)]
             grads = torch.ops.aten.native_layer_norm_backward(grad_a, xc, shape, mean, rstd, wc, bc, mask)
-            return [g.to(t.dtype) if need else None for g, t, need in zip(grads, (x, weight, bias), mask)]
+            return [_cast(g, t.dtype) if need else None for g, t, need in zip(grads, (x, weight, bias), mask)]
         return a, backward
 
     f.vjp = vjp
