@@ -115,6 +115,32 @@ def test_triton_programs_sum_several_blocks(monkeypatch, dtype):
         assert_close(g, g_ref, dtype)
 
 
+# CUDA's grid limits: 2^31 - 1 programs on the first axis, 65535 on the second and third
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+@pytest.mark.parametrize("B,T", [(1, 2**25 + 4097), (70000, 64)], ids=["long-sequence", "big-batch"])
+def test_triton_grids_fit_cuda_limits(monkeypatch, B, T):
+    """Every Triton launch stays within CUDA's grid limits. The (B, chunks) grids put 262177 programs on the second
+    axis for one sequence of 2^25 + 4097 tokens, which the H100 refused ("invalid argument"); the kernels now run on
+    1-D grids. Launches are recorded, not run, on meta tensors: no memory, no GPU."""
+    pytest.importorskip("triton")
+    from t2t_kernels.ops.performer_attention import triton as performer_triton
+
+    grids = []
+    for name in ("_performer_fwd_state_kernel", "_performer_fwd_output_kernel", "_performer_bwd_query_kernel",
+                 "_performer_bwd_key_value_kernel"):
+        monkeypatch.setattr(getattr(performer_triton, name), "run",
+                            lambda *args, grid, name=name, **kwargs: grids.append((name, tuple(grid))))
+    q = torch.empty(B, T, 64, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(32, 64, device="meta")
+    y, kv_state, k_sum = performer_triton.performer_attention_forward(q, q, q, w, EPS)
+    performer_triton.performer_attention_backward(y, q, q, q, w, kv_state, k_sum, EPS)
+    assert len(grids) == 4
+    for name, grid in grids:
+        assert all(0 < n <= limit for n, limit in zip(grid, GRID_LIMITS)), (name, grid)
+
+
 def ulps_off(actual, expected_fp64, dtype):
     """max |actual - expected| in units of the dtype's last place at the expected value; values under 1/64 of the
     largest count at that floor (where the numerator's sum cancels, fp32 math loses relative accuracy too)."""
