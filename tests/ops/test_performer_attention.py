@@ -149,17 +149,18 @@ def ulps_off(actual, expected_fp64, dtype):
     return ((actual.double() - expected_fp64).abs() / ulp).max().item()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
-def test_triton_16bit_inputs_keep_fp32_accuracy(dtype):
+def test_triton_16bit_inputs_keep_fp32_accuracy(dtype, device):
     """y within 1.25 ulps of the float64 result, as fp32 math rounded once gives: 0.5 ulp on a GPU, 1 in Triton's
     interpreter (its bf16 store truncates), plus 0.25 for the products. bf16 takes split-bf16 tensor-core products
-    (1.06 ulps here, interpreted); one product of the hi parts alone was 41 ulps off, and fp16 inputs through the
-    three split products 2.6: both fail. fp16 keeps fp32 FMA products (0.5)."""
-    skip_unless_available("triton", dtype)
-    _, (q, k, v), w = make_inputs((2,), 201, 64, 32, dtype)
+    (1.06 ulps interpreted); one product of the hi parts alone was 41 ulps off, and fp16 inputs through the three
+    split products 2.6: both fail. fp16 keeps fp32 FMA products (0.5)."""
+    skip_unless_available("triton", dtype, device)
+    _, (q, k, v), w = make_inputs((2,), 201, 64, 32, dtype, device=device)
     y = performer_attention(q, k, v, w, eps=EPS, backend="triton")
-    y_ref = reference.performer_attention(q.double(), k.double(), v.double(), w.double(), EPS)
-    assert ulps_off(y, y_ref, dtype) <= 1.25
+    y_ref = reference.performer_attention(*(t.double().cpu() for t in (q, k, v, w)), EPS)
+    assert ulps_off(y.cpu(), y_ref, dtype) <= 1.25
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
