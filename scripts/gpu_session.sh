@@ -23,7 +23,8 @@
 # Env: GPU_SESSION_STEPS="build checks bench op-tests gpu-tests" (the default; add "graphs" or "profile", or drop
 #      steps a second call does not need: the build is needed on every fresh machine),
 #      GPU_SESSION_LIMITS="build=90 checks=80 bench=260 op-tests=70 gpu-tests=60" (seconds per step, these the
-#      defaults: 560 in all), GPU_SESSION_GPU_TESTS (the gpu-tests step's pytest arguments; default tests/gpu).
+#      defaults: 560 in all), GPU_SESSION_GPU_TESTS (the gpu-tests step's pytest arguments; default tests/gpu
+#      without what the checks step ran).
 # A step past its limit is interrupted (pytest prints what it has, the bench keeps the cases it finished) and the
 # next runs. Logs and results are packed into OUT_DIR/session.tgz after every step (a lent machine returns at most
 # 8 files from $OUT, and what a killed command wrote).
@@ -58,9 +59,15 @@ fi
 WORK=$(mktemp -d -t t2t_gpu_session.XXXXXX)
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$WORK/device.txt"
 run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
-run checks "$PYTHON" -m pytest tests/ops/test_performer_attention.py::test_cuda_model_shapes \
-  tests/ops/test_performer_attention.py::test_triton_16bit_inputs_keep_fp32_accuracy tests/gpu/test_gpu_model.py \
-  tests/gpu/test_gpu_huge_tensors.py::test_performer_sequence_beyond_int32 -q -rfE -p no:cacheprovider
+CHECKS=(tests/ops/test_performer_attention.py::test_cuda_model_shapes
+        tests/ops/test_performer_attention.py::test_triton_16bit_inputs_keep_fp32_accuracy tests/gpu/test_gpu_model.py
+        tests/gpu/test_gpu_huge_tensors.py::test_performer_sequence_beyond_int32)
+run checks "$PYTHON" -m pytest "${CHECKS[@]}" -q -rfE -p no:cacheprovider
+# the gpu-tests step skips what the checks ran (unless told what to run)
+GPU_TESTS=(tests/gpu)
+if [[ "$STEPS" == *" checks "* ]]; then
+  for t in "${CHECKS[@]}"; do [[ $t == tests/gpu/* ]] && GPU_TESTS+=(--deselect "$t"); done
+fi
 # the Performer op cases with each kind of bf16 products, one run after the other (same machine, minutes apart)
 run performer-ab env PYTHON="$PYTHON" WORK="$WORK" bash -c 'for split in 0 1; do
   T2T_PERFORMER_SPLIT_BF16=$split "$PYTHON" -m t2t_kernels bench --no-model --ops performer_attention --no-compile \
@@ -78,8 +85,8 @@ PARALLEL=() TIMEOUT=()
 # test_triton_aot compiles for GPUs without one (CI runs it); here its minutes would only crowd out the GPU tests
 run op-tests "$PYTHON" -m pytest tests/ops tests/models -k "(cuda or triton) and not triton_aot" "${PARALLEL[@]}" \
   "${TIMEOUT[@]}" -q -rfE -p no:cacheprovider
-# shellcheck disable=SC2086  # GPU_SESSION_GPU_TESTS holds several pytest arguments
-run gpu-tests "$PYTHON" -m pytest ${GPU_SESSION_GPU_TESTS:-tests/gpu} "${TIMEOUT[@]}" -q -rfE -p no:cacheprovider
+[[ -n "${GPU_SESSION_GPU_TESTS:-}" ]] && read -ra GPU_TESTS <<<"$GPU_SESSION_GPU_TESTS"
+run gpu-tests "$PYTHON" -m pytest "${GPU_TESTS[@]}" "${TIMEOUT[@]}" -q -rfE -p no:cacheprovider
 run profile "$PYTHON" scripts/profile_step.py --case "t2t_vit_14/train step" --providers eager,fused --rows 30
 run graphs env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm \
   --no-checkpointing --compile-mode reduce-overhead --cases "t2t_vit_14/train step" --no-progress \
