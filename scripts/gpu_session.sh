@@ -8,10 +8,12 @@
 #   2. checks       the GPU checks of the newest kernel code first: the Performer at the model's shapes in every
 #                   dtype (bf16's split-bf16 tensor-core products had no GPU test yet), the whole model against
 #                   float64, the Performer past int32 indexing
-#   3. bench        T2T-ViT-14's whole-model train step with every provider, torch.compile included, then timm's
+#   3. tune         scripts/tune_performer.py: the Triton Performer's tiles (rows, warps) timed against its default
+#                   at the model's shapes (tune/tune_performer.json; the split-bf16 products were never tuned)
+#   4. bench        T2T-ViT-14's whole-model train step with every provider, torch.compile included, then timm's
 #                   ViT-S train step: the GPU targets of issue 5 (bench/: JSON, markdown, plot)
-#   4. op-tests     the CUDA/Triton op and model tests (pytest-xdist, fixed Triton tiles)
-#   5. gpu-tests    tests/gpu (the whole model against float64, huge tensors, determinism, memory, threads)
+#   5. op-tests     the CUDA/Triton op and model tests (pytest-xdist, fixed Triton tiles)
+#   6. gpu-tests    tests/gpu (the whole model against float64, huge tensors, determinism, memory, threads)
 #   (profile)       not by default: scripts/profile_step.py on the train step: where the host and the GPU spend it
 #   (graphs)        not by default: the train step's compile providers with --compile-mode reduce-overhead (CUDA
 #                   graphs, for a step whose GPU waits on the host), into bench-graphs/
@@ -20,11 +22,11 @@
 #   (train)         not by default: the train step, eager and fused only (no compile, no checkpointing), into
 #                   bench-train/
 #
-# Env: GPU_SESSION_STEPS="build checks bench op-tests gpu-tests" (the default; add "graphs" or "profile", or drop
-#      steps a second call does not need: the build is needed on every fresh machine),
-#      GPU_SESSION_LIMITS="build=90 checks=80 bench=260 op-tests=70 gpu-tests=60" (seconds per step, these the
-#      defaults: 560 in all), GPU_SESSION_GPU_TESTS (the gpu-tests step's pytest arguments; default tests/gpu
-#      without what the checks step ran).
+# Env: GPU_SESSION_STEPS="build checks tune bench op-tests gpu-tests" (the default; add "graphs" or "profile", or
+#      drop steps a second call does not need: the build is needed on every fresh machine),
+#      GPU_SESSION_LIMITS="build=90 checks=80 tune=75 bench=200 op-tests=60 gpu-tests=55" (seconds per step, these
+#      the defaults: 560 in all; the bench took 133 s on an H100), GPU_SESSION_GPU_TESTS (the gpu-tests step's
+#      pytest arguments; default tests/gpu without what the checks step ran).
 # A step past its limit is interrupted (pytest prints what it has, the bench keeps the cases it finished) and the
 # next runs. Logs and results are packed into OUT_DIR/session.tgz after every step (a lent machine returns at most
 # 8 files from $OUT, and what a killed command wrote).
@@ -36,9 +38,9 @@ mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
-declare -A LIMIT=([build]=90 [checks]=80 [bench]=260 [op-tests]=70 [gpu-tests]=60 [profile]=40 [graphs]=240
-                  [performer-ab]=60 [train]=60)
-STEPS=" ${GPU_SESSION_STEPS:-build checks bench op-tests gpu-tests} "
+declare -A LIMIT=([build]=90 [checks]=80 [tune]=75 [bench]=200 [op-tests]=60 [gpu-tests]=55 [profile]=40
+                  [graphs]=240 [performer-ab]=60 [train]=60)
+STEPS=" ${GPU_SESSION_STEPS:-build checks tune bench op-tests gpu-tests} "
 for kv in ${GPU_SESSION_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 
 run() {  # run STEP COMMAND...: under the step's limit, logged; prints the log's tail (selected steps only)
@@ -63,6 +65,7 @@ CHECKS=(tests/ops/test_performer_attention.py::test_cuda_model_shapes
         tests/ops/test_performer_attention.py::test_triton_16bit_inputs_keep_fp32_accuracy tests/gpu/test_gpu_model.py
         tests/gpu/test_gpu_huge_tensors.py::test_performer_sequence_beyond_int32)
 run checks "$PYTHON" -m pytest "${CHECKS[@]}" -q -rfE -p no:cacheprovider
+run tune "$PYTHON" scripts/tune_performer.py --min-time 0.5 --out "$WORK/tune"
 # the gpu-tests step skips what the checks ran (unless told what to run)
 GPU_TESTS=(tests/gpu)
 if [[ "$STEPS" == *" checks "* ]]; then

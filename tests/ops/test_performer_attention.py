@@ -141,6 +141,40 @@ def test_triton_grids_fit_cuda_limits(monkeypatch, B, T):
         assert all(0 < n <= limit for n, limit in zip(grid, GRID_LIMITS)), (name, grid)
 
 
+def test_tile_override_sets_every_launch_and_rejects_malformed_tiles(monkeypatch):
+    """T2T_PERFORMER_TILE (scripts/tune_performer.py's candidates) sets the rows and warps of every launch; a
+    malformed value is an error that names the variable."""
+    pytest.importorskip("triton")
+    from t2t_kernels.ops.performer_attention import triton as performer_triton
+
+    monkeypatch.setenv("T2T_PERFORMER_TILE", "64,4")
+    n_blocks, _, _, meta = performer_triton._launch_config(2, 300, 64, 32, torch.bfloat16)
+    assert (meta["BLOCK_T"], meta["num_warps"], n_blocks) == (64, 4, 5)
+    for bad in ("48,4", "64", "64,3", "8,4", "a,b"):
+        monkeypatch.setenv("T2T_PERFORMER_TILE", bad)
+        with pytest.raises(ValueError, match="T2T_PERFORMER_TILE"):
+            performer_triton._launch_config(2, 300, 64, 32, torch.bfloat16)
+
+
+def test_tune_script_checks_and_times_every_tile(tmp_path):
+    """scripts/tune_performer.py at a tiny size (interpreted on a CPU): each tile matches the default tile's y and
+    gradients, and every case times every tile."""
+    skip_unless_available("triton", torch.bfloat16)
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "tune_performer.py"
+    spec = importlib.util.spec_from_file_location("tune_performer", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rc = script.main(["--device", "cpu", "--dtype", "bf16", "--batch", "1", "--img-size", "32", "--tiles", "16,4 64,2",
+                      "--min-time", "0", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "tune_performer.json").read_text())["rows"]
+    assert rc == 0 and len(rows) == 4 * 3  # 2 stages x 2 passes, the default tile and two candidates
+    assert all(r["status"] == "ok" and r["median_s"] > 0 for r in rows)
+
+
 def ulps_off(actual, expected_fp64, dtype):
     """max |actual - expected| in units of the dtype's last place at the expected value; values under 1/64 of the
     largest count at that floor (where the numerator's sum cancels, fp32 math loses relative accuracy too)."""

@@ -233,14 +233,34 @@ def _launch_config(B: int, T: int, E: int, m: int, dtype: torch.dtype):
     constexpr: three variants (a runtime loop bound also trips Triton 3.6's interpreter under NumPy 2)."""
     block_e = max(16, triton.next_power_of_2(E))
     block_m = max(16, triton.next_power_of_2(m))
-    block_t = max(16, min(32 if block_e <= 64 else 16, triton.next_power_of_2(max(T, 1))))
+    rows, warps = tile_override() or (32 if block_e <= 64 else 16, 8)
+    block_t = max(16, min(rows, triton.next_power_of_2(max(T, 1))))
     n_blocks = max(1, triton.cdiv(T, block_t))
     blocks_per_program = 1 << (max(1, min(4, B * n_blocks // TARGET_PROGRAMS)).bit_length() - 1)  # 1, 2, 4
     n_chunks = triton.cdiv(n_blocks, blocks_per_program)
     split = dtype == torch.bfloat16 and os.environ.get("T2T_PERFORMER_SPLIT_BF16", "1") != "0"
     meta = dict(BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_M=block_m, SPLIT=split,
-                PART=tl.float32 if triton_interpreting() else tl.bfloat16, num_warps=8)
+                PART=tl.float32 if triton_interpreting() else tl.bfloat16, num_warps=warps)
     return n_blocks, n_chunks, blocks_per_program, meta
+
+
+TILE_ENV = "T2T_PERFORMER_TILE"
+
+
+def tile_override() -> tuple[int, int] | None:
+    """T2T_PERFORMER_TILE="rows,warps" (rows a power of two >= 16, warps 1-16, a power of two): the tile every
+    kernel launch takes instead of the default, for scripts/tune_performer.py to time candidates on a GPU."""
+    text = os.environ.get(TILE_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        rows, warps = (int(part) for part in text.split(","))
+    except ValueError:
+        rows = warps = 0
+    if rows < 16 or rows & (rows - 1) or warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"{TILE_ENV} must be 'rows,warps' with rows a power of two >= 16 and warps one of "
+                         f"1, 2, 4, 8, 16; got {text!r}")
+    return rows, warps
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
