@@ -12,8 +12,13 @@
 #                   at the model's shapes (tune/tune_performer.json; the split-bf16 products were never tuned)
 #   4. bench        T2T-ViT-14's whole-model train step with every provider, torch.compile included, then timm's
 #                   ViT-S train step: the GPU targets of issue 5 (bench/: JSON, markdown, plot)
-#   5. op-tests     the CUDA/Triton op and model tests (pytest-xdist, fixed Triton tiles)
-#   6. gpu-tests    tests/gpu (the whole model against float64, huge tensors, determinism, memory, threads)
+#   5. ops          the Performer and soft split + LayerNorm op cases with torch.compile of the eager formula beside
+#                   the Triton kernels (bench-ops/): whether the kernels beat inductor's code for the same op, which
+#                   decides what the compiled fused model should run (compile-fused trailed compile-eager, 0.93x)
+#   (op-tests)      not by default (they passed on 2026-11-26): the CUDA/Triton op and model tests (pytest-xdist,
+#                   fixed Triton tiles)
+#   (gpu-tests)     not by default (likewise): tests/gpu (the whole model against float64, huge tensors,
+#                   determinism, memory, threads)
 #   (profile)       not by default: scripts/profile_step.py on the train step: where the host and the GPU spend it
 #   (graphs)        not by default: the train step's compile providers with --compile-mode reduce-overhead (CUDA
 #                   graphs, for a step whose GPU waits on the host), into bench-graphs/
@@ -22,10 +27,10 @@
 #   (train)         not by default: the train step, eager and fused only (no compile, no checkpointing), into
 #                   bench-train/
 #
-# Env: GPU_SESSION_STEPS="build checks tune bench op-tests gpu-tests" (the default; add "graphs" or "profile", or
-#      drop steps a second call does not need: the build is needed on every fresh machine),
-#      GPU_SESSION_LIMITS="build=90 checks=80 tune=75 bench=200 op-tests=60 gpu-tests=55" (seconds per step, these
-#      the defaults: 560 in all; the bench took 133 s on an H100), GPU_SESSION_GPU_TESTS (the gpu-tests step's
+# Env: GPU_SESSION_STEPS="build checks tune bench ops" (the default; add "op-tests", "gpu-tests", "graphs" or
+#      "profile", or drop steps a second call does not need: the build is needed on every fresh machine),
+#      GPU_SESSION_LIMITS="build=90 checks=80 tune=75 bench=200 ops=110" (seconds per step, these the defaults:
+#      555 in all; the bench took 133 s on an H100), GPU_SESSION_GPU_TESTS (the gpu-tests step's
 #      pytest arguments; default tests/gpu without what the checks step ran).
 # A step past its limit is interrupted (pytest prints what it has, the bench keeps the cases it finished) and the
 # next runs. Logs and results are packed into OUT_DIR/session.tgz after every step (a lent machine returns at most
@@ -38,9 +43,9 @@ mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
-declare -A LIMIT=([build]=90 [checks]=80 [tune]=75 [bench]=200 [op-tests]=60 [gpu-tests]=55 [profile]=40
-                  [graphs]=240 [performer-ab]=60 [train]=60)
-STEPS=" ${GPU_SESSION_STEPS:-build checks tune bench op-tests gpu-tests} "
+declare -A LIMIT=([build]=90 [checks]=80 [tune]=75 [bench]=200 [ops]=110 [op-tests]=80 [gpu-tests]=80
+                  [profile]=40 [graphs]=240 [performer-ab]=60 [train]=60)
+STEPS=" ${GPU_SESSION_STEPS:-build checks tune bench ops} "
 for kv in ${GPU_SESSION_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 
 run() {  # run STEP COMMAND...: under the step's limit, logged; prints the log's tail (selected steps only)
@@ -81,6 +86,8 @@ run train env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_v
 # the train step first (every issue-5 GPU target is in it; results.json is rewritten after each case), then timm's
 run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --timm \
   --cases "t2t_vit_14/train step,timm.vit_small_patch16_224/train step" --no-progress --out "$WORK/bench"
+run ops env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --no-model \
+  --ops performer_attention,soft_split+layer_norm --no-progress --out "$WORK/bench-ops"
 # pytest-xdist workers and a per-test timeout where the plugins are there (the device image has both)
 PARALLEL=() TIMEOUT=()
 "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 12)
