@@ -2,6 +2,7 @@
 JSON, markdown and a PNG, skips a provider this machine lacks with the reason, reports a broken provider without
 stopping, measures memory, and keeps one BENCHMARKS.md section per command and device."""
 import json
+import os
 
 import pytest
 import torch
@@ -411,3 +412,19 @@ def test_cuda_graph_providers_report_no_memory(monkeypatch):
                         lambda settings, provider: "not measured: test" if provider == "eager" else None)
     rows = {r["provider"]: r for r in runner.run_case(_BrokenCase(), **FAST)}
     assert rows["eager"]["memory_error"] == "not measured: test" and "peak_bytes" not in rows["eager"]
+
+
+def test_the_package_switches_are_recorded_and_reported(monkeypatch):
+    """A run under T2T_* switches (e.g. T2T_PERFORMER_SPLIT_BF16=0 for an A/B) says so in its JSON and report, so
+    its rows are not read as the defaults' (the first A/B run on an H100 did not)."""
+    monkeypatch.setenv("T2T_PERFORMER_SPLIT_BF16", "0")
+    meta = runner.machine_info(torch.device("cpu"))
+    assert meta["switches"]["T2T_PERFORMER_SPLIT_BF16"] == "0"
+    result = {"meta": {**meta, "command": "bench", "settings": Settings(**TINY).describe()},
+              "copy_bandwidth": {"bytes_per_s": 1e9, "method": "clone", "tensor_bytes": 1 << 20}, "rows": []}
+    assert "T2T_PERFORMER_SPLIT_BF16=0" in report.markdown(result)
+    assert "T2T_PERFORMER_SPLIT_BF16=0" in report.text_table(result)
+    monkeypatch.delenv("T2T_PERFORMER_SPLIT_BF16")
+    for name in [n for n in os.environ if n.startswith("T2T_")]:
+        monkeypatch.delenv(name)
+    assert "switches" not in runner.machine_info(torch.device("cpu"))

@@ -86,7 +86,18 @@ def header_lines(result: dict) -> list[str]:
         f"date: {m['date']}  |  dtype {s['dtype']}  batch {s['batch']}  image {s['img_size'][0]}x{s['img_size'][1]}  "
         + compile_text(s),
         f"copy bandwidth (measured in this run): {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})",
-    ] + provider_notes(result) + skipped_lines(result) + noise_lines(result) + page_fault_lines(result)
+    ] + note_lines(result)
+
+
+def note_lines(result: dict) -> list[str]:
+    """The lines under a run's header: switches, providers, skips, noise, page faults."""
+    return (switch_lines(result) + provider_notes(result) + skipped_lines(result) + noise_lines(result)
+            + page_fault_lines(result))
+
+
+def switch_lines(result: dict) -> list[str]:
+    switches = result["meta"].get("switches")
+    return [f"run-time switches set: {' '.join(f'{k}={v}' for k, v in switches.items())}"] if switches else []
 
 
 NOISY = 1.3  # p80 / p20 above this: the row's timing spread is wide
@@ -169,8 +180,7 @@ def markdown(result: dict, note: str | None = None) -> str:
         lines.append(f"- the whole run (compilation included) took {m['wall_s'] / 60:.1f} min")
     if m.get("partial"):
         lines.append(f"- partial run: stopped after {m['partial']} (the JSON written after each case)")
-    lines += [f"- {line}" for line in
-              provider_notes(result) + skipped_lines(result) + noise_lines(result) + page_fault_lines(result)]
+    lines += [f"- {line}" for line in note_lines(result)]
     if note:
         lines.append(f"- note: {note}")
     lines += ["", "| case | " + " | ".join(COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]

@@ -212,6 +212,10 @@ def machine_info(device: torch.device) -> dict:
     info["git"] = git_revision()
     if triton_interpreting():
         info["TRITON_INTERPRET"] = os.environ["TRITON_INTERPRET"]
+    # the package's run-time switches (T2T_PERFORMER_SPLIT_BF16, T2T_PERFORMER_TILE, ...): what the kernels ran as
+    switches = {name: value for name, value in sorted(os.environ.items()) if name.startswith("T2T_")}
+    if switches:
+        info["switches"] = switches
     return info
 
 
