@@ -67,7 +67,9 @@ WORK=$(mktemp -d -t t2t_gpu_session.XXXXXX)
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$WORK/device.txt"
 run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 CHECKS=(tests/ops/test_performer_attention.py::test_cuda_model_shapes
-        tests/ops/test_performer_attention.py::test_triton_16bit_inputs_keep_fp32_accuracy tests/gpu/test_gpu_model.py
+        tests/ops/test_performer_attention.py::test_triton_16bit_inputs_keep_fp32_accuracy
+        tests/ops/test_performer_attention.py::test_triton_bf16_split_products_as_accurate_as_fp32_products
+        tests/gpu/test_gpu_model.py
         tests/gpu/test_gpu_huge_tensors.py::test_performer_sequence_beyond_int32)
 run checks "$PYTHON" -m pytest "${CHECKS[@]}" -q -rfE -p no:cacheprovider
 run tune "$PYTHON" scripts/tune_performer.py --min-time 0.5 --out "$WORK/tune"

@@ -345,18 +345,19 @@ def test_cuda_model_shapes(backend, dtype, T):
         assert_close(g, g_ref, dtype)
 
 
-def test_triton_bf16_split_products_as_accurate_as_fp32_products(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_triton_bf16_split_products_as_accurate_as_fp32_products(monkeypatch, device):
     """bf16's split-bf16 tensor-core products against fp32 FMA products (T2T_PERFORMER_SPLIT_BF16=0) on the same
     inputs: y and every gradient as close to float64 (relative max error; 4e-3 to 7e-3 for both, the bf16 outputs'
     rounding). One product of the hi parts alone triples y's error (2.0e-2 against 6.8e-3), and fails."""
-    skip_unless_available("triton", torch.bfloat16)
-    _, (q, k, v), w = make_inputs((2,), 201, 64, 32, torch.bfloat16)
+    skip_unless_available("triton", torch.bfloat16, device)
+    _, (q, k, v), w = make_inputs((2,), 201, 64, 32, torch.bfloat16, device=device)
     errors = {}
     for split in ("1", "0"):
         monkeypatch.setenv("T2T_PERFORMER_SPLIT_BF16", split)
         torch.manual_seed(0)  # the same upstream gradient
         y, grads, grad_y = run_and_grads("triton", q, k, v, w)
-        y_ref, grads_ref = reference_with_grads(q, k, v, w, grad_y)
+        y_ref, grads_ref = reference_with_grads(q, k, v, w, grad_y)  # float64 on the same device
         errors[split] = [((a.double() - e).abs().max() / e.abs().max()).item()
                          for a, e in zip([y, *grads], [y_ref, *grads_ref])]
     for name, split_error, fma_error in zip(("y", "gq", "gk", "gv"), errors["1"], errors["0"]):
