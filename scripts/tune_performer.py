@@ -57,16 +57,17 @@ def with_tile(tile: str, fn):
 
 def check_tile(tile: str, case) -> str | None:
     """None when the tile's y and input gradients match the default tile's on fresh inputs, else what differs."""
+    from t2t_kernels.bench.cases import PERFORMER_E as E, PERFORMER_M as m
     from t2t_kernels.ops import performer_attention
 
     s = case.settings
-    kqv = (0.5 * torch.randn(min(s.batch, 4), case.T, 192, device=s.device)).to(s.dtype)
-    w = torch.nn.init.orthogonal_(torch.empty(32, 64)).mul_(32 ** 0.5).to(s.device)
-    grad_y = torch.randn(kqv.shape[0], case.T, 64, device=s.device, dtype=s.dtype)
+    kqv = (0.5 * torch.randn(min(s.batch, 4), case.T, 3 * E, device=s.device)).to(s.dtype)
+    w = torch.nn.init.orthogonal_(torch.empty(m, E)).mul_(m ** 0.5).to(s.device)
+    grad_y = torch.randn(kqv.shape[0], case.T, E, device=s.device, dtype=s.dtype)
 
     def run():
         leaf = kqv.detach().requires_grad_()
-        k, q, v = leaf.split(64, dim=-1)
+        k, q, v = leaf.split(E, dim=-1)
         y = performer_attention(q, k, v, w, backend="triton")
         y.backward(grad_y)
         return y.detach(), leaf.grad
@@ -87,16 +88,14 @@ def main(argv=None) -> int:
     from t2t_kernels.bench.cases import FORWARD, FORWARD_BACKWARD, Settings, op_cases
     from t2t_kernels.bench.cli import DTYPES
     from t2t_kernels.bench.runner import machine_info, summarize, synchronize, time_round_robin
-    from t2t_kernels.ops.performer_attention.triton import tile_override, TILE_ENV
+    from t2t_kernels.ops.performer_attention.triton import parse_tile
 
     args = parse_args(argv)
     settings = Settings.defaults(args.device, dtype=DTYPES[args.dtype] if args.dtype else None, batch=args.batch,
                                  img_size=args.img_size)
     tiles = args.tiles.split()
     for tile in tiles:  # malformed tiles fail before any timing
-        os.environ[TILE_ENV] = tile
-        tile_override()
-    os.environ.pop(TILE_ENV, None)
+        parse_tile(tile)
     rows = []
     for case in op_cases(settings, ops=("performer_attention",), passes=(FORWARD, FORWARD_BACKWARD)):
         workloads = {}

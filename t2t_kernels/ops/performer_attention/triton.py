@@ -248,11 +248,15 @@ TILE_ENV = "T2T_PERFORMER_TILE"
 
 
 def tile_override() -> tuple[int, int] | None:
-    """T2T_PERFORMER_TILE="rows,warps" (rows a power of two >= 16, warps 1-16, a power of two): the tile every
-    kernel launch takes instead of the default, for scripts/tune_performer.py to time candidates on a GPU."""
+    """T2T_PERFORMER_TILE="rows,warps": the tile every kernel launch takes instead of the default, for
+    scripts/tune_performer.py to time candidates on a GPU."""
     text = os.environ.get(TILE_ENV, "").strip()
-    if not text:
-        return None
+    return parse_tile(text) if text else None
+
+
+def parse_tile(text: str) -> tuple[int, int]:
+    """A tile written "rows,warps" as (rows, warps): rows a power of two >= 16, warps 1-16, a power of two; else a
+    ValueError that names T2T_PERFORMER_TILE."""
     try:
         rows, warps = (int(part) for part in text.split(","))
     except ValueError:
