@@ -6,20 +6,24 @@
 #
 #   1. build        the extension with its CUDA kernels for sm_90 only (~60 s on 16 cores)
 #   2. checks       the GPU checks of the newest kernel code first: the Performer at the model's shapes in every
-#                   dtype (bf16's split-bf16 tensor-core products had no GPU test yet), the whole model against
-#                   float64, the Performer past int32 indexing
-#   3. tune         scripts/tune_performer.py: the Triton Performer's tiles (rows, warps) timed against its default
-#                   at the model's shapes (tune/tune_performer.json; the split-bf16 products were never tuned)
-#   4. bench        T2T-ViT-14's whole-model train step with every provider, torch.compile included, then timm's
+#                   dtype (bf16's split-bf16 tensor-core products), the whole model against float64, the Performer
+#                   past int32 indexing
+#   3. bench        T2T-ViT-14's whole-model train step with every provider, torch.compile included, then timm's
 #                   ViT-S train step: the GPU targets of issue 5 (bench/: JSON, markdown, plot)
-#   5. ops          the Performer and soft split + LayerNorm op cases with torch.compile of the eager formula beside
-#                   the Triton kernels (bench-ops/): whether the kernels beat inductor's code for the same op, which
-#                   decides what the compiled fused model should run (compile-fused trailed compile-eager, 0.93x)
+#   4. variants     the train step's compile-fused provider alone under each of GPU_SESSION_VARIANTS' switch sets
+#                   (bench-variant-N/): A/B of what the compiled fused model should run (compile-fused trailed
+#                   compile-eager, 0.93x): the soft split + LayerNorm as inductor's code (T2T_EAGER_OPS), no lean
+#                   pairs (T2T_RECOMPUTE_PAIRS=0)
+#   5. profile      scripts/profile_step.py on the train step, compile-eager against compile-fused by default
+#                   (GPU_SESSION_PROFILE_PROVIDERS): which kernels make the gap
+#   6. ops          the Performer and soft split + LayerNorm op cases with torch.compile of the eager formula beside
+#                   the Triton kernels (bench-ops/): whether the kernels beat inductor's code for the same op
+#   (tune)          not by default: scripts/tune_performer.py, the Triton Performer's tiles (rows, warps) timed
+#                   against its default at the model's shapes (tune/tune_performer.json)
 #   (op-tests)      not by default (they passed on 2026-11-26): the CUDA/Triton op and model tests (pytest-xdist,
 #                   fixed Triton tiles)
 #   (gpu-tests)     not by default (likewise): tests/gpu (the whole model against float64, huge tensors,
 #                   determinism, memory, threads)
-#   (profile)       not by default: scripts/profile_step.py on the train step: where the host and the GPU spend it
 #   (graphs)        not by default: the train step's compile providers with --compile-mode reduce-overhead (CUDA
 #                   graphs, for a step whose GPU waits on the host), into bench-graphs/
 #   (performer-ab)  not by default: the Performer op cases (no compile) with bf16's products on the FMA path and
@@ -27,11 +31,12 @@
 #   (train)         not by default: the train step, eager and fused only (no compile, no checkpointing), into
 #                   bench-train/
 #
-# Env: GPU_SESSION_STEPS="build checks tune bench ops" (the default; add "op-tests", "gpu-tests", "graphs" or
-#      "profile", or drop steps a second call does not need: the build is needed on every fresh machine),
-#      GPU_SESSION_LIMITS="build=90 checks=80 tune=75 bench=200 ops=110" (seconds per step, these the defaults:
-#      555 in all; the bench took 133 s on an H100), GPU_SESSION_GPU_TESTS (the gpu-tests step's
-#      pytest arguments; default tests/gpu without what the checks step ran).
+# Env: GPU_SESSION_STEPS="build checks bench variants profile ops" (the default; add "tune", "op-tests", "gpu-tests",
+#      "graphs", ..., or drop steps a second call does not need: the build is needed on every fresh machine),
+#      GPU_SESSION_LIMITS="build=75 checks=70 bench=160 variants=95 profile=85 ops=55" (seconds per step, these the
+#      defaults: 540 in all; the bench took 133 s on an H100), GPU_SESSION_GPU_TESTS (the gpu-tests step's
+#      pytest arguments; default tests/gpu without what the checks step ran), GPU_SESSION_VARIANTS (switch sets
+#      separated by ';', each of space-separated NAME=VALUE; default below), GPU_SESSION_PROFILE_PROVIDERS.
 # A step past its limit is interrupted (pytest prints what it has, the bench keeps the cases it finished) and the
 # next runs. Logs and results are packed into OUT_DIR/session.tgz after every step (a lent machine returns at most
 # 8 files from $OUT, and what a killed command wrote).
@@ -43,9 +48,10 @@ mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
-declare -A LIMIT=([build]=90 [checks]=80 [tune]=75 [bench]=200 [ops]=110 [op-tests]=80 [gpu-tests]=80
-                  [profile]=40 [graphs]=240 [performer-ab]=60 [train]=60)
-STEPS=" ${GPU_SESSION_STEPS:-build checks tune bench ops} "
+declare -A LIMIT=([build]=75 [checks]=70 [bench]=160 [variants]=95 [profile]=85 [ops]=55 [tune]=75 [op-tests]=80
+                  [gpu-tests]=80 [graphs]=240 [performer-ab]=60 [train]=60)
+STEPS=" ${GPU_SESSION_STEPS:-build checks bench variants profile ops} "
+VARIANTS=${GPU_SESSION_VARIANTS:-"T2T_EAGER_OPS=soft_split_layer_norm; T2T_RECOMPUTE_PAIRS=0"}
 for kv in ${GPU_SESSION_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 
 run() {  # run STEP COMMAND...: under the step's limit, logged; prints the log's tail (selected steps only)
@@ -72,7 +78,6 @@ CHECKS=(tests/ops/test_performer_attention.py::test_cuda_model_shapes
         tests/gpu/test_gpu_model.py
         tests/gpu/test_gpu_huge_tensors.py::test_performer_sequence_beyond_int32)
 run checks "$PYTHON" -m pytest "${CHECKS[@]}" -q -rfE -p no:cacheprovider
-run tune "$PYTHON" scripts/tune_performer.py --min-time 0.5 --out "$WORK/tune"
 # the gpu-tests step skips what the checks ran (unless told what to run)
 GPU_TESTS=(tests/gpu)
 if [[ "$STEPS" == *" checks "* ]]; then
@@ -88,8 +93,16 @@ run train env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_v
 # the train step first (every issue-5 GPU target is in it; results.json is rewritten after each case), then timm's
 run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --timm \
   --cases "t2t_vit_14/train step,timm.vit_small_patch16_224/train step" --no-progress --out "$WORK/bench"
+# each switch set in its own process (the switches are read when a graph is traced), compile-fused alone
+run variants env PYTHON="$PYTHON" WORK="$WORK" VARIANTS="$VARIANTS" bash -c 'i=0; IFS=";" read -ra sets <<<"$VARIANTS"
+  for set in "${sets[@]}"; do i=$((i + 1)); echo "--- variant $i: $set"
+    env T2T_TRITON_AUTOTUNE=1 $set "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm \
+      --cases "t2t_vit_14/train step" --providers compile-fused --no-progress --out "$WORK/bench-variant-$i" || exit
+  done'
+run profile "$PYTHON" scripts/profile_step.py --case "t2t_vit_14/train step" \
+  --providers "${GPU_SESSION_PROFILE_PROVIDERS:-compile-eager,compile-fused}" --rows 45
 run ops env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --no-model \
-  --ops performer_attention,soft_split+layer_norm --no-progress --out "$WORK/bench-ops"
+  --ops soft_split+layer_norm,performer_attention --no-progress --out "$WORK/bench-ops"
 # pytest-xdist workers and a per-test timeout where the plugins are there (the device image has both)
 PARALLEL=() TIMEOUT=()
 "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 12)
@@ -99,7 +112,7 @@ run op-tests "$PYTHON" -m pytest tests/ops tests/models -k "(cuda or triton) and
   "${TIMEOUT[@]}" -q -rfE -p no:cacheprovider
 [[ -n "${GPU_SESSION_GPU_TESTS:-}" ]] && read -ra GPU_TESTS <<<"$GPU_SESSION_GPU_TESTS"
 run gpu-tests "$PYTHON" -m pytest "${GPU_TESTS[@]}" "${TIMEOUT[@]}" -q -rfE -p no:cacheprovider
-run profile "$PYTHON" scripts/profile_step.py --case "t2t_vit_14/train step" --providers eager,fused --rows 30
 run graphs env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm \
   --no-checkpointing --compile-mode reduce-overhead --cases "t2t_vit_14/train step" --no-progress \
   --out "$WORK/bench-graphs"
+run tune "$PYTHON" scripts/tune_performer.py --min-time 0.5 --out "$WORK/tune"

@@ -315,6 +315,25 @@ def test_cli_cases_picks_cases_by_name(tmp_path, capsys):
     assert "--cases 'nothing' matches none of the cases [" in capsys.readouterr().err
 
 
+def test_cli_providers_runs_only_the_named_providers(tmp_path, capsys):
+    """--providers runs only the named providers (an A/B of a T2T_* switch times compile-fused alone); the others
+    are reported as skipped, and a name no selected case offers is an error that lists what they offer."""
+    out = tmp_path / "out"
+    argv = ["bench", "--model", "t2t_vit_7", "--img-size", "32", "--batch", "1", "--no-ops", "--no-memory",
+            "--min-reps", "1", "--max-reps", "1", "--min-time", "0", "--no-progress", "--out", str(out),
+            "--bandwidth-mb", "16", "--cases", "t2t_vit_7/forward", "--providers", "fused"]
+    assert main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    status = {r["provider"]: (r["status"], r["reason"]) for r in result["rows"]}
+    assert status["fused"] == ("ok", None)
+    assert status["eager"] == status["compile-fused"] == ("skipped", "not selected (--providers)")
+    assert result["meta"]["settings"]["providers"] == ["fused"]
+    capsys.readouterr()
+    assert main(argv[:-1] + ["fused,compiled-fused"]) != 0
+    assert "--providers 'fused,compiled-fused': ['compiled-fused'] not offered by the selected cases" in \
+        capsys.readouterr().err
+
+
 def test_profile_step_script_prints_each_providers_table(capsys):
     """scripts/profile_step.py (where a case's time goes, per provider) runs on a tiny CPU case."""
     import runpy

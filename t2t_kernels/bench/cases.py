@@ -65,6 +65,7 @@ class Settings:
     compile_mode: str | None = None  # torch.compile's mode (e.g. "reduce-overhead": CUDA graphs for host-bound steps)
     checkpointing: bool = True
     timm: bool = False  # add timm's vit_small_patch16_224 (when timm imports)
+    providers: tuple[str, ...] | None = None  # run only these providers (None: all)
 
     @classmethod
     def defaults(cls, device: str | torch.device | None = None, **overrides) -> "Settings":
@@ -83,7 +84,8 @@ class Settings:
         return {"device": str(self.device), "dtype": dtype_name(self.dtype), "batch": self.batch,
                 "img_size": list(self.img_size), "models": list(self.models), "compile": self.compile,
                 "compile_backend": self.compile_backend, "compile_mode": self.compile_mode,
-                "checkpointing": self.checkpointing, "timm": self.timm}
+                "checkpointing": self.checkpointing, "timm": self.timm,
+                **({"providers": list(self.providers)} if self.providers else {})}
 
 
 @dataclass
@@ -91,6 +93,13 @@ class Provider:
     name: str
     reason: str | None = None  # set: the provider is skipped, and this says why
     note: str = ""
+
+
+def skip_reason(settings: Settings, provider: Provider) -> str | None:
+    """Why the run skips this provider (None: it runs): its own reason, or not among --providers."""
+    if provider.reason or settings.providers is None or provider.name in settings.providers:
+        return provider.reason
+    return "not selected (--providers)"
 
 
 @dataclass

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default=None,
                    help="only the cases whose name contains one of these (comma list), e.g. 't2t_vit_14/train step' "
                         "(case names: model/forward, model/train step, model.tokens_to_token/..., op/stage/pass)")
+    p.add_argument("--providers", default=None,
+                   help="only these providers (comma list), e.g. 'compile-fused' for an A/B of a T2T_* switch "
+                        "(model cases: eager, fused, compile-eager, compile-fused, eager+ckpt, fused+ckpt; op cases: "
+                        "eager, cpp, cuda, triton, compile)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--compile-mode", default=None,
@@ -83,7 +87,11 @@ def settings_from_args(args):
         device, dtype=DTYPES[args.dtype] if args.dtype else None, batch=args.batch, img_size=args.img_size,
         models=args.model, compile=not args.no_compile, compile_backend=args.compile_backend,
         compile_mode=args.compile_mode,
-        checkpointing=not args.no_checkpointing, timm=args.timm)
+        checkpointing=not args.no_checkpointing, timm=args.timm, providers=_names(getattr(args, "providers", None)))
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return tuple(n for n in text.split(",") if n) or None if text else None
 
 
 def main(argv=None) -> int:
@@ -111,6 +119,12 @@ def main(argv=None) -> int:
         cases = [case for case in cases if any(w in case.name for w in wanted)]
         if not cases:
             raise ValueError(f"--cases {args.cases!r} matches none of the cases {names}")
+    if settings.providers:
+        offered = {p.name for case in cases for p in case.providers()}
+        unknown = sorted(set(settings.providers) - offered)
+        if unknown:
+            raise ValueError(f"--providers {args.providers!r}: {unknown} not offered by the selected cases "
+                             f"(they offer {sorted(offered)})")
     if settings.timm and TimmCase.unavailable_reason():
         print(f"note: {TimmCase.unavailable_reason()}; its rows are skipped", file=sys.stderr)
     result = run(settings, cases, argv=_recorded_argv(argv), warmup=args.warmup, min_reps=args.min_reps,

@@ -29,7 +29,7 @@ import time
 import torch
 
 from ..ops._backends import triton_interpreting
-from .cases import Case, Settings, unmeasured_memory_reason
+from .cases import Case, Settings, skip_reason, unmeasured_memory_reason
 
 
 def synchronize(device: torch.device) -> None:
@@ -248,8 +248,9 @@ def run_case(case: Case, warmup: int = 1, min_reps: int = 3, max_reps: int = 50,
         row = {"case": case.name, "group": case.group, "kind": case.kind, "provider": provider.name,
                "note": provider.note, "status": "ok", "reason": None}
         rows[provider.name] = row
-        if provider.reason:
-            row.update(status="skipped", reason=provider.reason)
+        reason = skip_reason(settings, provider)
+        if reason:
+            row.update(status="skipped", reason=reason)
             continue
         if on_provider:
             on_provider(provider.name)
@@ -311,7 +312,7 @@ def add_ratios(rows: list[dict], baseline: str, compiled_baseline: str) -> None:
 
 # ---- a whole run -----------------------------------------------------------------------------------------------
 def count_units(cases) -> int:
-    return sum(1 for c in cases for p in c.providers() if not p.reason)
+    return sum(1 for c in cases for p in c.providers() if not skip_reason(c.settings, p))
 
 
 def run(settings: Settings, cases: list[Case], argv=None, warmup: int = 1, min_reps: int = 3, max_reps: int = 50,

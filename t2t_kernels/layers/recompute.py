@@ -19,6 +19,7 @@ more (427 vs 385 MB at B=8) and ran 2-4% slower.
 """
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import nullcontext
 from functools import partial
@@ -177,11 +178,24 @@ def run_checkpointed(layer, x: Tensor) -> Tensor:
         _checkpointed.active = before
 
 
+RECOMPUTE_ENV = "T2T_RECOMPUTE_PAIRS"
+
+
+def recompute_pairs_enabled() -> bool:
+    """T2T_RECOMPUTE_PAIRS=0 turns the lean pairs off: eager's saved activations (more memory), for A/B timing."""
+    return os.environ.get(RECOMPUTE_ENV, "1") != "0"
+
+
+# dynamo should not trace the environment lookup; read when a graph is traced (a change needs a new compile)
+_recompute_pairs_enabled = torch.compiler.assume_constant_result(recompute_pairs_enabled)
+
+
 def recomputes(backend: str | None, *norm_linear_pairs: tuple[nn.Module, nn.Module]) -> bool:
     """Whether a layer trains through linear_of_recomputed: a fused backend (not "eager"), each (norm, Linear) pair
-    an nn.LayerNorm over the last dim and an nn.Linear, gradients wanted, and no gradient checkpointing recomputing
-    the whole layer (not tracked under torch.compile, where the pairs' checkpoints nest in the layer's)."""
-    return (backend != "eager" and torch.is_grad_enabled()
+    an nn.LayerNorm over the last dim and an nn.Linear, gradients wanted, no gradient checkpointing recomputing
+    the whole layer (not tracked under torch.compile, where the pairs' checkpoints nest in the layer's), and
+    T2T_RECOMPUTE_PAIRS not 0."""
+    return (backend != "eager" and torch.is_grad_enabled() and _recompute_pairs_enabled()
             and all(type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and type(linear) is nn.Linear
                     for norm, linear in norm_linear_pairs)
             and (torch.compiler.is_compiling() or not getattr(_checkpointed, "active", False)))

@@ -36,6 +36,25 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+OP_NAMES = ("soft_split", "soft_split_layer_norm", "performer_attention", "post_attention")
+EAGER_OPS_ENV = "T2T_EAGER_OPS"
+
+
+def eager_by_request(op: str) -> bool:
+    """Whether T2T_EAGER_OPS (a comma list of op names, or "all") asks "auto" to run `op` on its eager formula:
+    for A/B timing, for debugging, and under torch.compile to let inductor generate the op's code."""
+    names = {n.strip() for n in os.environ.get(EAGER_OPS_ENV, "").split(",")} - {""}
+    unknown = sorted(names - set(OP_NAMES) - {"all"})
+    if unknown:
+        raise ValueError(f"{EAGER_OPS_ENV}: unknown op name(s) {', '.join(map(repr, unknown))}; "
+                         f"expected a comma list of {', '.join(OP_NAMES)} or 'all'")
+    return op in names or "all" in names
+
+
+# dynamo should not trace the environment lookup; read when a graph is traced (a change needs a new compile)
+_eager_by_request = torch.compiler.assume_constant_result(eager_by_request)
+
+
 # what the eager formulas take on every device (torch's unfold and matmul have no float8 kernels)
 EAGER_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -78,7 +97,8 @@ class OpBackends:
         """The backend to run: the requested one (checked), or for None/"auto" the first available in auto_order."""
         explicit = backend is not None and backend != "auto"
         if not explicit:
-            for candidate in self.auto_order.get(x.device.type, ()):
+            candidates = () if _eager_by_request(self.name) else self.auto_order.get(x.device.type, ())
+            for candidate in candidates:
                 if self.unavailable_reason(candidate, x.device, x.dtype) is None:
                     return candidate
             backend = "eager"

@@ -162,6 +162,23 @@ def test_auto_picks_cpp_on_cpu():
     assert BACKENDS.resolve("auto", x) == expected
 
 
+def test_eager_ops_switch_makes_auto_run_the_eager_formula(monkeypatch):
+    """T2T_EAGER_OPS names the ops whose "auto" runs the eager formula (A/B timing, letting inductor generate them);
+    an explicit backend is unaffected, and a misspelt op name is an error that names the switch."""
+    x = torch.randn(1, 2, 5, 5)
+    auto = BACKENDS.resolve("auto", x)
+    monkeypatch.setenv("T2T_EAGER_OPS", "performer_attention")
+    assert BACKENDS.resolve("auto", x) == auto
+    for value in ("soft_split", " performer_attention, soft_split ", "all"):
+        monkeypatch.setenv("T2T_EAGER_OPS", value)
+        assert BACKENDS.resolve("auto", x) == "eager"
+        assert BACKENDS.resolve(None, x) == "eager"
+        assert BACKENDS.resolve("triton" if auto == "eager" else auto, x) != "eager"
+    monkeypatch.setenv("T2T_EAGER_OPS", "soft_split,softsplit")
+    with pytest.raises(ValueError, match=r"T2T_EAGER_OPS: unknown op name\(s\) 'softsplit'"):
+        BACKENDS.resolve("auto", x)
+
+
 @pytest.mark.parametrize("backend", ["eager", "cpp"])
 @pytest.mark.parametrize("layout", ["contiguous", "token_view"])
 def test_gradcheck_float64(backend, layout):
