@@ -113,6 +113,7 @@ run op-tests "$PYTHON" -m pytest tests/ops tests/models -k "(cuda or triton) and
 [[ -n "${GPU_SESSION_GPU_TESTS:-}" ]] && read -ra GPU_TESTS <<<"$GPU_SESSION_GPU_TESTS"
 run gpu-tests "$PYTHON" -m pytest "${GPU_TESTS[@]}" "${TIMEOUT[@]}" -q -rfE -p no:cacheprovider
 run graphs env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm \
-  --no-checkpointing --compile-mode reduce-overhead --cases "t2t_vit_14/train step" --no-progress \
+  --no-checkpointing --compile-mode reduce-overhead --cases "t2t_vit_14/train step" \
+  --providers eager,compile-eager,compile-fused --no-progress \
   --out "$WORK/bench-graphs"
 run tune "$PYTHON" scripts/tune_performer.py --min-time 0.5 --out "$WORK/tune"

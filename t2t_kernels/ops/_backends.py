@@ -66,6 +66,9 @@ class OpBackends:
     name: str  # e.g. "soft_split"; the compiled op is t2t_kernels::<name>
     dtypes: dict = field(default_factory=dict)  # backend -> tuple of dtypes; eager takes EAGER_DTYPES
     auto_order: dict = field(default_factory=dict)  # device type -> backends "auto" tries in order
+    # device type -> what "auto" tries while torch.compile traces, where inductor's code for the eager formula
+    # measured faster than the kernels (empty: the eager formula); device types not named keep auto_order
+    compiled_auto_order: dict = field(default_factory=dict)
 
     def unavailable_reason(self, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when `backend` can run this op on tensors of `device` and `dtype`, else why not."""
@@ -97,7 +100,9 @@ class OpBackends:
         """The backend to run: the requested one (checked), or for None/"auto" the first available in auto_order."""
         explicit = backend is not None and backend != "auto"
         if not explicit:
-            candidates = () if _eager_by_request(self.name) else self.auto_order.get(x.device.type, ())
+            orders = self.compiled_auto_order if torch.compiler.is_compiling() else {}
+            candidates = () if _eager_by_request(self.name) else \
+                orders.get(x.device.type, self.auto_order.get(x.device.type, ()))
             for candidate in candidates:
                 if self.unavailable_reason(candidate, x.device, x.dtype) is None:
                     return candidate

@@ -6,6 +6,8 @@ Triton runs on CPU tensors through its interpreter (tests/conftest.py sets TRITO
 shapes stay small; "cuda" (the CUDA soft split, then torch's layer_norm) and the GPU tests skip without a GPU.
 Every torch.empty is NaN-filled (tests/conftest.py): an output or gradient element a kernel leaves unwritten fails.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -652,3 +654,18 @@ def test_errors_name_this_op():
     x, w = torch.randn(1, 2, 6, 6), torch.randn(18)
     with pytest.raises(ValueError, match=r"soft_split_layer_norm \(triton\): eps"):
         torch.ops.t2t_kernels.soft_split_layer_norm_triton(x, w, w.clone(), [3, 3], [2, 2], [1, 1], -1.0)
+
+
+def test_auto_under_torch_compile_on_cuda_lets_inductor_generate_the_op(monkeypatch):
+    """While torch.compile traces, "auto" on a GPU runs the eager formula (inductor's generated code beat the Triton
+    kernels in a T2T-ViT-14 train step on an H100); on the CPU it keeps the compiled kernel, and an explicit backend
+    is taken as asked."""
+    monkeypatch.setattr(type(BACKENDS), "unavailable_reason", lambda self, b, device, dtype: None)
+    gpu = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    cpu = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    assert BACKENDS.resolve("auto", gpu) == "triton"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert BACKENDS.resolve("auto", gpu) == "eager"
+    assert BACKENDS.resolve(None, gpu) == "eager"
+    assert BACKENDS.resolve("triton", gpu) == "triton"
+    assert BACKENDS.resolve("auto", cpu) == "cpp"
