@@ -530,6 +530,11 @@ class ModelCase(Case):
         ops = ", ".join(f"{b.name} {b.resolve('auto', probe)}"
                         for b in (SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS, PERFORMER_BACKENDS))
         text = f"{ops}, post_attention {POST_ATTENTION_BACKENDS.resolve('auto', probe)} (inference)"
+        device = probe.device.type
+        inductor = [b.name for b in (SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS, PERFORMER_BACKENDS)
+                    if b.auto_candidates(device, False) and not b.auto_candidates(device, True)]
+        if inductor:
+            text += f"; under torch.compile {', '.join(inductor)} as the eager formula (inductor's code)"
         return text + "; the whole model runs its last block for the class token alone"
 
     def make_model(self):

@@ -96,14 +96,18 @@ class OpBackends:
             return f"triton runs on cuda tensors (or cpu tensors under TRITON_INTERPRET=1), got {device.type}"
         return None
 
+    def auto_candidates(self, device_type: str, compiling: bool) -> tuple[str, ...]:
+        """The backends "auto" tries in order (then eager) on this device type, while torch.compile traces or not."""
+        if _eager_by_request(self.name):
+            return ()
+        orders = self.compiled_auto_order if compiling else {}
+        return orders.get(device_type, self.auto_order.get(device_type, ()))
+
     def resolve(self, backend: str | None, x: torch.Tensor) -> str:
         """The backend to run: the requested one (checked), or for None/"auto" the first available in auto_order."""
         explicit = backend is not None and backend != "auto"
         if not explicit:
-            orders = self.compiled_auto_order if torch.compiler.is_compiling() else {}
-            candidates = () if _eager_by_request(self.name) else \
-                orders.get(x.device.type, self.auto_order.get(x.device.type, ()))
-            for candidate in candidates:
+            for candidate in self.auto_candidates(x.device.type, torch.compiler.is_compiling()):
                 if self.unavailable_reason(candidate, x.device, x.dtype) is None:
                     return candidate
             backend = "eager"

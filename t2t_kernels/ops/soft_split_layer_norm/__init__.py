@@ -5,7 +5,8 @@ cache. Forward keeps only x and the per-token mean and rstd (B, L); backward re-
 for backward costs the input, not the (k/s)^2-times larger split. Backends: "eager" (reference.py), "cpp" (the
 compiled op t2t_kernels::soft_split_layer_norm, csrc/cpu/soft_split.cpp), "triton" (t2t_kernels::
 soft_split_layer_norm_triton, triton.py). There is no fused CUDA kernel: backend="cuda" runs the CUDA soft split and
-torch's layer_norm. Outputs are in x's dtype with statistics in fp32; weight and bias may be fp32 for a low-precision
+torch's layer_norm. Under torch.compile on a GPU, "auto" takes the eager formula, whose inductor code measured
+faster (BACKENDS below). Outputs are in x's dtype with statistics in fp32; weight and bias may be fp32 for a low-precision
 x (autocast keeps parameters fp32), and their gradients come back in their own dtype.
 """
 from __future__ import annotations
@@ -25,9 +26,10 @@ BACKENDS = OpBackends(
     name="soft_split_layer_norm",
     dtypes={"cpp": _FLOATS + (torch.float64,), "triton": _FLOATS},
     auto_order={"cuda": ("triton",), "cpu": ("cpp",)},
-    # under torch.compile on a GPU, inductor's code for the eager formula (one gather + LayerNorm kernel, fused with
-    # its neighbours) beat the Triton kernels: H100, bf16, T2T-ViT-14's train step at B=128, the two calls' kernels
-    # 3.0 ms a step against inductor's ~1.8 (profiled), and the step 31.0 ms against 35.6 (host-bound runs)
+    # under torch.compile on a GPU, inductor's code for the eager formula (gather + LayerNorm fused with its
+    # neighbours, and recomputed inside the backward's kernels) beat the Triton kernels: H100, bf16, T2T-ViT-14's
+    # train step at B=128, the Triton op's calls 3.0 ms a step (profiled) against ~1.8 ms of inductor's kernels;
+    # compile-fused went from 35.6 to 31.0 ms (host-bound runs) with memory unchanged (BENCHMARKS.md)
     compiled_auto_order={"cuda": ()},
 )
 
