@@ -5,38 +5,39 @@
 #   bash scripts/gpu_session.sh [OUT_DIR]      (default: $OUT when set, else a new temp dir)
 #
 #   1. build        the extension with its CUDA kernels for sm_90 only (~60 s on 16 cores)
-#   2. checks       the GPU checks of the newest kernel code first: the Performer at the model's shapes in every
-#                   dtype (bf16's split-bf16 tensor-core products), the whole model against float64, the Performer
-#                   past int32 indexing
-#   3. bench        T2T-ViT-14's whole-model train step with every provider, torch.compile included, then timm's
-#                   ViT-S train step: the GPU targets of issue 5 (bench/: JSON, markdown, plot)
-#   4. variants     the train step's compile-fused provider alone under each of GPU_SESSION_VARIANTS' switch sets
-#                   (bench-variant-N/): A/B of what the compiled fused model should run (compile-fused trailed
-#                   compile-eager, 0.93x): the soft split + LayerNorm as inductor's code (T2T_EAGER_OPS), no lean
-#                   pairs (T2T_RECOMPUTE_PAIRS=0)
-#   5. profile      scripts/profile_step.py on the train step, compile-eager against compile-fused by default
-#                   (GPU_SESSION_PROFILE_PROVIDERS): which kernels make the gap
-#   6. ops          the Performer and soft split + LayerNorm op cases with torch.compile of the eager formula beside
-#                   the Triton kernels (bench-ops/): whether the kernels beat inductor's code for the same op
-#   (tune)          not by default: scripts/tune_performer.py, the Triton Performer's tiles (rows, warps) timed
-#                   against its default at the model's shapes (tune/tune_performer.json)
-#   (op-tests)      not by default (they passed on 2026-11-26): the CUDA/Triton op and model tests (pytest-xdist,
-#                   fixed Triton tiles)
-#   (gpu-tests)     not by default (likewise): tests/gpu (the whole model against float64, huge tensors,
-#                   determinism, memory, threads)
-#   (graphs)        not by default: the train step's compile providers with --compile-mode reduce-overhead (CUDA
-#                   graphs, for a step whose GPU waits on the host), into bench-graphs/
+#   2. checks       the GPU checks of the newest code first: torch.compile(fullgraph=True) of the fused and the
+#                   official model against float64 (the soft split + LayerNorm as inductor's code under compile),
+#                   then the Performer at the model's shapes in every dtype
+#   3. bench        T2T-ViT-14's whole-model train step with every provider, then timm's ViT-S train step: every GPU
+#                   target of issue 5 in one run, the compile providers with GPU_SESSION_COMPILE_MODE (default
+#                   reduce-overhead: CUDA graphs, since without them both compiled steps wait on the host) (bench/)
+#   4. variants     compile-eager and compile-fused under each of GPU_SESSION_VARIANTS' switch sets
+#                   (bench-variant-N/): what the compiled fused model should run; by default no lean pairs
+#                   (T2T_RECOMPUTE_PAIRS=0: more memory, no LayerNorm/GELU recompute) and the plain soft split as
+#                   inductor's code (T2T_EAGER_OPS=soft_split)
+#   5. tune         scripts/tune_performer.py: the Triton Performer's tiles (rows, warps) timed against its default
+#                   at the model's shapes (tune/tune_performer.json; the split-bf16 products were never tuned)
+#   (profile)       not by default: scripts/profile_step.py on the train step, GPU_SESSION_PROFILE_PROVIDERS
+#                   (default compile-eager,compile-fused): which kernels make the gap (85 s for both)
+#   (ops)           not by default: the soft split + LayerNorm and Performer op cases with torch.compile of the eager
+#                   formula beside the Triton kernels (bench-ops/)
+#   (op-tests)      not by default: the CUDA/Triton op and model tests (pytest-xdist, fixed Triton tiles)
+#   (gpu-tests)     not by default: tests/gpu (the whole model against float64, huge tensors, determinism, memory,
+#                   threads)
+#   (graphs)        not by default: the train step's compile providers with --compile-mode reduce-overhead and
+#                   eager, into bench-graphs/
 #   (performer-ab)  not by default: the Performer op cases (no compile) with bf16's products on the FMA path and
 #                   split into bf16 parts on the tensor cores (T2T_PERFORMER_SPLIT_BF16=0/1), into bench-performer-*/
 #   (train)         not by default: the train step, eager and fused only (no compile, no checkpointing), into
 #                   bench-train/
 #
-# Env: GPU_SESSION_STEPS="build checks bench variants profile ops" (the default; add "tune", "op-tests", "gpu-tests",
-#      "graphs", ..., or drop steps a second call does not need: the build is needed on every fresh machine),
-#      GPU_SESSION_LIMITS="build=75 checks=70 bench=160 variants=95 profile=85 ops=55" (seconds per step, these the
-#      defaults: 540 in all; the bench took 133 s on an H100), GPU_SESSION_GPU_TESTS (the gpu-tests step's
-#      pytest arguments; default tests/gpu without what the checks step ran), GPU_SESSION_VARIANTS (switch sets
-#      separated by ';', each of space-separated NAME=VALUE; default below), GPU_SESSION_PROFILE_PROVIDERS.
+# Env: GPU_SESSION_STEPS="build checks bench variants tune" (the default; add "profile", "ops", "op-tests", ...,
+#      or drop steps a second call does not need: the build is needed on every fresh machine),
+#      GPU_SESSION_LIMITS="build=75 checks=120 bench=160 variants=140 tune=60" (seconds per step, these the
+#      defaults: 555 in all; on an H100 the bench took 150 s, one variant ~70 s), GPU_SESSION_GPU_TESTS (the
+#      gpu-tests step's pytest arguments; default tests/gpu without what the checks step ran), GPU_SESSION_VARIANTS
+#      (switch sets separated by ';', each of space-separated NAME=VALUE), GPU_SESSION_COMPILE_MODE ("default" for
+#      torch's), GPU_SESSION_PROFILE_PROVIDERS.
 # A step past its limit is interrupted (pytest prints what it has, the bench keeps the cases it finished) and the
 # next runs. Logs and results are packed into OUT_DIR/session.tgz after every step (a lent machine returns at most
 # 8 files from $OUT, and what a killed command wrote).
@@ -48,10 +49,13 @@ mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
-declare -A LIMIT=([build]=75 [checks]=70 [bench]=160 [variants]=95 [profile]=85 [ops]=55 [tune]=75 [op-tests]=80
-                  [gpu-tests]=80 [graphs]=240 [performer-ab]=60 [train]=60)
-STEPS=" ${GPU_SESSION_STEPS:-build checks bench variants profile ops} "
-VARIANTS=${GPU_SESSION_VARIANTS:-"T2T_EAGER_OPS=soft_split_layer_norm; T2T_RECOMPUTE_PAIRS=0"}
+declare -A LIMIT=([build]=75 [checks]=120 [bench]=160 [variants]=140 [tune]=60 [profile]=85 [ops]=110
+                  [op-tests]=80 [gpu-tests]=80 [graphs]=240 [performer-ab]=60 [train]=60)
+STEPS=" ${GPU_SESSION_STEPS:-build checks bench variants tune} "
+VARIANTS=${GPU_SESSION_VARIANTS:-"T2T_RECOMPUTE_PAIRS=0; T2T_EAGER_OPS=soft_split"}
+COMPILE_MODE=${GPU_SESSION_COMPILE_MODE:-reduce-overhead}
+MODE_ARGS=()
+[[ "$COMPILE_MODE" != default ]] && MODE_ARGS=(--compile-mode "$COMPILE_MODE")
 for kv in ${GPU_SESSION_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 
 run() {  # run STEP COMMAND...: under the step's limit, logged; prints the log's tail (selected steps only)
@@ -72,11 +76,9 @@ fi
 WORK=$(mktemp -d -t t2t_gpu_session.XXXXXX)
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$WORK/device.txt"
 run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
-CHECKS=(tests/ops/test_performer_attention.py::test_cuda_model_shapes
-        tests/ops/test_performer_attention.py::test_triton_16bit_inputs_keep_fp32_accuracy
-        tests/ops/test_performer_attention.py::test_triton_bf16_split_products_as_accurate_as_fp32_products
-        tests/gpu/test_gpu_model.py
-        tests/gpu/test_gpu_huge_tensors.py::test_performer_sequence_beyond_int32)
+CHECKS=(tests/gpu/test_gpu_model.py::test_compiled_models_on_the_gpu_match_float64
+        tests/ops/test_performer_attention.py::test_cuda_model_shapes
+        tests/ops/test_performer_attention.py::test_triton_bf16_split_products_as_accurate_as_fp32_products)
 run checks "$PYTHON" -m pytest "${CHECKS[@]}" -q -rfE -p no:cacheprovider
 # the gpu-tests step skips what the checks ran (unless told what to run)
 GPU_TESTS=(tests/gpu)
@@ -91,13 +93,15 @@ run train env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_v
   --no-checkpointing --cases "t2t_vit_14/train step" --no-progress --out "$WORK/bench-train"
 # the bench keeps its own autotuning (timings): T2T_TRITON_AUTOTUNE applies to the checks only
 # the train step first (every issue-5 GPU target is in it; results.json is rewritten after each case), then timm's
-run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --timm \
+run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --timm "${MODE_ARGS[@]}" \
   --cases "t2t_vit_14/train step,timm.vit_small_patch16_224/train step" --no-progress --out "$WORK/bench"
-# each switch set in its own process (the switches are read when a graph is traced), compile-fused alone
-run variants env PYTHON="$PYTHON" WORK="$WORK" VARIANTS="$VARIANTS" bash -c 'i=0; IFS=";" read -ra sets <<<"$VARIANTS"
+# each switch set in its own process (the switches are read when a graph is traced), with compile-eager beside
+run variants env PYTHON="$PYTHON" WORK="$WORK" VARIANTS="$VARIANTS" MODE="${MODE_ARGS[*]}" bash -c 'i=0
+  IFS=";" read -ra sets <<<"$VARIANTS"
   for set in "${sets[@]}"; do i=$((i + 1)); echo "--- variant $i: $set"
-    env T2T_TRITON_AUTOTUNE=1 $set "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm \
-      --cases "t2t_vit_14/train step" --providers compile-fused --no-progress --out "$WORK/bench-variant-$i" || exit
+    env T2T_TRITON_AUTOTUNE=1 $set "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --no-timm $MODE \
+      --cases "t2t_vit_14/train step" --providers compile-eager,compile-fused --no-progress \
+      --out "$WORK/bench-variant-$i" || exit
   done'
 run profile "$PYTHON" scripts/profile_step.py --case "t2t_vit_14/train step" \
   --providers "${GPU_SESSION_PROFILE_PROVIDERS:-compile-eager,compile-fused}" --rows 45
@@ -116,4 +120,4 @@ run graphs env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_
   --no-checkpointing --compile-mode reduce-overhead --cases "t2t_vit_14/train step" \
   --providers eager,compile-eager,compile-fused --no-progress \
   --out "$WORK/bench-graphs"
-run tune "$PYTHON" scripts/tune_performer.py --min-time 0.5 --out "$WORK/tune"
+run tune "$PYTHON" scripts/tune_performer.py --min-time 0.3 --out "$WORK/tune"

@@ -24,25 +24,36 @@ FP32_TOLERANCE = 1e-4
 BF16_TOLERANCE = 5e-2
 
 
-def _model(name):
+def _model(name, img_size=224):
     torch.manual_seed(0)
-    model = t2t_kernels.create_model(name, img_size=224, num_classes=100, backend="eager")
+    model = t2t_kernels.create_model(name, img_size=img_size, num_classes=100, backend="eager")
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     return perturbed(model, 0.02)
 
 
-def _run(model, backend, x, labels, train, autocast, official=True):
+def _run(model, backend, x, labels, train, autocast, official=True, compiled=False):
     """(logits, {name: grad}) in float64 on the CPU (no grads in eval), from a copy of model on backend; eager with
-    the official Performer formula unless official=False (float64: that formula computes in fp32)."""
+    the official Performer formula unless official=False (float64: that formula computes in fp32). compiled: through
+    torch.compile(fullgraph=True), a second call of the same shape without a recompile, the second call's results."""
     model = copy.deepcopy(model)
     model.set_backend(backend)
     if backend == "eager" and official:
         use_official_performer(model)
     model.train(train)
-    with torch.set_grad_enabled(train), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(x)
+    run = model
+    if compiled:
+        torch._dynamo.reset()
+        run = torch.compile(model, fullgraph=True)
+        with torch.set_grad_enabled(train), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            first = run(x)
+        if train:
+            F.cross_entropy(first.float(), labels).backward()
+            model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(train), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast), \
+            torch._dynamo.config.patch(error_on_recompile=True):
+        logits = run(x)
     grads = {}
     if train:
         F.cross_entropy(logits.float(), labels).backward()
@@ -54,17 +65,17 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def check_against_float64(name, train, device):
+def check_against_float64(name, train, device, compiled=False, img_size=224):
     """Errors {(backend, autocast): relative L2 error of the logits (and, training, of all gradients)}, checked."""
-    model = _model(name)
-    x, labels = torch.randn(4, 3, 224, 224), torch.randint(0, 100, (4,))
+    model = _model(name, img_size)
+    x, labels = torch.randn(4, 3, img_size, img_size), torch.randint(0, 100, (4,))
     truth, truth_grads = _run(model.double(), "eager", x.double(), labels, train, autocast=False, official=False)
     model = model.float().to(device)
     x, labels = x.to(device), labels.to(device)
     errors = {}
     for autocast in (False, True):
         for backend in ("eager", "auto"):
-            logits, grads = _run(model, backend, x, labels, train, autocast)
+            logits, grads = _run(model, backend, x, labels, train, autocast, compiled=compiled)
             assert torch.isfinite(logits).all()
             error = _rel(logits, truth)
             if train:
@@ -85,3 +96,11 @@ def check_against_float64(name, train, device):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_fused_and_official_models_on_the_gpu_match_float64(name, train):
     check_against_float64(name, train, "cuda")
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compiled_models_on_the_gpu_match_float64(train):
+    """torch.compile(fullgraph=True) of the fused and the official model on the GPU (the Triton ops through their
+    fake kernels, under compile the soft split + LayerNorm as inductor's code), in fp32 and under bf16 autocast: no
+    graph break, no recompile on the second call, logits and gradients within the same tolerances of float64."""
+    check_against_float64("t2t_vit_7", train, "cuda", compiled=True, img_size=96)
