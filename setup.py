@@ -79,7 +79,7 @@ def extensions():
     arch_list = os.environ.get("T2T_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
+    sources = ["csrc/ops.cpp", "csrc/recompute.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
     # -fopenmp: ATen's parallel_for is an inline `#pragma omp parallel` (torch's backend is OpenMP); without the
     # flag it compiles to a serial loop. The link flag resolves to the libgomp that torch already loaded.
     cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-fopenmp"]

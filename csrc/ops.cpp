@@ -41,4 +41,10 @@ TORCH_LIBRARY(t2t_kernels, m) {
   m.def(
       "post_attention(Tensor y, Tensor skip, Tensor proj_weight, Tensor proj_bias, Tensor norm_weight, "
       "Tensor norm_bias, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> Tensor");
+  // linear(layer_norm(x)) and linear(gelu(h)) (exact GELU) keeping x (h) for backward, not the Linear's input:
+  // autograd kernels for every device (csrc/recompute.cpp), the training path of t2t_kernels/layers/recompute.py
+  m.def(
+      "norm_linear(Tensor x, Tensor? norm_weight, Tensor? norm_bias, int[] normalized_shape, float eps, "
+      "Tensor weight, Tensor? bias) -> Tensor");
+  m.def("gelu_linear(Tensor h, Tensor weight, Tensor? bias) -> Tensor");
 }

@@ -5,9 +5,10 @@
 #   bash scripts/gpu_session.sh [OUT_DIR]      (default: $OUT when set, else a new temp dir)
 #
 #   1. build        the extension with its CUDA kernels for sm_90 only (~60 s on 16 cores)
-#   2. checks       the GPU checks of the newest code first: torch.compile(fullgraph=True) of the fused and the
-#                   official model against float64 (the soft split + LayerNorm as inductor's code under compile),
-#                   then the Performer at the model's shapes in every dtype
+#   2. checks       the GPU checks of the newest code first: the C++ LayerNorm/GELU -> Linear pair ops against the
+#                   Python Function under CUDA autocast (never run on a GPU yet), the whole model against float64
+#                   (uncompiled, and torch.compile(fullgraph=True) of it: the soft split + LayerNorm as inductor's
+#                   code), then the Performer at the model's shapes in every dtype
 #   3. bench        T2T-ViT-14's whole-model train step with every provider, then timm's ViT-S train step: every GPU
 #                   target of issue 5 in one run, the compile providers with GPU_SESSION_COMPILE_MODE (default
 #                   reduce-overhead: CUDA graphs, since without them both compiled steps wait on the host) (bench/)
@@ -76,9 +77,9 @@ fi
 WORK=$(mktemp -d -t t2t_gpu_session.XXXXXX)
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$WORK/device.txt"
 run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
-CHECKS=(tests/gpu/test_gpu_model.py::test_compiled_models_on_the_gpu_match_float64
-        tests/ops/test_performer_attention.py::test_cuda_model_shapes
-        tests/ops/test_performer_attention.py::test_triton_bf16_split_products_as_accurate_as_fp32_products)
+CHECKS=(tests/models/test_recompute.py::test_cpp_pairs_equal_the_python_function_bitwise
+        tests/gpu/test_gpu_model.py
+        tests/ops/test_performer_attention.py::test_cuda_model_shapes)
 run checks "$PYTHON" -m pytest "${CHECKS[@]}" -q -rfE -p no:cacheprovider
 # the gpu-tests step skips what the checks ran (unless told what to run)
 GPU_TESTS=(tests/gpu)

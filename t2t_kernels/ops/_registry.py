@@ -17,6 +17,8 @@ def needs_eager_autodiff(*tensors) -> bool:
     traces."""
     if torch.compiler.is_compiling():
         return False
+    if forward_ad._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
+        return False  # no dual level entered and no transform active: no tensor can carry either (the common case)
     return any(t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
                                   or forward_ad.unpack_dual(t).tangent is not None) for t in tensors)
 

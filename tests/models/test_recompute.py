@@ -10,13 +10,24 @@ import torch.nn.functional as F
 
 import t2t_kernels
 from op_log import OpLog
-from t2t_kernels.layers import Block, T2T_module
+from t2t_kernels.layers import Block, T2T_module, recompute
 from t2t_kernels.layers.common import maybe_checkpoint, mlp_after_fc1
 from t2t_kernels.layers.recompute import _LinearOfRecomputed, gelu_linear, linear_of_recomputed, norm_linear
 from t2t_kernels.layers.t2t import SoftSplit
 from t2t_kernels.ops import SOFT_SPLIT_LAYER_NORM_BACKENDS
 
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
+HAS_CPP_PAIRS = recompute._HAS_COMPILED_PAIRS
+
+
+@pytest.fixture(params=["cpp", "python"])
+def pairs(request, monkeypatch):
+    """Runs a test with the LayerNorm/GELU pairs on the C++ autograd ops (csrc/recompute.cpp, the default with the
+    extension) and on the Python Function (without it)."""
+    if request.param == "cpp" and not HAS_CPP_PAIRS:
+        pytest.skip("the extension has no norm_linear/gelu_linear ops")
+    monkeypatch.setattr(recompute, "_HAS_COMPILED_PAIRS", request.param == "cpp")
+    return request.param
 
 
 def saved_activation_bytes(fn, module):
@@ -67,7 +78,7 @@ def _cases(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", range(4))
-def test_same_output_and_gradients_as_the_plain_modules(case, dtype):
+def test_same_output_and_gradients_as_the_plain_modules(case, dtype, pairs):
     torch.manual_seed(case)
     cases, modules = _cases(dtype)
     name, lean, plain, x0 = cases[case]
@@ -116,7 +127,7 @@ def test_gradgradcheck_float64(kind):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-def test_gradient_penalty_matches_the_plain_modules():
+def test_gradient_penalty_matches_the_plain_modules(pairs):
     """A double backward through a block's MLP half (x + fc2(gelu(fc1(norm2(x))))): the gradient of |d loss / d x|^2
     through the lean pairs equals the plain modules'. (The attention half has none: torch's CPU flash attention has
     no double backward, in either backend.)"""
@@ -136,7 +147,7 @@ def test_gradient_penalty_matches_the_plain_modules():
         torch.testing.assert_close(g, r, **TOLERANCES[torch.float64])
 
 
-def test_autocast_bfloat16_matches_the_plain_modules():
+def test_autocast_bfloat16_matches_the_plain_modules(pairs):
     """Under CPU autocast the Linear runs in bf16 on the cast of f's fp32 output: the recomputation in backward runs
     under the same autocast state, so the gradients are eager's up to the bf16 GEMMs' rounding."""
     torch.manual_seed(0)
@@ -264,7 +275,7 @@ def _lean_and_plain_blocks(E):
     return block, plain, torch.randn(2, 50, E, requires_grad=True)
 
 
-def test_a_block_saves_nine_widths_per_token_instead_of_fourteen():
+def test_a_block_saves_nine_widths_per_token_instead_of_fourteen(pairs):
     """Eager saves per token x, norm1(x), qkv (3E), the attention output, x2, norm2(x2), fc1's output and the GELU's
     (3E each): 14E. The lean block keeps neither norm output nor the GELU's: 9E (plus the attention's few floats
     per head)."""
@@ -369,3 +380,70 @@ def test_checkpointed_layers_recompute_only_once():
         with OpLog() as log:
             maybe_checkpoint(enabled, block, x).sum().backward()
         assert sum(n.startswith("aten::native_layer_norm") and "backward" not in n for n in log.names) == norms
+
+
+def _pair_op_args(kind, affine=True, dtype=torch.float64):
+    """(op, args) for a pair op: x (2, 3, 6), the norm's parameters (6,) or None, weight (4, 6), bias (4,) or None."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+
+    x, weight, bias = t(2, 3, 6), t(4, 6), t(4) if affine else None
+    if kind == "gelu":
+        return torch.ops.t2t_kernels.gelu_linear.default, (x, weight, bias)
+    norm_weight, norm_bias = (t(6), t(6)) if affine else (None, None)
+    return torch.ops.t2t_kernels.norm_linear.default, (x, norm_weight, norm_bias, [6], 1e-5, weight, bias)
+
+
+@pytest.mark.skipif(not HAS_CPP_PAIRS, reason="the extension has no norm_linear/gelu_linear ops")
+@pytest.mark.parametrize("affine", [True, False], ids=["params", "no-params"])
+@pytest.mark.parametrize("kind", ["layer_norm", "gelu"])
+def test_cpp_pair_ops_opcheck_gradcheck_gradgradcheck(kind, affine):
+    """The C++ autograd ops of the pairs: torch.library.opcheck (schema, autograd registration, fake tensors, AOT
+    dispatch), first and second derivatives in float64, with and without the optional parameters."""
+    op, args = _pair_op_args(kind, affine)
+    torch.library.opcheck(op, args)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+
+    def fn(*ts):
+        it = iter(ts)
+        return op(*(next(it) if isinstance(a, torch.Tensor) else a for a in args))
+
+    assert torch.autograd.gradcheck(fn, tensors)
+    assert torch.autograd.gradgradcheck(fn, tensors)
+
+
+@pytest.mark.skipif(not HAS_CPP_PAIRS, reason="the extension has no norm_linear/gelu_linear ops")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("mode", ["fp32", "bf16_tokens_fp32_params", "autocast_bf16"])
+@pytest.mark.parametrize("kind", ["layer_norm", "gelu"])
+def test_cpp_pairs_equal_the_python_function_bitwise(kind, mode, device, monkeypatch):
+    """The C++ ops are the Python Function op for op (the ops a GPU step's host time was spent in Python for): the
+    same outputs and gradients bit for bit, and norm_linear/gelu_linear take them (their grad_fn) by default. On
+    CUDA, autocast runs layer_norm in fp32, which both recompute as it did."""
+    torch.manual_seed(0)
+    norm, linear = torch.nn.LayerNorm(40).to(device), torch.nn.Linear(40, 24).to(device)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+        norm.bias.normal_(0, 0.3)
+    x0 = torch.randn(3, 17, 40, device=device) * 2 + 0.5
+    if mode == "bf16_tokens_fp32_params":  # bf16 tokens into an fp32 norm, its bf16 output into a bf16 Linear
+        x0, linear = x0.bfloat16(), linear.bfloat16()
+    call = (lambda x: norm_linear(norm, linear, x)) if kind == "layer_norm" else (lambda x: gelu_linear(linear, x))
+    params = [*norm.parameters(), *linear.parameters()] if kind == "layer_norm" else [*linear.parameters()]
+    results = []
+    for cpp in (True, False):
+        monkeypatch.setattr(recompute, "_HAS_COMPILED_PAIRS", cpp)
+        x = x0.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "autocast_bf16"):
+            out = call(x)
+        expected = "GeluLinear" if kind == "gelu" else "NormLinear"
+        assert (expected in type(out.grad_fn).__name__ or expected in out.grad_fn.name()) == cpp, out.grad_fn.name()
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+        results.append((out, torch.autograd.grad(out, [x, *params], grad_out)))
+    (out, grads), (ref, ref_grads) = results
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and torch.equal(g, r)
