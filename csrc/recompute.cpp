@@ -1,10 +1,10 @@
 // linear(layer_norm(x)) and linear(gelu(h)) that keep x (h), not the Linear's input, for backward: the C++ autograd
 // twins of t2t_kernels/layers/recompute.py's Python Function, for any device. A Python autograd Function costs a GPU
-// train step host time it waits for (its apply and backward run Python; T2T-ViT-14 has 44 such pairs); here the
-// engine calls the backward directly. Same math as the Python path, op for op, so the same gradients: forward as
-// eager (F.layer_norm / F.gelu, then F.linear, under the caller's autocast); backward recomputes the norm (GELU)
-// once, casting as the forward's autocast did, and takes the Linear's and the norm's (GELU's) gradients from it.
-// Double backward goes through these aten ops' own derivatives.
+// train step host time it waits for (its apply and backward run Python; T2T-ViT-14 trains through about 40 such
+// pairs); here the engine calls the backward directly. Same math as the Python path, op for op, so the same
+// gradients: forward as eager (F.layer_norm / F.gelu, then F.linear, under the caller's autocast); backward
+// recomputes the norm (GELU) once, casting as the forward's autocast did, and takes the Linear's and the norm's
+// (GELU's) gradients from it. Double backward goes through these aten ops' own derivatives.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -111,7 +111,8 @@ class NormLinear : public torch::autograd::Function<NormLinear> {
 class GeluLinear : public torch::autograd::Function<GeluLinear> {
  public:
   // exact (erf) GELU; autocast leaves GELU in its input's dtype on every device
-  static Tensor forward(AutogradContext* ctx, const Tensor& h, const Tensor& weight, const std::optional<Tensor>& bias) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& h, const Tensor& weight,
+                        const std::optional<Tensor>& bias) {
     const Tensor out = at::linear(at::gelu(h), weight, bias);
     ctx->save_for_backward({h, weight});
     ctx->saved_data["edges"] = edges_of({true, true, bias.has_value() && bias->defined()});

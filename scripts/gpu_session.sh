@@ -94,7 +94,8 @@ run train env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_v
   --no-checkpointing --cases "t2t_vit_14/train step" --no-progress --out "$WORK/bench-train"
 # the bench keeps its own autotuning (timings): T2T_TRITON_AUTOTUNE applies to the checks only
 # the train step first (every issue-5 GPU target is in it; results.json is rewritten after each case), then timm's
-run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --timm "${MODE_ARGS[@]}" \
+run bench env T2T_TRITON_AUTOTUNE=1 "$PYTHON" -m t2t_kernels bench --model t2t_vit_14 --no-ops --timm \
+  "${MODE_ARGS[@]}" \
   --cases "t2t_vit_14/train step,timm.vit_small_patch16_224/train step" --no-progress --out "$WORK/bench"
 # each switch set in its own process (the switches are read when a graph is traced), with compile-eager beside
 run variants env PYTHON="$PYTHON" WORK="$WORK" VARIANTS="$VARIANTS" MODE="${MODE_ARGS[*]}" bash -c 'i=0

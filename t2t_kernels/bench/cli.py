@@ -91,7 +91,9 @@ def settings_from_args(args):
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
-    return tuple(n for n in text.split(",") if n) or None if text else None
+    """A comma list as a tuple of its names; None for no list (or an empty one)."""
+    names = tuple(n for n in (text or "").split(",") if n)
+    return names or None
 
 
 def main(argv=None) -> int:

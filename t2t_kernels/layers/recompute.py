@@ -39,7 +39,7 @@ from .._extension import has_kernel
 from ..ops._registry import needs_eager_autodiff
 
 # the C++ autograd ops of the LayerNorm/GELU -> Linear pairs (csrc/recompute.cpp), when the extension has them
-_HAS_COMPILED_PAIRS = has_kernel("t2t_kernels::norm_linear", "Autograd") and \
+_HAS_CPP_PAIRS = has_kernel("t2t_kernels::norm_linear", "Autograd") and \
     has_kernel("t2t_kernels::gelu_linear", "Autograd")
 
 
@@ -211,17 +211,17 @@ def recomputes(backend: str | None, *norm_linear_pairs: tuple[nn.Module, nn.Modu
             and (torch.compiler.is_compiling() or not getattr(_checkpointed, "active", False)))
 
 
-def _compiled_pairs(*tensors) -> bool:
+def _cpp_pairs(*tensors) -> bool:
     """Whether the C++ autograd ops take the pair (csrc/recompute.cpp): the extension has them, and neither
     torch.compile (selective checkpoints instead) nor forward-mode AD or a torch.func transform (the plain modules)
     asks for something else."""
-    return _HAS_COMPILED_PAIRS and not torch.compiler.is_compiling() and not needs_eager_autodiff(*tensors)
+    return _HAS_CPP_PAIRS and not torch.compiler.is_compiling() and not needs_eager_autodiff(*tensors)
 
 
 def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: Tensor) -> Tensor:
     """linear(norm(x)) keeping x for backward, not norm(x)."""
     norm_weight, norm_bias, weight, bias = norm.weight, norm.bias, linear.weight, linear.bias  # each read costs
-    if _compiled_pairs(x, norm_weight, norm_bias, weight, bias):
+    if _cpp_pairs(x, norm_weight, norm_bias, weight, bias):
         return torch.ops.t2t_kernels.norm_linear.default(x, norm_weight, norm_bias, norm.normalized_shape, norm.eps,
                                                          weight, bias)
     return linear_of_recomputed(_layer_norm(norm), linear, x, norm_weight, norm_bias)
@@ -230,6 +230,6 @@ def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: Tensor) -> Tensor:
 def gelu_linear(linear: nn.Linear, h: Tensor) -> Tensor:
     """linear(gelu(h)) (exact GELU) keeping h for backward, not gelu(h)."""
     weight, bias = linear.weight, linear.bias
-    if _compiled_pairs(h, weight, bias):
+    if _cpp_pairs(h, weight, bias):
         return torch.ops.t2t_kernels.gelu_linear.default(h, weight, bias)
     return linear_of_recomputed(_gelu, linear, h)

@@ -17,7 +17,7 @@ from t2t_kernels.layers.t2t import SoftSplit
 from t2t_kernels.ops import SOFT_SPLIT_LAYER_NORM_BACKENDS
 
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
-HAS_CPP_PAIRS = recompute._HAS_COMPILED_PAIRS
+HAS_CPP_PAIRS = recompute._HAS_CPP_PAIRS
 
 
 @pytest.fixture(params=["cpp", "python"])
@@ -26,7 +26,7 @@ def pairs(request, monkeypatch):
     extension) and on the Python Function (without it)."""
     if request.param == "cpp" and not HAS_CPP_PAIRS:
         pytest.skip("the extension has no norm_linear/gelu_linear ops")
-    monkeypatch.setattr(recompute, "_HAS_COMPILED_PAIRS", request.param == "cpp")
+    monkeypatch.setattr(recompute, "_HAS_CPP_PAIRS", request.param == "cpp")
     return request.param
 
 
@@ -435,7 +435,7 @@ def test_cpp_pairs_equal_the_python_function_bitwise(kind, mode, device, monkeyp
     params = [*norm.parameters(), *linear.parameters()] if kind == "layer_norm" else [*linear.parameters()]
     results = []
     for cpp in (True, False):
-        monkeypatch.setattr(recompute, "_HAS_COMPILED_PAIRS", cpp)
+        monkeypatch.setattr(recompute, "_HAS_CPP_PAIRS", cpp)
         x = x0.clone().requires_grad_()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "autocast_bf16"):
             out = call(x)

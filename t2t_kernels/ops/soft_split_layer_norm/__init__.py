@@ -6,8 +6,8 @@ for backward costs the input, not the (k/s)^2-times larger split. Backends: "eag
 compiled op t2t_kernels::soft_split_layer_norm, csrc/cpu/soft_split.cpp), "triton" (t2t_kernels::
 soft_split_layer_norm_triton, triton.py). There is no fused CUDA kernel: backend="cuda" runs the CUDA soft split and
 torch's layer_norm. Under torch.compile on a GPU, "auto" takes the eager formula, whose inductor code measured
-faster (BACKENDS below). Outputs are in x's dtype with statistics in fp32; weight and bias may be fp32 for a low-precision
-x (autocast keeps parameters fp32), and their gradients come back in their own dtype.
+faster (BACKENDS below). Outputs are in x's dtype with statistics in fp32; weight and bias may be fp32 for a
+low-precision x (autocast keeps parameters fp32), and their gradients come back in their own dtype.
 """
 from __future__ import annotations
 
