@@ -28,6 +28,20 @@ def test_train_example_runs_saves_and_resumes(tmp_path, train_script, capsys):
     assert torch.load(ckpt, weights_only=True)["step"] == 5
 
 
+def test_train_example_compiled(tmp_path, train_script, capsys):
+    """--compile trains and evaluates through torch.compile; the checkpoint keeps the model's own keys (no
+    _orig_mod. prefix), so an eager run resumes from it."""
+    ckpt = str(tmp_path / "ckpt.pt")
+    common = ["--img-size", "32", "--batch-size", "16", "--checkpoint", ckpt, "--no-progress", "--epochs", "2"]
+    torch._dynamo.reset()
+    accuracy = train_script.main(common + ["--compile", "default", "--max-steps", "2"])
+    assert 0.0 <= accuracy <= 1.0
+    keys = torch.load(ckpt, weights_only=True)["model"].keys()
+    assert "cls_token" in keys and not any(k.startswith("_orig_mod.") for k in keys)
+    train_script.main(common + ["--resume", ckpt, "--max-steps", "3"])
+    assert "resumed from" in capsys.readouterr().out
+
+
 def test_warmup_cosine_schedule(train_script):
     f = train_script.warmup_cosine
     assert f(0, 100, 10) == pytest.approx(0.1)
