@@ -527,11 +527,11 @@ class ModelCase(Case):
     def auto_text(self) -> str:
         """Which backend "auto" picks for each op on this device and dtype, and what else the fused model does."""
         probe = torch.empty(0, device=self.settings.device, dtype=self.settings.dtype)
-        ops = ", ".join(f"{b.name} {b.resolve('auto', probe)}"
-                        for b in (SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS, PERFORMER_BACKENDS))
+        trained = (SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS, PERFORMER_BACKENDS)
+        ops = ", ".join(f"{b.name} {b.resolve('auto', probe)}" for b in trained)
         text = f"{ops}, post_attention {POST_ATTENTION_BACKENDS.resolve('auto', probe)} (inference)"
         device = probe.device.type
-        inductor = [b.name for b in (SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS, PERFORMER_BACKENDS)
+        inductor = [b.name for b in trained
                     if b.auto_candidates(device, False) and not b.auto_candidates(device, True)]
         if inductor:
             text += f"; under torch.compile {', '.join(inductor)} as the eager formula (inductor's code)"

@@ -18,7 +18,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def _models(text: str) -> tuple[str, ...]:
     from ..models import list_models
 
-    names = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_24") if text == "all" else tuple(n for n in text.split(",") if n)
+    names = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_24") if text == "all" else _names(text)
     bad = [n for n in names if n not in list_models()]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown model(s) {bad}; choose from {list_models()} or 'all'")
@@ -87,13 +87,13 @@ def settings_from_args(args):
         device, dtype=DTYPES[args.dtype] if args.dtype else None, batch=args.batch, img_size=args.img_size,
         models=args.model, compile=not args.no_compile, compile_backend=args.compile_backend,
         compile_mode=args.compile_mode,
-        checkpointing=not args.no_checkpointing, timm=args.timm, providers=_names(getattr(args, "providers", None)))
+        checkpointing=not args.no_checkpointing, timm=args.timm,
+        providers=_names(getattr(args, "providers", None)) or None)
 
 
-def _names(text: str | None) -> tuple[str, ...] | None:
-    """A comma list as a tuple of its names; None for no list (or an empty one)."""
-    names = tuple(n for n in (text or "").split(",") if n)
-    return names or None
+def _names(text: str | None) -> tuple[str, ...]:
+    """A comma list (of models, ops, cases, providers) as a tuple of its names; () for None or an empty list."""
+    return tuple(n for n in (text or "").split(",") if n)
 
 
 def main(argv=None) -> int:
@@ -113,10 +113,10 @@ def main(argv=None) -> int:
     from ..models.t2t_vit import to_img_size
 
     to_img_size(settings.img_size)  # a clear error for sizes the model cannot take
-    cases = [] if args.no_ops else op_cases(settings, ops=tuple(o for o in args.ops.split(",") if o))
+    cases = [] if args.no_ops else op_cases(settings, ops=_names(args.ops))
     cases += [] if args.no_model else model_cases(settings)
     if args.cases is not None:
-        wanted = [c for c in args.cases.split(",") if c]
+        wanted = _names(args.cases)
         names = [case.name for case in cases]
         cases = [case for case in cases if any(w in case.name for w in wanted)]
         if not cases:

@@ -42,17 +42,21 @@ def _run(model, backend, x, labels, train, autocast, official=True, compiled=Fal
     if backend == "eager" and official:
         use_official_performer(model)
     model.train(train)
+    def modes():
+        return torch.set_grad_enabled(train), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast)
+
     run = model
     if compiled:
         torch._dynamo.reset()
         run = torch.compile(model, fullgraph=True)
-        with torch.set_grad_enabled(train), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        grad_mode, cast = modes()
+        with grad_mode, cast:
             first = run(x)
         if train:
             F.cross_entropy(first.float(), labels).backward()
             model.zero_grad(set_to_none=True)
-    with torch.set_grad_enabled(train), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast), \
-            torch._dynamo.config.patch(error_on_recompile=True):
+    grad_mode, cast = modes()
+    with grad_mode, cast, torch._dynamo.config.patch(error_on_recompile=True):
         logits = run(x)
     grads = {}
     if train:
