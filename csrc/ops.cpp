@@ -41,6 +41,9 @@ TORCH_LIBRARY(t2t_kernels, m) {
   m.def(
       "post_attention(Tensor y, Tensor skip, Tensor proj_weight, Tensor proj_bias, Tensor norm_weight, "
       "Tensor norm_bias, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps) -> Tensor");
+  // qkv (B, N, 3*num_heads*head_dim), unit last stride -> (B, N, num_heads*head_dim) contiguous: softmax attention
+  // of each head, heads merged (the backbone's attention after its qkv projection, without dropout)
+  m.def("softmax_attention(Tensor qkv, int num_heads, float scale) -> Tensor");
   // linear(layer_norm(x)) and linear(gelu(h)) (exact GELU) keeping x (h) for backward, not the Linear's input:
   // autograd kernels for every device (csrc/recompute.cpp), the training path of t2t_kernels/layers/recompute.py
   m.def(

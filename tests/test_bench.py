@@ -295,6 +295,22 @@ def test_post_attention_cases_are_forward_only_and_providers_agree():
             torch.testing.assert_close(out, outputs["eager"], rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_softmax_attention_case_is_forward_only_and_providers_agree():
+    """The model runs softmax_attention for inference only: one forward case (a backbone block's), and every provider
+    computes the same output, the official formula's."""
+    settings = Settings(**TINY, compile=False)
+    (case,) = op_cases(settings, ops=("softmax_attention",), passes=(FORWARD, FORWARD_BACKWARD))
+    assert case.name == "softmax_attention/backbone/forward"
+    outputs = {p.name: case.build(p.name)() for p in case.providers() if p.reason is None and p.name != "compile"}
+    qkv = torch.randn(1, case.T, 3 * 384, generator=torch.Generator().manual_seed(0))  # the case's input
+    q, k, v = qkv.view(1, case.T, 3, 6, 64).permute(2, 0, 3, 1, 4)
+    official = (((q @ k.transpose(-2, -1)) / 8).softmax(-1) @ v).transpose(1, 2).reshape(1, case.T, 384)
+    if case.backends.unavailable_reason("cpp", settings.device, settings.dtype) is None:
+        assert "cpp" in outputs
+    for name, out in outputs.items():
+        torch.testing.assert_close(out, official, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_unknown_op_case_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown op 'softsplit'"):
         op_cases(Settings(**TINY), ops=("softsplit",))

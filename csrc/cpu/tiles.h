@@ -195,10 +195,43 @@ struct ScaledExp<double, Bytes> {
   }
 };
 
+// dst = src^T * scale for one L x L block (L = the vector's lanes): src rows ss apart, dst rows ds apart. log2(L)
+// rounds of the perfect shuffle (row i and row i + L/2 interleaved into rows 2i and 2i + 1) transpose it in registers
+// (the 16-lane case is 64 two-source permutes), where an element-wise transpose is a scalar load and store each.
+template <class I, typename acc_t>
+T2T_INLINE void transpose_block(const acc_t* src, int64_t ss, acc_t* dst, int64_t ds, acc_t scale) {
+  using S = Simd<acc_t, I::kBytes>;
+  using vec = typename S::vec;
+  constexpr int L = S::kLanes;
+  using lane_int = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
+  typedef lane_int ivec __attribute__((vector_size(I::kBytes)));
+  ivec lo, hi;
+#pragma GCC unroll 16
+  for (int i = 0; i < L / 2; ++i) {
+    lo[2 * i] = i, lo[2 * i + 1] = i + L;
+    hi[2 * i] = i + L / 2, hi[2 * i + 1] = i + L / 2 + L;
+  }
+  vec r[L], t[L];
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) r[i] = S::load(src + i * ss) * scale;
+#pragma GCC unroll 8
+  for (int round = 1; round < L; round *= 2) {
+#pragma GCC unroll 16
+    for (int i = 0; i < L / 2; ++i) {
+      t[2 * i] = __builtin_shuffle(r[i], r[i + L / 2], lo);
+      t[2 * i + 1] = __builtin_shuffle(r[i], r[i + L / 2], hi);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) r[i] = t[i];
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) S::store(dst + i * ds, r[i]);
+}
+
 // Issues prefetches (into L2) for the input rows of the task a thread runs next, a few at each step() of the
 // current task's loops, so that the reads from memory overlap the arithmetic.
 struct Prefetcher {
-  static constexpr int kMaxSources = 2;
+  static constexpr int kMaxSources = 3;
   const char* base[kMaxSources] = {};
   int64_t stride[kMaxSources] = {};  // bytes between rows
   int64_t sources = 0, rows = 0, lines_per_row = 0;
@@ -276,11 +309,12 @@ T2T_INLINE void stream_store(acc_t* p, typename Simd<acc_t, I::kBytes>::vec v) {
 }
 
 // out (n, cols) = P (n, K) M (K, cols), then per row t: kScaleRows multiplies by rs[t], kMinusXTimesRow subtracts
-// X[t] * rs[t] (X rows xs apart, at least cols wide). P rows ps apart, M row-major, out rows os apart.
+// X[t] * rs[t] (X rows xs apart, at least cols wide). P rows ps apart, M rows ms apart, out rows os apart.
 // A last partial block of rows repeats the last row and drops its extra results. R x C vectors: the register tile.
 template <class I, int R, int C, Epilogue Epi, typename acc_t>
-T2T_INLINE void gemm_tiles(const acc_t* P, int64_t ps, int64_t n, int64_t K, const acc_t* Mm, int64_t cols, acc_t* out,
-                           int64_t os, const acc_t* rs, const acc_t* X, int64_t xs, Prefetcher& pf, bool stream) {
+T2T_INLINE void gemm_tiles(const acc_t* P, int64_t ps, int64_t n, int64_t K, const acc_t* Mm, int64_t ms,
+                           int64_t cols, acc_t* out, int64_t os, const acc_t* rs, const acc_t* X, int64_t xs,
+                           Prefetcher& pf, bool stream) {
   using S = Simd<acc_t, I::kBytes>;
   using vec = typename S::vec;
   constexpr int L = S::kLanes;
@@ -297,7 +331,7 @@ T2T_INLINE void gemm_tiles(const acc_t* P, int64_t ps, int64_t n, int64_t K, con
 #pragma GCC unroll 16
         for (int c = 0; c < C; ++c) acc[r][c] = vec{};
       const acc_t* mk = Mm + c0;
-      for (int64_t k = 0; k < K; ++k, mk += cols) {
+      for (int64_t k = 0; k < K; ++k, mk += ms) {
         vec bv[C];
 #pragma GCC unroll 16
         for (int c = 0; c < C; ++c) bv[c] = S::load(mk + c * L);
@@ -331,7 +365,7 @@ T2T_INLINE void gemm_tiles(const acc_t* P, int64_t ps, int64_t n, int64_t K, con
 template <class I, typename acc_t>
 T2T_INLINE void gemm_rows(const acc_t* X, int64_t xs, int64_t n, int64_t K, const acc_t* Bm, int64_t cols, acc_t* out,
                           int64_t os, Prefetcher& pf) {
-  gemm_tiles<I, I::R1, I::C1, Epilogue::kPlain>(X, xs, n, K, Bm, cols, out, os, (const acc_t*)nullptr,
+  gemm_tiles<I, I::R1, I::C1, Epilogue::kPlain>(X, xs, n, K, Bm, cols, cols, out, os, (const acc_t*)nullptr,
                                                 (const acc_t*)nullptr, 0, pf, false);
 }
 
@@ -340,7 +374,7 @@ template <class I, Epilogue Epi, typename acc_t>
 T2T_INLINE void gemm_rows2(const acc_t* P, int64_t ps, int64_t n, int64_t K, const acc_t* Mm, int64_t cols, acc_t* out,
                            int64_t os, const acc_t* rs, const acc_t* X, int64_t xs, Prefetcher& pf,
                            bool stream = false) {
-  gemm_tiles<I, I::R2, I::C2, Epi>(P, ps, n, K, Mm, cols, out, os, rs, X, xs, pf, stream);
+  gemm_tiles<I, I::R2, I::C2, Epi>(P, ps, n, K, Mm, cols, cols, out, os, rs, X, xs, pf, stream);
 }
 
 // out (mp, cols) = P (n, mp)^T X (n, cols), written: the sum over the n rows, in row order. P rows ps apart, X rows xs
@@ -380,14 +414,19 @@ T2T_INLINE void gemm_reduce(const acc_t* P, int64_t ps, const acc_t* X, int64_t 
   }
 }
 
-// Work of gemm_rows, gemm_rows2 and gemm_reduce in the units they report to the Prefetcher (vector FMAs)
+// Work of gemm_tiles (R x C tiles), gemm_rows, gemm_rows2 and gemm_reduce in the units they report to the
+// Prefetcher (vector FMAs)
+template <class I, int R, int C, typename acc_t>
+int64_t tiles_work(int64_t n, int64_t K, int64_t cols) {
+  return (n + R - 1) / R * (cols / (C * Simd<acc_t, I::kBytes>::kLanes)) * R * C * K;
+}
 template <class I, typename acc_t>
 int64_t rows_work(int64_t n, int64_t K, int64_t cols) {
-  return (n + I::R1 - 1) / I::R1 * (cols / (I::C1 * Simd<acc_t, I::kBytes>::kLanes)) * I::R1 * I::C1 * K;
+  return tiles_work<I, I::R1, I::C1, acc_t>(n, K, cols);
 }
 template <class I, typename acc_t>
 int64_t rows2_work(int64_t n, int64_t K, int64_t cols) {
-  return (n + I::R2 - 1) / I::R2 * (cols / (I::C2 * Simd<acc_t, I::kBytes>::kLanes)) * I::R2 * I::C2 * K;
+  return tiles_work<I, I::R2, I::C2, acc_t>(n, K, cols);
 }
 template <class I, typename acc_t>
 int64_t reduce_work(int64_t n, int64_t mp, int64_t cols) {

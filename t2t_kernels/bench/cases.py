@@ -22,11 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import BACKENDS as BACKEND_NAMES
-from ..ops import performer_attention, post_attention, soft_split, soft_split_layer_norm
+from ..ops import performer_attention, post_attention, soft_split, soft_split_layer_norm, softmax_attention
 from ..ops._backends import OpBackends
 from ..ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
 from ..ops.post_attention import BACKENDS as POST_ATTENTION_BACKENDS
 from ..ops.post_attention.reference import post_attention as post_attention_reference
+from ..ops.softmax_attention import BACKENDS as SOFTMAX_ATTENTION_BACKENDS
+from ..ops.softmax_attention.reference import softmax_attention as softmax_attention_reference
 from ..ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
 from ..ops.soft_split.reference import output_grid
 from ..ops.soft_split.reference import soft_split as soft_split_reference
@@ -413,11 +415,52 @@ class PostAttentionCase(OpCase):
         return Workload(step)
 
 
+class SoftmaxAttentionCase(OpCase):
+    """softmax_attention in a T2T-ViT-14 block (forward: the model uses it for inference only): qkv (B, T, 3*384) from
+    the qkv projection, 6 heads of 64 on the (H/16, W/16) grid and the class token. Eager is what the model's eager
+    backend runs, F.scaled_dot_product_attention on the heads' views (the official formula written out, q k^T,
+    softmax, @ v, is ~3x slower on a CPU: not the baseline here)."""
+
+    backends = SOFTMAX_ATTENTION_BACKENDS
+    passes = (FORWARD,)
+    heads = 6
+
+    def __init__(self, settings, stage, pass_):
+        H, W = settings.img_size
+        self.T = (H // 16) * (W // 16) + 1
+        super().__init__(settings, "softmax_attention", stage, pass_)
+
+    def shape_text(self):
+        return f"(T={self.T}, heads={self.heads}x{BACKBONE_E // self.heads})"
+
+    @classmethod
+    def official(cls, qkv):
+        return softmax_attention_reference(qkv, cls.heads, (BACKBONE_E // cls.heads) ** -0.5)
+
+    def backend_fn(self, backend):
+        return lambda qkv: softmax_attention(qkv, self.heads, backend=backend)
+
+    def byte_floor(self):
+        return 4 * self.settings.batch * self.T * BACKBONE_E * self.settings.dtype.itemsize  # qkv, out
+
+    def workload(self, fn):
+        s = self.settings
+        g = torch.Generator().manual_seed(0)
+        qkv = torch.randn(s.batch, self.T, 3 * BACKBONE_E, generator=g).to(s.device, s.dtype)
+
+        def step():
+            with torch.no_grad():
+                return fn(qkv)
+
+        return Workload(step)
+
+
 def op_cases(settings: Settings, ops=("soft_split", "performer_attention"), passes=(FORWARD, FORWARD_BACKWARD)):
     kinds = {SoftSplitCase.op_name: (SoftSplitCase, SOFT_SPLIT_STAGES),
              SoftSplitLayerNormCase.op_name: (SoftSplitLayerNormCase, ("stage0", "stage1")),  # a LayerNorm follows
              "performer_attention": (PerformerCase, PERFORMER_STAGES),
-             "post_attention": (PostAttentionCase, POST_ATTENTION_STAGES)}
+             "post_attention": (PostAttentionCase, POST_ATTENTION_STAGES),
+             "softmax_attention": (SoftmaxAttentionCase, ("backbone",))}
     cases = []
     for op in ops:
         if op not in kinds:
@@ -529,7 +572,9 @@ class ModelCase(Case):
         probe = torch.empty(0, device=self.settings.device, dtype=self.settings.dtype)
         trained = (SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS, PERFORMER_BACKENDS)
         ops = ", ".join(f"{b.name} {b.resolve('auto', probe)}" for b in trained)
-        text = f"{ops}, post_attention {POST_ATTENTION_BACKENDS.resolve('auto', probe)} (inference)"
+        inference = ", ".join(f"{b.name} {b.resolve('auto', probe)}"
+                              for b in (POST_ATTENTION_BACKENDS, SOFTMAX_ATTENTION_BACKENDS))
+        text = f"{ops}, {inference} (inference)"
         device = probe.device.type
         inductor = [b.name for b in trained
                     if b.auto_candidates(device, False) and not b.auto_candidates(device, True)]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import post_attention
+from ..ops import post_attention, softmax_attention
 from ..ops._backends import check_backend_arg
 from .recompute import gelu_linear, norm_linear, recomputes, run_checkpointed
 
@@ -188,9 +188,13 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.fused_attn = True  # F.scaled_dot_product_attention; False: the official formula (T2TViT.set_fused_attn)
 
-    def attend(self, x):
-        """The heads' output (B, N, dim) before the projection."""
-        return self.attend_projected(self.qkv(x))
+    def attend(self, x, backend: str | None = "eager"):
+        """The heads' output (B, N, dim) before the projection. backend: the softmax_attention op's, for the blocks'
+        inference path (the op computes what attend_projected does with SDPA, minus the dropout)."""
+        qkv = self.qkv(x)
+        if backend != "eager" and self.fused_attn and not (self.training and self.attn_drop > 0):
+            return softmax_attention(qkv, self.num_heads, self.scale, backend=backend)
+        return self.attend_projected(qkv)
 
     def attend_projected(self, qkv):
         """attend() after the qkv projection."""
@@ -212,9 +216,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """A backbone layer. backend: "eager" keeps the official chain; the others run everything after the attention
-    as the post_attention op where it applies (CPU inference: fuses_post_attention) and, in training, keep the
-    inputs of norm1, norm2 and the GELU for backward instead of their outputs (recompute.py)."""
+    """A backbone layer. backend: "eager" keeps the official chain; the others run the attention as the
+    softmax_attention op and everything after it as the post_attention op where they apply (CPU inference:
+    fuses_post_attention) and, in training, keep the inputs of norm1, norm2 and the GELU for backward instead of
+    their outputs (recompute.py)."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0, attn_drop=0.0,
                  drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm, backend: str | None = "auto"):
@@ -232,7 +237,7 @@ class Block(nn.Module):
         attn, mlp = self.attn, self.mlp
         fuse = submodules_run_as_defined(self)  # the fused and lean paths read the modules' weights directly
         if fuse and self._fuses_post_attention(x):
-            return self._post_attention(attn.attend(self.norm1(x)), x)
+            return self._post_attention(attn.attend(self.norm1(x), self.backend), x)
         if fuse and recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)):
             out = attn.attend_projected(norm_linear(self.norm1, attn.qkv, x))
             x = x + self.drop_path(attn.proj_drop(attn.proj(out)))

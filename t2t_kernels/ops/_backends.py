@@ -36,7 +36,8 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-OP_NAMES = ("soft_split", "soft_split_layer_norm", "performer_attention", "post_attention")
+OP_NAMES = ("soft_split", "soft_split_layer_norm", "performer_attention", "post_attention",
+            "softmax_attention")
 EAGER_OPS_ENV = "T2T_EAGER_OPS"
 
 

@@ -1,7 +1,8 @@
 """In inference on the CPU backends, each T2T layer and each backbone block runs its projection + skip, norm2 and MLP
-as the fused post_attention op (issue 5: the T2T module and whole-model forward); wherever the op does not apply (gradients wanted, dropout active,
-autocast, the eager backend, a norm or activation other than the official ones) the layers run unfused. Either way
-the logits are the eager model's."""
+as the fused post_attention op, and each block but the last (which attends for the class token alone) its attention
+as the softmax_attention op (issue 5: the T2T module and whole-model forward); wherever an op does not apply
+(gradients wanted, dropout active, autocast, the eager backend, a norm or activation other than the official ones,
+the official attention formula) the layers run unfused. Either way the logits are the eager model's."""
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from perturb import perturbed
 from t2t_kernels.ops import POST_ATTENTION_BACKENDS
 
 FUSED = "t2t_kernels::post_attention"
+ATTENTION = "t2t_kernels::softmax_attention"
 requires_cpp = pytest.mark.skipif(
     POST_ATTENTION_BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is not None,
     reason="the compiled post_attention is not available")
@@ -38,6 +40,7 @@ def test_inference_fuses_every_layer_and_matches_eager(name, backend):
         model.set_backend("eager")
         ref, ref_names = _logged(model, x)
     assert names.count(FUSED) == 2 + depth and FUSED not in ref_names
+    assert names.count(ATTENTION) == depth - 1 and ATTENTION not in ref_names
     # every norm2 and GELU went into the op: only the blocks' norm1 and the final norm remain
     assert sum(n.startswith("aten::native_layer_norm") for n in names) == depth + 1
     assert not any(n.startswith("aten::gelu") for n in names)
@@ -55,7 +58,7 @@ def test_backbone_inference_at_full_width_matches_eager():
         out, names = _logged(blocks, tokens)
         model.set_backend("eager")
         ref = blocks(tokens)
-    assert names.count(FUSED) == 2
+    assert names.count(FUSED) == 2 and names.count(ATTENTION) == 2
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -71,14 +74,36 @@ def test_float64_inference_uses_the_float64_kernel():
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
-def _fused_count(model, x, **autocast):
+def _fused_count(model, x, op=FUSED, **autocast):
     with OpLog() as log:
         if autocast:
             with torch.autocast("cpu", **autocast):
                 model(x)
         else:
             model(x)
-    return log.names.count(FUSED)
+    return log.names.count(op)
+
+
+@requires_cpp
+def test_attention_unfused_where_the_op_does_not_apply():
+    """The blocks attend through softmax_attention where post_attention fuses, unless the layers' own attention is
+    asked for: the official formula (set_fused_attn(False)) or attention dropout in training."""
+    model = _perturbed(t2t_kernels.t2t_vit_7(img_size=32, num_classes=10))
+    x = torch.randn(2, 3, 32, 32)
+    attending = len(model.blocks) - 1  # the last block attends for the class token alone
+    assert _fused_count(model.train(), x, ATTENTION) == 0  # gradients wanted
+    with torch.no_grad():
+        assert _fused_count(model.eval(), x, ATTENTION) == attending
+        assert _fused_count(model.train(), x, ATTENTION) == attending  # no dropout anywhere by default
+        model.blocks[0].attn.attn_drop = 0.1
+        assert _fused_count(model.train(), x, ATTENTION) == attending - 1
+        assert _fused_count(model.eval(), x, ATTENTION) == attending
+        model.set_fused_attn(False)
+        assert _fused_count(model, x, ATTENTION) == 0
+        model.set_fused_attn(True)
+        assert _fused_count(model, x, ATTENTION, dtype=torch.bfloat16) == 0  # autocast
+        model.set_backend("eager")
+        assert _fused_count(model, x, ATTENTION) == 0
 
 
 @requires_cpp
@@ -148,6 +173,7 @@ def test_compiled_inference_keeps_the_fused_op():
                 out = compiled(x)
     assert len(graphs) == 1
     assert sum("post_attention" in str(node.target) for node in graphs[0].graph.nodes) == 2 + len(model.blocks)
+    assert sum("softmax_attention" in str(node.target) for node in graphs[0].graph.nodes) == len(model.blocks) - 1
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -1,6 +1,5 @@
 """Input layouts, shapes, test ids and checks shared by the soft split op tests (test_soft_split,
 test_soft_split_layer_norm)."""
-import pytest
 import torch
 
 VIEWS = {  # layout -> (leaf shape from (B, C, H, W), the view of the leaf that is the (B, C, H, W) input)
@@ -46,15 +45,6 @@ def shape_id(shape):
 
 def padding_case_id(case):
     return "H{}-W{}-k{}-s{}-p{}".format(*case)
-
-
-def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
-def backend_dtype_params(dtypes):
-    """pytest params (backend, dtype) for every dtype of every backend in `dtypes` (backend -> its dtypes)."""
-    return [pytest.param(b, d, id=f"{b}-{dtype_name(d)}") for b in dtypes for d in dtypes[b]]
 
 
 def make_input(B, C, H, W, layout, dtype=torch.float32, device="cpu"):

@@ -11,8 +11,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from t2t_kernels.ops import (PERFORMER_BACKENDS, POST_ATTENTION_BACKENDS, SOFT_SPLIT_BACKENDS,
-                             SOFT_SPLIT_LAYER_NORM_BACKENDS, performer_attention, post_attention, soft_split,
-                             soft_split_layer_norm)
+                             SOFT_SPLIT_LAYER_NORM_BACKENDS, SOFTMAX_ATTENTION_BACKENDS, performer_attention,
+                             post_attention, soft_split, soft_split_layer_norm, softmax_attention)
 
 
 def _soft_split_case(dtype):
@@ -44,11 +44,18 @@ def _post_attention_case(dtype):
     return fn, [torch.randn(*s, dtype=dtype) / math.sqrt(s[-1]) for s in shapes]
 
 
+def _softmax_attention_case(dtype):
+    def fn(qkv, backend):
+        return softmax_attention(qkv, 2, backend=backend)
+    return fn, [torch.randn(2, 5, 3 * 2 * 4, dtype=dtype)]
+
+
 CASES = {  # op -> (its backends, a case builder: (fn(*inputs, backend), inputs))
     "soft_split": (SOFT_SPLIT_BACKENDS, _soft_split_case),
     "soft_split_layer_norm": (SOFT_SPLIT_LAYER_NORM_BACKENDS, _soft_split_layer_norm_case),
     "performer_attention": (PERFORMER_BACKENDS, _performer_case),
     "post_attention": (POST_ATTENTION_BACKENDS, _post_attention_case),
+    "softmax_attention": (SOFTMAX_ATTENTION_BACKENDS, _softmax_attention_case),
 }
 PARAMS = [(op, backend) for op in CASES for backend in ("cpp", "triton")]
 

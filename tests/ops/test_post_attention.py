@@ -15,7 +15,9 @@ import math
 import pytest
 import torch
 
+import op_params
 from float64_checks import assert_close_to, gelu, post_attention_formula, relative_error
+from op_params import dtype_name
 from t2t_kernels.ops import post_attention
 from t2t_kernels.ops.post_attention import BACKENDS, WIDE_WEIGHT_BYTES, reference
 
@@ -69,24 +71,17 @@ SHAPES = [
 ]
 
 
-def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
 def shape_id(shape):
     lead, D, E, H = shape
     return ("x".join(map(str, lead)) or "nolead") + f"-D{D}-E{E}-H{H}"
 
 
 def skip_unless_available(backend, dtype=torch.float32):
-    reason = BACKENDS.unavailable_reason(backend, torch.device("cpu"), dtype)
-    if reason:
-        pytest.skip(reason)
+    op_params.skip_unless_available(BACKENDS, backend, dtype)
 
 
-def backend_dtype_params(dtypes=None):
-    return [pytest.param(b, d, id=f"{b}-{dtype_name(d)}") for b in DTYPES for d in DTYPES[b]
-            if dtypes is None or d in dtypes]
+def backend_dtype_params(only=None):
+    return op_params.backend_dtype_params(DTYPES, only)
 
 
 def make_params(D, E, H, dtype, missing=()):

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from op_params import backend_dtype_params
 from soft_split_layouts import (
-    LAYOUTS, PADDING_BEYOND_KERNEL, SHAPES, STAGE_IDS, STAGES, assert_compiles_like_eager, backend_dtype_params,
-    make_input, padding_case_id, shape_id,
+    LAYOUTS, PADDING_BEYOND_KERNEL, SHAPES, STAGE_IDS, STAGES, assert_compiles_like_eager, make_input, padding_case_id,
+    shape_id,
 )
 from virtual_views import image_past_int32
 from t2t_kernels.ops import soft_split

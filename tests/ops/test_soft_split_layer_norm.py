@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from float64_checks import (
     SOFT_SPLIT_LAYER_NORM_TOLERANCES, TORCH_LAYER_NORM_LOW_PRECISION_TOLERANCES, assert_close_to, relative_error,
 )
+from op_params import backend_dtype_params, dtype_name
 from soft_split_layouts import (
-    LAYOUTS, PADDING_BEYOND_KERNEL, STAGE_IDS, STAGES, assert_compiles_like_eager, backend_dtype_params, dtype_name,
-    make_input, padding_case_id, shape_id,
+    LAYOUTS, PADDING_BEYOND_KERNEL, STAGE_IDS, STAGES, assert_compiles_like_eager, make_input, padding_case_id,
+    shape_id,
 )
 from soft_split_layouts import SHAPES as SOFT_SPLIT_SHAPES  # extended below
 from virtual_views import image_past_int32

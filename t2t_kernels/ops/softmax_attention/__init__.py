@@ -1,0 +1,71 @@
+"""softmax_attention: the backbone's multi-head attention after its qkv projection, as one op (forward) on CPU.
+
+    q, k, v = qkv (B, N, 3*heads*head_dim) split into (B, heads, N, head_dim) each (nn.Linear's packing, as the
+    official Attention reshapes it);  out = softmax(q k^T * scale) v, heads merged back: (B, N, heads*head_dim)
+
+The cpp kernel (csrc/cpu/softmax_attention.cpp) takes one head of one image at a time: its keys (transposed,
+scaled) and values packed in cache, then blocks of queries through scores, the row softmax and the value product,
+written straight into the merged heads. q, k, v are read in place from qkv; nothing of size (N, N) reaches memory.
+At the backbone's 197 tokens (T2T-ViT-14, B=8 on a 2-core CPU) it takes ~2.4 ms against SDPA's 2.7-3.1 ms.
+Backends: "eager" (reference.py: F.scaled_dot_product_attention, what the layers run) and "cpp" (fp32 and fp64);
+"auto" picks cpp for CPU tensors it supports and eager otherwise.
+
+Backward recomputes the eager formula from the saved qkv and differentiates it (no fused backward): the layers use
+the op only where no gradient is wanted (CPU inference), as post_attention. Like the layers' default attention (SDPA)
+it has no second derivative; the layers' official formula (Attention.fused_attn = False) never takes the op.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._backends import OpBackends
+from .._registry import needs_eager_autodiff, op_exists, register_recompute_autograd
+from . import reference
+
+BACKENDS = OpBackends(
+    name="softmax_attention",
+    dtypes={"cpp": (torch.float32, torch.float64)},
+    auto_order={"cpu": ("cpp",)},
+)
+
+
+def check_softmax_attention_args(qkv: Tensor, num_heads: int, scale: float) -> None:
+    if not isinstance(qkv, Tensor) or not qkv.is_floating_point():
+        raise TypeError(f"softmax_attention: qkv must be a floating-point Tensor, got "
+                        f"{getattr(qkv, 'dtype', type(qkv).__name__)}")
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"softmax_attention: num_heads must be a positive int, got {num_heads!r}")
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"softmax_attention: qkv must be (B, N, 3*num_heads*head_dim), got {tuple(qkv.shape)} "
+                         f"with num_heads={num_heads}")
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if not (number and math.isfinite(scale)):
+        raise ValueError(f"softmax_attention: scale must be a finite number, got {scale!r}")
+
+
+def softmax_attention(qkv: Tensor, num_heads: int, scale: float | None = None, backend: str | None = None) -> Tensor:
+    """Multi-head softmax attention of a packed ``qkv`` (B, N, 3*num_heads*head_dim), any strides: returns
+    ``softmax(q k^T * scale) v`` per head with the heads merged, (B, N, num_heads*head_dim), contiguous, in qkv's
+    dtype. scale: None for head_dim ** -0.5. backend: "eager", "cpp", or None/"auto" for the best one available."""
+    check_softmax_attention_args(qkv, num_heads, 0.0 if scale is None else scale)
+    if scale is None:
+        scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5 if qkv.shape[-1] else 1.0
+    name = BACKENDS.resolve(backend, qkv)
+    if needs_eager_autodiff(qkv):  # forward-mode AD or a torch.func transform: SDPA's CPU kernel has no jvp
+        return reference.softmax_attention_formula(qkv, num_heads, float(scale)).contiguous()
+    if name == "eager" or qkv.numel() == 0:
+        return reference.softmax_attention(qkv, num_heads, float(scale)).contiguous()
+    return torch.ops.t2t_kernels.softmax_attention(qkv if qkv.stride(-1) == 1 else qkv.contiguous(), num_heads,
+                                                   float(scale))
+
+
+def _fake_forward(qkv, num_heads, scale):
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+
+
+if op_exists("t2t_kernels::softmax_attention"):
+    torch.library.register_fake("t2t_kernels::softmax_attention")(_fake_forward)
+    register_recompute_autograd("t2t_kernels::softmax_attention", reference.softmax_attention, num_tensors=1)
