@@ -15,7 +15,7 @@ import torch
 import t2t_kernels
 from t2t_kernels import T2TViT, create_model
 from t2t_kernels.__main__ import main as cli_main
-from t2t_kernels.ops import performer_attention, post_attention, soft_split, soft_split_layer_norm
+from t2t_kernels.ops import performer_attention, post_attention, soft_split, soft_split_layer_norm, softmax_attention
 from t2t_kernels.ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
 from t2t_kernels.ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
 
@@ -374,6 +374,7 @@ FLOAT8_CALLS = [
     ("performer_attention", lambda x, b: performer_attention(x[0], x[0], x[0], x[0, 0, :4], 1e-8, backend=b)),
     ("post_attention", lambda x, b: post_attention(x[0, 0], x[0, 0], x[0, 0], None, None, None, x[0, 0], None,
                                                    x[0, 0], None, 1e-5, backend=b)),
+    ("softmax_attention", lambda x, b: softmax_attention(x[0, :, :, :6], 2, backend=b)),
 ]
 
 
