@@ -6,7 +6,7 @@
 The cpp kernel (csrc/cpu/softmax_attention.cpp) takes one head of one image at a time: its keys (transposed,
 scaled) and values packed in cache, then blocks of queries through scores, the row softmax and the value product,
 written straight into the merged heads. q, k, v are read in place from qkv; nothing of size (N, N) reaches memory.
-At the backbone's 197 tokens (T2T-ViT-14, B=8 on a 2-core CPU) it takes ~2.4 ms against SDPA's 2.7-3.1 ms.
+At the backbone's 197 tokens (T2T-ViT-14, B=8 on a 2-core CPU) it took 2.38 ms against SDPA's 2.69 (BENCHMARKS.md).
 Backends: "eager" (reference.py: F.scaled_dot_product_attention, what the layers run) and "cpp" (fp32 and fp64);
 "auto" picks cpp for CPU tensors it supports and eager otherwise.
 
