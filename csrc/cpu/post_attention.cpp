@@ -241,17 +241,6 @@ struct WidePassTask {
   }
 };
 
-// isa_kernel's Kernel<I> for one dtype of a task whose run is templated on the dtype: TaskT<I>::run<acc_t>
-template <template <class> class TaskT, template <typename> class ArgsT, typename acc_t>
-struct ForDtype {
-  template <class I>
-  struct Task {
-    static T2T_INLINE void run(const ArgsT<acc_t>* a, int64_t task, int64_t next, acc_t* s) {
-      TaskT<I>::run(a, task, next, s);
-    }
-  };
-};
-
 template <typename acc_t>
 void post_attention_wide(const at::Tensor& y, const at::Tensor& skip, const at::Tensor* p, double eps, Isa isa,
                          at::Tensor& out) {
@@ -261,11 +250,9 @@ void post_attention_wide(const at::Tensor& y, const at::Tensor& skip, const at::
                        h.data_ptr<acc_t>(), M, E, H, p[1].data_ptr<acc_t>(), p[5].data_ptr<acc_t>(),
                        p[7].data_ptr<acc_t>(), p[2].data_ptr<acc_t>(), p[3].data_ptr<acc_t>(),
                        static_cast<acc_t>(eps)};
-  const auto task = isa_kernel<ForDtype<WidePassTask, WideArgs, acc_t>::template Task>(isa);
   auto run_pass = [&](int pass) {
     args.pass = pass;
-    parallel_tasks((M + kWideRows - 1) / kWideRows, 0,
-                   [&](int64_t i, int64_t next, void*) { task(&args, i, next, nullptr); });
+    parallel_isa_tasks<WidePassTask>(isa, args, (M + kWideRows - 1) / kWideRows, 0);
   };
   at::mm_out(out, y, p[0].t());
   run_pass(1);
@@ -321,11 +308,7 @@ at::Tensor post_attention_cpu(const at::Tensor& y_in, const at::Tensor& skip_in,
     const Args<scalar_t> args{y.data_ptr<scalar_t>(), skip.data_ptr<scalar_t>(), y.stride(0), skip.stride(0),
                               out.data_ptr<scalar_t>(), M, D, E, H, Ep, Hp, static_cast<scalar_t>(eps), &weights,
                               M * E * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes};
-    const auto task = isa_kernel<ForDtype<PostAttentionTask, Args, scalar_t>::template Task>(isa);
-    parallel_tasks((M + kRows - 1) / kRows, scratch_size(Ep, Hp) * static_cast<int64_t>(sizeof(scalar_t)),
-                   [&](int64_t i, int64_t next, void* scratch) {
-                     task(&args, i, next, static_cast<scalar_t*>(scratch));
-                   });
+    parallel_isa_tasks<PostAttentionTask>(isa, args, (M + kRows - 1) / kRows, scratch_size(Ep, Hp));
   });
   return out;
 }

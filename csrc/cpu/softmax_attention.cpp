@@ -160,16 +160,6 @@ struct AttentionTask {
   }
 };
 
-template <typename acc_t>
-struct ForDtype {
-  template <class I>
-  struct Task {
-    static T2T_INLINE void run(const Args<acc_t>* a, int64_t task, int64_t next, acc_t* s) {
-      AttentionTask<I>::run(a, task, next, s);
-    }
-  };
-};
-
 at::Tensor softmax_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, double scale) {
   TORCH_CHECK(qkv_in.dim() == 3, "softmax_attention (cpp): qkv must be (B, N, 3*num_heads*head_dim), got ",
               qkv_in.sizes());
@@ -194,11 +184,7 @@ at::Tensor softmax_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, do
     const Args<scalar_t> args{qkv.data_ptr<scalar_t>(), qkv.stride(0), qkv.stride(1), out.data_ptr<scalar_t>(),
                               N, num_heads, D, Np, Dp, chunks, chunk_blocks * kRows, heads * chunks,
                               static_cast<scalar_t>(scale)};
-    const auto task = isa_kernel<ForDtype<scalar_t>::template Task>(cpu_isa());
-    parallel_tasks(args.tasks, scratch_size(N, D, Np, Dp) * static_cast<int64_t>(sizeof(scalar_t)),
-                   [&](int64_t i, int64_t next, void* scratch) {
-                     task(&args, i, next, static_cast<scalar_t*>(scratch));
-                   });
+    parallel_isa_tasks<AttentionTask>(cpu_isa(), args, args.tasks, scratch_size(N, D, Np, Dp));
   });
   return out;
 }

@@ -450,4 +450,24 @@ auto isa_kernel(Isa isa) {
   return isa_variant_of<Kernel<IsaPlain>>(isa, static_cast<Fn>(nullptr));
 }
 
+// isa_kernel's Kernel<I> for one dtype of a task whose run is templated on the dtype: TaskT<I>::run<acc_t>
+template <template <class> class TaskT, template <typename> class ArgsT, typename acc_t>
+struct ForDtype {
+  template <class I>
+  struct Task {
+    static T2T_INLINE void run(const ArgsT<acc_t>* a, int64_t task, int64_t next, acc_t* s) {
+      TaskT<I>::run(a, task, next, s);
+    }
+  };
+};
+
+// TaskT<I>::run(&args, i, next, scratch) for tasks i in [0, num_tasks) on parallel_tasks' threads, built for the
+// instruction set isa; scratch: scratch_elems of acc_t per thread
+template <template <class> class TaskT, template <typename> class ArgsT, typename acc_t>
+void parallel_isa_tasks(Isa isa, const ArgsT<acc_t>& args, int64_t num_tasks, int64_t scratch_elems) {
+  const auto task = isa_kernel<ForDtype<TaskT, ArgsT, acc_t>::template Task>(isa);
+  parallel_tasks(num_tasks, scratch_elems * static_cast<int64_t>(sizeof(acc_t)),
+                 [&](int64_t i, int64_t next, void* scratch) { task(&args, i, next, static_cast<acc_t*>(scratch)); });
+}
+
 }  // namespace t2t_kernels

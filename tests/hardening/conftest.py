@@ -46,3 +46,12 @@ def single_intraop_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def intraop_threads():
+    """At least two intra-op threads (restored after the test): the C++ kernels' parallel paths."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield torch.get_num_threads()
+    torch.set_num_threads(threads)

@@ -150,7 +150,7 @@ def test_softmax_attention_matches_float64_reference(device, backend, request):
     run()
 
 
-def test_intraop_parallel_paths(request):
+def test_intraop_parallel_paths(intraop_threads, request):
     """With two or more intra-op threads and few heads, the cpp kernel splits each head's queries into chunks (one task
     each, packing the head's keys and values again): fuzzed on shapes where it does, against float64."""
     runnable_dtypes(SOFTMAX_ATTENTION_BACKENDS, "cpp", "cpu")
@@ -159,18 +159,14 @@ def test_intraop_parallel_paths(request):
         head_dim=st.sampled_from([8, 48, 64]), scale=st.none(), magnitude=st.just(1.0),
         layout=st.sampled_from(sorted(LAYOUTS)), dtype=st.sampled_from(["float32", "float64"]),
         seed=st.integers(0, 2**31 - 1), grad_mode=st.just("no_grad"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    try:
-        @settings(max_examples=max(4, settings.default.max_examples // 4))
-        @given(case=strategy)
-        def run(case):
-            count_case(request.node.nodeid, case, "cpp", "cpu")
-            check_softmax_attention(case, "cpp")
 
-        run()
-    finally:
-        torch.set_num_threads(threads)
+    @settings(max_examples=max(4, settings.default.max_examples // 4))
+    @given(case=strategy)
+    def run(case):
+        count_case(request.node.nodeid, case, "cpp", "cpu")
+        check_softmax_attention(case, "cpp")
+
+    run()
 
 
 def test_the_case_generator_covers_the_edges():

@@ -171,14 +171,6 @@ def run_case(op, case, backend):
 # --- the C++ kernels' intra-op threads ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def intraop_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    yield torch.get_num_threads()
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("op", ["soft_split", "performer_attention"])
 def test_intraop_parallel_paths(op, intraop_threads, request):
     """Shapes large enough that parallel_for splits them across threads (token grids of 14-56, several 128-token
