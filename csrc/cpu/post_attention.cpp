@@ -7,12 +7,19 @@
 // LayerNorm, GELU and residual passes between them vectorised over the row. y and skip are read once and the output is
 // written once; in eager the chain writes and reads eight tensors of the output's size. Rows are independent, so the
 // result does not depend on the number of threads. Math in the input dtype (float32 or float64).
-// Layers with weights of megabytes (the backbone's) take the wide path below instead: ATen GEMMs and fused passes.
+// Layers with weights of megabytes (the backbone's) take the wide paths below instead: whole-matrix GEMMs (oneDNN's
+// with fused epilogues in float32, else ATen's with fused passes between them).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "tiles.h"
 
@@ -204,13 +211,55 @@ struct PostAttentionTask {
 };
 
 // Wide layers (the backbone's: weights of megabytes, which no row block keeps in cache) run the three products as
-// whole-matrix GEMMs through ATen (MKL's packed kernels; our unpacked tiles reach 70-75% of them) and fuse everything
-// between the products into three passes over rows:
+// whole-matrix GEMMs and fuse what lies between them.
+constexpr int64_t kWideWeightBytes = int64_t(1) << 20;  // weights above this (about half an L2) take the wide path
+
+// float32, where torch has oneDNN: its fused linear (mkldnn::_linear_pointwise, what inductor's CPU freezing path
+// calls) with the bias, skip, GELU and residual in the products' epilogues, and ATen's LayerNorm between them:
+//   x = y Wp^T + bp + skip;  h = gelu(layer_norm(x) W1^T + b1);  out = h W2^T + b2 + x.
+// Its GEMMs beat MKL's (what at::mm calls) by 15-35% at the backbone's shapes on AMD Zen 4 (ops/_onednn.py).
+// T2T_ONEDNN=0 or torch.backends.mkldnn.enabled = False turns this off (the path below instead).
+bool onednn_wide_path(const at::Tensor& y) {
+  static const bool registered =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""}).has_value() &&
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"}).has_value();
+  const char* env = std::getenv("T2T_ONEDNN");
+  return registered && y.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
+         !(env && std::string(env) == "0");
+}
+
+at::Tensor call_boxed(const char* overload, std::vector<c10::IValue> args) {
+  // boxed: the op's C++ signature (string_view, Scalar lists) has changed across torch versions, its schema has not
+  const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", overload);
+  torch::jit::Stack stack(std::make_move_iterator(args.begin()), std::make_move_iterator(args.end()));
+  op.callBoxed(&stack);
+  return stack.back().toTensor();
+}
+
+// x W^T + b, then epilogue "none" or "gelu" (exact, erf)
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const char* epilogue) {
+  return call_boxed("", {x, w, b, std::string(epilogue), c10::List<std::optional<at::Scalar>>(),
+                         std::string(std::strcmp(epilogue, "gelu") == 0 ? "none" : "")});
+}
+
+// x W^T + b + other
+at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other, const at::Tensor& w, const at::Tensor& b) {
+  return call_boxed("binary", {x, other, w, b, std::string("add")});
+}
+
+at::Tensor post_attention_onednn(const at::Tensor& y, const at::Tensor& skip, const at::Tensor* p, double eps) {
+  const at::Tensor x = onednn_linear_add(y, skip.contiguous(), p[0], p[1]);
+  const at::Tensor xn = at::layer_norm(x, {x.size(1)}, p[2], p[3], eps);
+  return onednn_linear_add(onednn_linear(xn, p[4], p[5], "gelu"), x, p[6], p[7]);
+}
+
+// Elsewhere (float64, torch without oneDNN): the products through ATen (MKL's packed kernels; our unpacked tiles reach
+// 70-75% of them) and everything between them in three passes over rows:
 //   (1) x = t + bp + skip and xn = layer_norm(x), t = y Wp^T already in out;
 //   (2) h = gelu(h + b1) in place, h = xn W1^T;  (3) out = x + o + b2, o = h W2^T.
 // Eager makes seven passes over these sizes for the same chain (bias copies, skip and residual adds, norm, GELU).
-constexpr int64_t kWideWeightBytes = int64_t(1) << 20;  // weights above this (about half an L2) take the wide path
-constexpr int64_t kWideRows = 16;                       // rows per task of the passes
+constexpr int64_t kWideRows = 16;  // rows per task of the passes
 
 template <typename acc_t>
 struct WideArgs {
@@ -294,15 +343,16 @@ at::Tensor post_attention_cpu(const at::Tensor& y_in, const at::Tensor& skip_in,
   const at::Tensor y = y_in.stride(-1) == 1 ? y_in : y_in.contiguous();
   const at::Tensor skip = skip_in.stride(-1) == 1 ? skip_in : skip_in.contiguous();
   const int64_t M = y.size(0), D = y.size(1), E = skip.size(1), H = fc1_weight.size(0);
-  at::Tensor out = at::empty({M, E}, skip.options().memory_format(at::MemoryFormat::Contiguous));
-  if (M == 0 || E == 0) return out;
+  const bool wide = (D * E + 2 * E * H) * static_cast<int64_t>(y.element_size()) > kWideWeightBytes;
   at::Tensor params[8];
   for (int i = 0; i < 8; ++i) params[i] = raw[i].contiguous();
+  if (wide && M > 0 && E > 0 && onednn_wide_path(y)) return post_attention_onednn(y, skip, params, eps);
+  at::Tensor out = at::empty({M, E}, skip.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0 || E == 0) return out;
   const Isa isa = cpu_isa();
 
-  const int64_t weight_bytes = (D * E + 2 * E * H) * static_cast<int64_t>(y.element_size());
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "post_attention_cpu", [&] {
-    if (weight_bytes > kWideWeightBytes) return post_attention_wide<scalar_t>(y, skip, params, eps, isa, out);
+    if (wide) return post_attention_wide<scalar_t>(y, skip, params, eps, isa, out);
     const int64_t Ep = padded_cols<scalar_t>(E), Hp = padded_cols<scalar_t>(H);
     const Weights<scalar_t> weights(params, D, E, H, Ep, Hp);
     const Args<scalar_t> args{y.data_ptr<scalar_t>(), skip.data_ptr<scalar_t>(), y.stride(0), skip.stride(0),

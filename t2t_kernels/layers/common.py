@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import post_attention, softmax_attention
+from ..ops._onednn import linear
 from ..ops._backends import check_backend_arg
 from .recompute import gelu_linear, norm_linear, recomputes, run_checkpointed
 
@@ -84,6 +85,12 @@ def fuses_post_attention(backend, x: torch.Tensor, proj: nn.Module, norm: nn.Mod
     if any(p.dtype != x.dtype for p in params):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+
+
+def inference_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) in a fused inference path (whose callers checked that the layer's submodules run as defined): an
+    exact nn.Linear through ops._onednn.linear (oneDNN's GEMM for float32 on the CPU), anything else called."""
+    return linear(x, module.weight, module.bias) if type(module) is nn.Linear else module(x)
 
 
 def fused_post_attention(y: torch.Tensor, skip: torch.Tensor, proj: nn.Linear, norm: nn.LayerNorm,
@@ -191,10 +198,9 @@ class Attention(nn.Module):
     def attend(self, x, backend: str | None = "eager"):
         """The heads' output (B, N, dim) before the projection. backend: the softmax_attention op's, for the blocks'
         inference path (the op computes what attend_projected does with SDPA, minus the dropout)."""
-        qkv = self.qkv(x)
         if backend != "eager" and self.fused_attn and not (self.training and self.attn_drop > 0):
-            return softmax_attention(qkv, self.num_heads, self.scale, backend=backend)
-        return self.attend_projected(qkv)
+            return softmax_attention(inference_linear(self.qkv, x), self.num_heads, self.scale, backend=backend)
+        return self.attend_projected(self.qkv(x))
 
     def attend_projected(self, qkv):
         """attend() after the qkv projection."""

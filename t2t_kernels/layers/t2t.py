@@ -10,8 +10,8 @@ from torch import nn
 
 from ..ops import performer_attention, soft_split, soft_split_layer_norm
 from ..ops._backends import check_backend_arg
-from .common import (DropPath, Mlp, fused_post_attention, fuses_post_attention, maybe_checkpoint, mlp_after_fc1,
-                     multihead_attention, runs_as_defined, submodules_run_as_defined)
+from .common import (DropPath, Mlp, fused_post_attention, fuses_post_attention, inference_linear, maybe_checkpoint,
+                     mlp_after_fc1, multihead_attention, runs_as_defined, submodules_run_as_defined)
 from .recompute import linear_of_recomputed, norm_linear, recomputes
 
 
@@ -116,7 +116,7 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
         x = split_norm(x, split, self.norm1, fuse)
         if fuse and fuses_post_attention(self.backend, x, self.proj, self.norm2, fc1, act, fc2, self.training,
                                          (self.dp, drop)):
-            kqv = self.kqv(x)
+            kqv = inference_linear(self.kqv, x)
             # inference: the tokens are freed before the attention allocates. The lower peak also keeps glibc from
             # returning the heap to the OS after each call (page faults: README, Benchmarks)
             del x
@@ -187,7 +187,7 @@ class Token_transformer(nn.Module):  # noqa: N801  (official class name)
         x = split_norm(x, split, self.norm1, fuse)
         if fuse and fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2,
                                          self.training, (attn.proj_drop, mlp.drop, self.drop_path)):
-            qkv = attn.qkv(x)
+            qkv = inference_linear(attn.qkv, x)
             del x  # the tokens are freed before the attention allocates, as in Token_performer.forward
             v, out = attn.attend_projected(qkv)
             return fused_post_attention(out, v, attn.proj, self.norm2, mlp.fc1, mlp.fc2)
@@ -242,4 +242,7 @@ class T2T_module(nn.Module):  # noqa: N801  (official class name)
         stage2 = partial(self.attention2, split=self.soft_split1)
         x = maybe_checkpoint(self.grad_checkpointing, stage1, x)
         x = maybe_checkpoint(self.grad_checkpointing, stage2, tokens_as_image(x, (H // 4, W // 4)))
-        return self.project(self.soft_split2(tokens_as_image(x, (H // 8, W // 8))))
+        x = self.soft_split2(tokens_as_image(x, (H // 8, W // 8)))
+        if self.soft_split2.backend != "eager" and runs_as_defined(self.project):
+            return inference_linear(self.project, x)
+        return self.project(x)

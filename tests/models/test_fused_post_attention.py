@@ -1,6 +1,7 @@
 """In inference on the CPU backends, each T2T layer and each backbone block runs its projection + skip, norm2 and MLP
 as the fused post_attention op, and each block but the last (which attends for the class token alone) its attention
-as the softmax_attention op (issue 5: the T2T module and whole-model forward); wherever an op does not apply
+as the softmax_attention op, the products before them as oneDNN linears (issue 5: the T2T module and whole-model
+forward); wherever an op does not apply
 (gradients wanted, dropout active, autocast, the eager backend, a norm or activation other than the official ones,
 the official attention formula) the layers run unfused. Either way the logits are the eager model's."""
 import pytest
@@ -10,9 +11,11 @@ import t2t_kernels
 from op_log import OpLog
 from perturb import perturbed
 from t2t_kernels.ops import POST_ATTENTION_BACKENDS
+from t2t_kernels.ops._onednn import ONEDNN_ENV, onednn_linear_applies
 
 FUSED = "t2t_kernels::post_attention"
 ATTENTION = "t2t_kernels::softmax_attention"
+ONEDNN = "mkldnn::_linear_pointwise"
 requires_cpp = pytest.mark.skipif(
     POST_ATTENTION_BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is not None,
     reason="the compiled post_attention is not available")
@@ -30,8 +33,12 @@ def _logged(model, x):
 
 @requires_cpp
 @pytest.mark.parametrize("name", t2t_kernels.list_models())
-@pytest.mark.parametrize("backend", ["auto", "cpp"])
-def test_inference_fuses_every_layer_and_matches_eager(name, backend):
+@pytest.mark.parametrize("backend,onednn", [("auto", "1"), ("cpp", "1"), ("auto", "0")],
+                         ids=["auto", "cpp", "auto-no-onednn"])
+def test_inference_fuses_every_layer_and_matches_eager(name, backend, onednn, monkeypatch):
+    """... and the products before the ops (each T2T layer's kqv, each attending block's qkv, the T2T module's
+    projection) run as oneDNN linears where those apply (T2T_ONEDNN=0 turns them off)."""
+    monkeypatch.setenv(ONEDNN_ENV, onednn)
     model = _perturbed(t2t_kernels.create_model(name, img_size=32, num_classes=10, backend=backend)).eval()
     x = torch.randn(2, 3, 32, 32)
     depth = len(model.blocks)
@@ -41,6 +48,7 @@ def test_inference_fuses_every_layer_and_matches_eager(name, backend):
         ref, ref_names = _logged(model, x)
     assert names.count(FUSED) == 2 + depth and FUSED not in ref_names
     assert names.count(ATTENTION) == depth - 1 and ATTENTION not in ref_names
+    assert names.count(ONEDNN) == (2 + depth if onednn_linear_applies(x) else 0) and ONEDNN not in ref_names
     # every norm2 and GELU went into the op: only the blocks' norm1 and the final norm remain
     assert sum(n.startswith("aten::native_layer_norm") for n in names) == depth + 1
     assert not any(n.startswith("aten::gelu") for n in names)

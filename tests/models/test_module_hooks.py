@@ -14,6 +14,12 @@ from op_log import OpLog
 from perturb import perturbed
 
 
+# logits of a fused path against the unfused or eager one: the CPU products differ (oneDNN's linear in the fused
+# inference paths, MKL's through F.linear), as in the other model-level comparisons (test_fused_post_attention); a
+# stale weight or a skipped module moves them by orders of magnitude more
+LOGITS_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+
+
 def _model(backend="auto"):
     return perturbed(t2t_kernels.t2t_vit_7(img_size=32, num_classes=10, backend=backend), 0.05).eval()
 
@@ -35,7 +41,7 @@ def test_a_hooked_module_runs_and_its_hook_fires(name):
         hooked = model(x)
     handle.remove()
     assert len(seen) == 1
-    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hooked, plain, **LOGITS_TOLERANCE)
     if name == "tokens_to_token.soft_split0":  # the raw split, not the split fused with the next norm
         torch.testing.assert_close(seen[0], F.unfold(x, 7, stride=4, padding=2).transpose(1, 2))
 
@@ -97,7 +103,7 @@ def test_weight_norm_is_honoured(style, train):
         results[backend] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                           if p.grad is not None}
     (out, grads), (ref, ref_grads) = results["auto"], results["eager"]
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, **LOGITS_TOLERANCE)
     assert grads.keys() == ref_grads.keys()
     for n in ref_grads:  # fp32 GEMM rounding scales with the gradient's size
         scale = ref_grads[n].abs().max().item()
@@ -136,7 +142,7 @@ def test_replaced_dropouts_run(name):
         torch.manual_seed(0)  # the same dropout masks, drawn in the same order
         with torch.no_grad():
             outputs.append(model(x))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs[0], outputs[1], **LOGITS_TOLERANCE)
 
 
 @pytest.mark.parametrize("layer", ["attention1", "attention2"])
@@ -164,5 +170,5 @@ def test_a_layer_norm_subclass_before_a_t2t_layer_runs(name, layer):
             handle = split.register_forward_hook(lambda *args: None)  # forces norm1(split(x)) through the module
             plain = model(x)
             handle.remove()
-            torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out, plain, **LOGITS_TOLERANCE)
             assert not torch.allclose(out, official_norm, atol=1e-3)

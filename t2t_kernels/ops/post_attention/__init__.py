@@ -7,8 +7,9 @@ In the T2T module's token layers (64 wide, 25K rows at 224x224, B=8) these are a
 intermediates do not fit in cache: eager writes and reads eight (B, T, 64) tensors between them. The cpp kernel
 (csrc/cpu/post_attention.cpp) runs the chain on blocks of rows in cache: it reads y and skip once and writes the
 output once. The backbone's layers (E=384, H=1152 in T2T-ViT-14) have weights of megabytes, which no block of rows keeps
-in cache: above WIDE_WEIGHT_BYTES of weights the kernel runs the three products as whole-matrix ATen GEMMs (MKL) and
-fuses the bias, skip, norm, GELU and residual work between them into three passes over the rows (eager: seven).
+in cache: above WIDE_WEIGHT_BYTES of weights the kernel runs the three products as whole-matrix GEMMs, in float32
+oneDNN's linear with the bias, skip, GELU and residual in its epilogues (ops/_onednn.py says when), else ATen's (MKL)
+with the bias, skip, norm, GELU and residual work between them fused into three passes over the rows (eager: seven).
 Backends: "eager" (reference.py) and "cpp" (t2t_kernels::post_attention, fp32 and fp64); "auto" picks cpp
 for CPU tensors it supports and eager otherwise (CUDA: torch's GEMMs are the fast path there).
 

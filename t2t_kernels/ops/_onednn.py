@@ -1,0 +1,44 @@
+"""oneDNN's linear for the CPU inference paths: torch's mkldnn::_linear_pointwise (what inductor's CPU freezing path
+calls), whose float32 GEMMs beat MKL's (what F.linear calls) by 15-35% at the model's shapes on AMD Zen 4 (on an
+Intel Xeon, oneDNN with prepacked weights had shown no gain over MKL). The post_attention op's wide path (csrc/cpu/post_attention.cpp) uses the same op, with
+the same switch: T2T_ONEDNN=0 turns both off."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ._registry import needs_eager_autodiff
+
+ONEDNN_ENV = "T2T_ONEDNN"
+
+
+def _linear_pointwise_registered() -> bool:
+    try:
+        torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+ONEDNN_LINEAR_REGISTERED = _linear_pointwise_registered()
+
+
+def onednn_linear_applies(x: torch.Tensor) -> bool:
+    """Whether linear() runs x through oneDNN: float32 on the CPU, torch built with oneDNN and not told otherwise
+    (torch.backends.mkldnn.enabled, T2T_ONEDNN), outside torch.compile (whose inductor picks its own GEMMs)."""
+    return (ONEDNN_LINEAR_REGISTERED and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and os.environ.get(ONEDNN_ENV, "1") != "0")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for inference (the oneDNN op has no derivative: where a gradient or a forward-mode
+    tangent is wanted, or oneDNN does not apply, F.linear)."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))
+    if (wants_grad or weight.dtype != x.dtype or not onednn_linear_applies(x)
+            or needs_eager_autodiff(x, weight, bias)):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

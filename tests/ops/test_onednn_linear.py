@@ -1,0 +1,112 @@
+"""ops._onednn.linear (F.linear through oneDNN's linear for float32 CPU inference) against the float64 product, and
+where it falls back to F.linear: a gradient wanted, another dtype, T2T_ONEDNN=0, oneDNN off in torch, torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from float64_checks import assert_close_to
+from t2t_kernels.ops._onednn import ONEDNN_ENV, ONEDNN_LINEAR_REGISTERED, linear, onednn_linear_applies
+
+ONEDNN_OP = "mkldnn::_linear_pointwise"
+# max error / max(1, max |reference|): a dot product of up to 300 fp32 terms with random signs rounds by ~sqrt(K) u
+# relative to the terms' scale (measured <= 2.6e-7 here); 128 u as the other fp32 suites
+TOLERANCE = 128 * 2.0**-24
+
+needs_onednn = pytest.mark.skipif(not (ONEDNN_LINEAR_REGISTERED and torch.backends.mkldnn.is_available()),
+                                  reason="torch here has no oneDNN linear (mkldnn::_linear_pointwise)")
+
+
+def products(fn):
+    """fn()'s result and how many oneDNN linears and ATen products it ran."""
+    with torch.profiler.profile() as prof:
+        out = fn()
+    keys = [event.key for event in prof.events()]
+    return out, keys.count(ONEDNN_OP), sum(keys.count(k) for k in ("aten::mm", "aten::addmm", "aten::matmul"))
+
+
+def make(shape, K, N, bias, generator):
+    x = torch.randn(*shape, K, generator=generator)
+    weight = torch.randn(N, K, generator=generator) / K**0.5
+    b = torch.randn(N, generator=generator) if bias else None
+    return x, weight, b
+
+
+# (leading dims, K, N): one row, odd widths (the T2T module's 147 inputs), the backbone's qkv, three leading dims
+@needs_onednn
+@pytest.mark.parametrize("shape,K,N", [((1,), 5, 3), ((37,), 147, 192), ((2, 197), 384, 1152), ((2, 3, 5), 17, 9)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "column-slice"])
+def test_matches_float64(shape, K, N, bias, layout):
+    generator = torch.Generator().manual_seed(K * N + len(shape))
+    x, weight, b = make(shape, K, N, bias, generator)
+    if layout == "transposed":  # same values, rows not contiguous
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "column-slice":  # rows of a wider tensor
+        x = torch.cat([x, torch.randn(*shape, 3, generator=generator)], -1)[..., :K]
+    with torch.inference_mode():
+        out, onednn, aten = products(lambda: linear(x, weight, b))
+    assert (onednn, aten) == (1, 0)
+    want = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    assert_close_to(out, want, TOLERANCE, f"{layout} {shape} {K}->{N}")
+
+
+@needs_onednn
+def test_no_grad_mode_suffices():
+    """Outside inference mode, with no tensor wanting a gradient (nn.Module parameters under torch.no_grad)."""
+    generator = torch.Generator().manual_seed(1)
+    x, weight, b = make((9,), 16, 8, True, generator)
+    with torch.no_grad():
+        out, onednn, _ = products(lambda: linear(x, weight.requires_grad_(), b))
+    assert onednn == 1 and not out.requires_grad
+    assert_close_to(out, F.linear(x.double(), weight.double(), b.double()), TOLERANCE, "no_grad")
+
+
+@needs_onednn
+def test_forward_mode_tangent_is_kept():
+    """A dual input (forward-mode AD) takes F.linear, whose tangent is the product's: oneDNN's op has none."""
+    generator = torch.Generator().manual_seed(4)
+    x, weight, b = make((5,), 12, 6, True, generator)
+    tangent = torch.randn(x.shape, generator=generator)
+    with torch.no_grad():
+        out, jvp = torch.func.jvp(lambda t: linear(t, weight, b), (x,), (tangent,))
+    torch.testing.assert_close(jvp, F.linear(tangent, weight), rtol=0, atol=0)
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["grad", "float64", "env", "mkldnn-off", "mixed-dtypes"])
+def test_falls_back_to_f_linear(case, monkeypatch):
+    """Where oneDNN does not apply the result is F.linear's (bitwise; with its gradient where one is wanted, its
+    error where the dtypes differ)."""
+    generator = torch.Generator().manual_seed(2)
+    x, weight, b = make((11,), 13, 7, True, generator)
+    if case == "float64":
+        x, weight, b = x.double(), weight.double(), b.double()
+    if case == "grad":
+        weight.requires_grad_()
+    if case == "env":
+        monkeypatch.setenv(ONEDNN_ENV, "0")
+    if case == "mkldnn-off":
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    if case == "mixed-dtypes":
+        weight = weight.double()
+        with pytest.raises(RuntimeError, match="dtype"):
+            linear(x, weight, b)
+        return
+    assert not onednn_linear_applies(x) or case == "grad"
+    out, onednn, aten = products(lambda: linear(x, weight, b))
+    assert onednn == 0 and aten >= 1
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=0, atol=0)
+    if case == "grad":
+        out.sum().backward()
+        torch.testing.assert_close(weight.grad, x.sum(0).expand(7, -1))  # d sum(x W^T) / dW
+
+
+def test_compiled_leaves_the_product_to_inductor():
+    """Under torch.compile the helper traces as F.linear (fullgraph: no break on the environment lookup)."""
+    generator = torch.Generator().manual_seed(3)
+    x, weight, b = make((6,), 8, 5, True, generator)
+    torch._dynamo.reset()
+    compiled = torch.compile(linear, fullgraph=True, backend="aot_eager")
+    with torch.inference_mode():
+        out = compiled(x, weight, b)
+    assert_close_to(out, F.linear(x.double(), weight.double(), b.double()), TOLERANCE, "compiled")
