@@ -207,12 +207,14 @@ class Attention(nn.Module):
         drop = self.attn_drop if self.training else 0.0
         return multihead_attention(qkv, self.num_heads, self.head_dim, self.scale, drop, self.fused_attn)[0]
 
-    def attend_class_token(self, x):
-        """attend(x)[:, :1]: the class token's query alone, against every token's key and value."""
+    def attend_class_token(self, x, backend: str | None = "eager"):
+        """attend(x)[:, :1]: the class token's query alone, against every token's key and value (the products
+        through ops._onednn.linear on the fused backends)."""
         dim = self.num_heads * self.head_dim
         weight, bias = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, :1], weight[:dim], None if bias is None else bias[:dim])
-        kv = F.linear(x, weight[dim:], None if bias is None else bias[dim:])
+        product = F.linear if backend == "eager" else linear
+        q = product(x[:, :1], weight[:dim], None if bias is None else bias[:dim])
+        kv = product(x, weight[dim:], None if bias is None else bias[dim:])
         drop = self.attn_drop if self.training else 0.0
         return attention_heads(*split_heads(q, self.num_heads, self.head_dim),
                                *split_heads(kv, self.num_heads, self.head_dim), self.scale, drop, self.fused_attn)
@@ -257,7 +259,7 @@ class Block(nn.Module):
         keys and values, is about a fifth of the block's work at 197 tokens (3.5 vs 19 ms at B=8 on a 2-core CPU).
         Callers check that the block's modules run as defined (T2TViT._last_block_class_token_only does)."""
         attn = self.attn
-        out, x = attn.attend_class_token(self.norm1(x)), x[:, :1]
+        out, x = attn.attend_class_token(self.norm1(x), self.backend), x[:, :1]
         if self._fuses_post_attention(x):
             return self._post_attention(out, x)
         x = x + self.drop_path(attn.proj_drop(attn.proj(out)))

@@ -36,8 +36,8 @@ def _logged(model, x):
 @pytest.mark.parametrize("backend,onednn", [("auto", "1"), ("cpp", "1"), ("auto", "0")],
                          ids=["auto", "cpp", "auto-no-onednn"])
 def test_inference_fuses_every_layer_and_matches_eager(name, backend, onednn, monkeypatch):
-    """... and the products before the ops (each T2T layer's kqv, each attending block's qkv, the T2T module's
-    projection) run as oneDNN linears where those apply (T2T_ONEDNN=0 turns them off)."""
+    """... and the products before the ops (each T2T layer's kqv, each block's qkv, the T2T module's projection) run
+    as oneDNN linears where those apply (T2T_ONEDNN=0 turns them off)."""
     monkeypatch.setenv(ONEDNN_ENV, onednn)
     model = _perturbed(t2t_kernels.create_model(name, img_size=32, num_classes=10, backend=backend)).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -48,7 +48,8 @@ def test_inference_fuses_every_layer_and_matches_eager(name, backend, onednn, mo
         ref, ref_names = _logged(model, x)
     assert names.count(FUSED) == 2 + depth and FUSED not in ref_names
     assert names.count(ATTENTION) == depth - 1 and ATTENTION not in ref_names
-    assert names.count(ONEDNN) == (2 + depth if onednn_linear_applies(x) else 0) and ONEDNN not in ref_names
+    # the T2T layers' kqv and projection, the attending blocks' qkv, the last block's class-token query and keys/values
+    assert names.count(ONEDNN) == (4 + depth if onednn_linear_applies(x) else 0) and ONEDNN not in ref_names
     # every norm2 and GELU went into the op: only the blocks' norm1 and the final norm remain
     assert sum(n.startswith("aten::native_layer_norm") for n in names) == depth + 1
     assert not any(n.startswith("aten::gelu") for n in names)
