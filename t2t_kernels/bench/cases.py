@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..ops import BACKENDS as BACKEND_NAMES
 from ..ops import performer_attention, post_attention, soft_split, soft_split_layer_norm, softmax_attention
 from ..ops._backends import OpBackends
+from ..ops._onednn import onednn_linear_applies
 from ..ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
 from ..ops.post_attention import BACKENDS as POST_ATTENTION_BACKENDS
 from ..ops.post_attention.reference import post_attention as post_attention_reference
@@ -578,6 +579,8 @@ class ModelCase(Case):
         device = probe.device.type
         inductor = [b.name for b in trained
                     if b.auto_candidates(device, False) and not b.auto_candidates(device, True)]
+        if onednn_linear_applies(probe):
+            text += "; the products before the inference ops (and the wide post_attention's) through oneDNN's linear"
         if inductor:
             text += f"; under torch.compile {', '.join(inductor)} as the eager formula (inductor's code)"
         return text + "; the whole model runs its last block for the class token alone"
