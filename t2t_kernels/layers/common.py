@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import post_attention, softmax_attention
-from ..ops._onednn import linear
 from ..ops._backends import check_backend_arg
+from ..ops._onednn import linear
 from .recompute import gelu_linear, norm_linear, recomputes, run_checkpointed
 
 
