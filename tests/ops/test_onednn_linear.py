@@ -73,6 +73,17 @@ def test_forward_mode_tangent_is_kept():
     torch.testing.assert_close(out, F.linear(x, weight, b), rtol=0, atol=0)
 
 
+def test_cpu_autocast_keeps_f_linear():
+    """Under CPU autocast F.linear computes in the autocast dtype: so does linear() (bitwise the same result)."""
+    generator = torch.Generator().manual_seed(5)
+    x, weight, b = make((7,), 24, 10, True, generator)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn_linear_applies(x)
+        out, want = linear(x, weight, b), F.linear(x, weight, b)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", ["grad", "float64", "env", "mkldnn-off", "mixed-dtypes"])
 def test_falls_back_to_f_linear(case, monkeypatch):
     """Where oneDNN does not apply the result is F.linear's (bitwise; with its gradient where one is wanted, its
