@@ -219,33 +219,38 @@ constexpr int64_t kWideWeightBytes = int64_t(1) << 20;  // weights above this (a
 //   x = y Wp^T + bp + skip;  h = gelu(layer_norm(x) W1^T + b1);  out = h W2^T + b2 + x.
 // Its GEMMs beat MKL's (what at::mm calls) by 15-35% at the backbone's shapes on AMD Zen 4 (ops/_onednn.py).
 // T2T_ONEDNN=0 or torch.backends.mkldnn.enabled = False turns this off (the path below instead).
-bool onednn_wide_path(const at::Tensor& y) {
-  static const bool registered =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""}).has_value() &&
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"}).has_value();
-  const char* env = std::getenv("T2T_ONEDNN");
-  return registered && y.scalar_type() == at::kFloat && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
-         !(env && std::string(env) == "0");
+
+// the op's two overloads, looked up once: absent where torch was built without oneDNN
+const std::optional<c10::OperatorHandle>& linear_pointwise(bool binary) {
+  static const std::optional<c10::OperatorHandle> plain =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  static const std::optional<c10::OperatorHandle> with_other =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"});
+  return binary ? with_other : plain;
 }
 
-at::Tensor call_boxed(const char* overload, std::vector<c10::IValue> args) {
-  // boxed: the op's C++ signature (string_view, Scalar lists) has changed across torch versions, its schema has not
-  const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", overload);
+bool onednn_wide_path(const at::Tensor& y) {
+  const char* env = std::getenv("T2T_ONEDNN");
+  return linear_pointwise(false) && linear_pointwise(true) && y.scalar_type() == at::kFloat && at::hasMKLDNN() &&
+         at::globalContext().userEnabledMkldnn() && !(env && std::string(env) == "0");
+}
+
+// boxed: the op's C++ signature (string_view, Scalar lists) has changed across torch versions, its schema has not
+at::Tensor call_boxed(bool binary, std::vector<c10::IValue> args) {
   torch::jit::Stack stack(std::make_move_iterator(args.begin()), std::make_move_iterator(args.end()));
-  op.callBoxed(&stack);
+  linear_pointwise(binary)->callBoxed(&stack);
   return stack.back().toTensor();
 }
 
 // x W^T + b, then epilogue "none" or "gelu" (exact, erf)
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const char* epilogue) {
-  return call_boxed("", {x, w, b, std::string(epilogue), c10::List<std::optional<at::Scalar>>(),
-                         std::string(std::strcmp(epilogue, "gelu") == 0 ? "none" : "")});
+  return call_boxed(false, {x, w, b, std::string(epilogue), c10::List<std::optional<at::Scalar>>(),
+                            std::string(std::strcmp(epilogue, "gelu") == 0 ? "none" : "")});
 }
 
 // x W^T + b + other
 at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other, const at::Tensor& w, const at::Tensor& b) {
-  return call_boxed("binary", {x, other, w, b, std::string("add")});
+  return call_boxed(true, {x, other, w, b, std::string("add")});
 }
 
 at::Tensor post_attention_onednn(const at::Tensor& y, const at::Tensor& skip, const at::Tensor* p, double eps) {
