@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import post_attention, softmax_attention
 from ..ops._backends import check_backend_arg
 from ..ops._onednn import linear
+from ..ops._registry import grad_enabled_for_path
 from .recompute import gelu_linear, norm_linear, recomputes, run_checkpointed
 
 
@@ -71,7 +72,7 @@ def fuses_post_attention(backend, x: torch.Tensor, proj: nn.Module, norm: nn.Mod
     off when not training."""
     if backend not in (None, "auto", "cpp") or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return False
-    if torch.is_grad_enabled() and x.requires_grad:  # the cheap half of the last check, first (training)
+    if grad_enabled_for_path() and x.requires_grad:  # the cheap half of the last check, first (training)
         return False
     linears = (proj, mlp_fc1, mlp_fc2)
     if not (all(type(m) is nn.Linear for m in linears) and type(norm) is nn.LayerNorm
@@ -84,7 +85,7 @@ def fuses_post_attention(backend, x: torch.Tensor, proj: nn.Module, norm: nn.Mod
     params = [p for m in (*linears, norm) for p in m.parameters()]
     if any(p.dtype != x.dtype for p in params):
         return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+    return not (grad_enabled_for_path() and (x.requires_grad or any(p.requires_grad for p in params)))
 
 
 def inference_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .._extension import has_kernel
-from ..ops._registry import needs_eager_autodiff
+from ..ops._registry import grad_enabled_for_path, needs_eager_autodiff
 
 # the C++ autograd ops of the LayerNorm/GELU -> Linear pairs (csrc/recompute.cpp), when the extension has them
 _HAS_CPP_PAIRS = has_kernel("t2t_kernels::norm_linear", "Autograd") and \
@@ -205,7 +205,7 @@ def recomputes(backend: str | None, *norm_linear_pairs: tuple[nn.Module, nn.Modu
     an nn.LayerNorm over the last dim and an nn.Linear, gradients wanted, no gradient checkpointing recomputing
     the whole layer (not tracked under torch.compile, where the pairs' checkpoints nest in the layer's), and
     T2T_RECOMPUTE_PAIRS not 0."""
-    return (backend != "eager" and torch.is_grad_enabled() and _recompute_pairs_enabled()
+    return (backend != "eager" and grad_enabled_for_path() and _recompute_pairs_enabled()
             and all(type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and type(linear) is nn.Linear
                     for norm, linear in norm_linear_pairs)
             and (torch.compiler.is_compiling() or not getattr(_checkpointed, "active", False)))

@@ -29,10 +29,12 @@ ONEDNN_LINEAR_REGISTERED = _linear_pointwise_registered()
 def onednn_linear_applies(x: torch.Tensor) -> bool:
     """Whether linear() runs x through oneDNN: float32 on the CPU outside CPU autocast (where F.linear computes in the
     autocast dtype), torch built with oneDNN and not told otherwise (torch.backends.mkldnn.enabled, T2T_ONEDNN),
-    outside torch.compile (whose inductor picks its own GEMMs)."""
+    outside torch.compile (whose inductor picks its own GEMMs) and torch.jit.trace (which cannot record the op's
+    optional-scalar list argument)."""
     return (ONEDNN_LINEAR_REGISTERED and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and os.environ.get(ONEDNN_ENV, "1") != "0")
 
 

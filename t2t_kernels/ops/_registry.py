@@ -23,6 +23,13 @@ def needs_eager_autodiff(*tensors) -> bool:
                                   or forward_ad.unpack_dual(t).tangent is not None) for t in tensors)
 
 
+def grad_enabled_for_path() -> bool:
+    """torch.is_grad_enabled() for a layer's choice between its inference and training paths, but False while
+    torch.jit.trace records: the tracer checks its graph by tracing again under no_grad, so the graph must not
+    depend on grad mode there. The inference paths' fused ops carry their own autograd: such a graph still trains."""
+    return torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+
 def to_pair(value, name: str) -> tuple[int, int]:
     """int or pair of ints -> (int, int), with an error that names the argument."""
     pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else None

@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) of the whole model on every backend that runs here: no graph breaks, no
-recompiles across steps of one shape, the same logits and gradients as the uncompiled model."""
+recompiles across steps of one shape, the same logits and gradients as the uncompiled model; torch.export and
+torch.jit.trace of the fused model."""
 import pytest
 import torch
 
@@ -54,3 +55,32 @@ def test_export_on_the_fused_backend(strict):
     with torch.no_grad():
         for inputs in (x, torch.randn(3, 3, 32, 32)):
             torch.testing.assert_close(program.module()(inputs), model(inputs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("factory", ["t2t_vit_7", "t2t_vit_14", "t2t_vit_t_14"])
+def test_jit_trace_on_the_fused_backend(factory, grad):
+    """torch.jit.trace of the fused model passes the tracer's own check (which traces again under no_grad, so the
+    layers' paths must not depend on grad mode while tracing) and its graph gives the model's logits on another
+    input and, traced with gradients, the model's parameter gradients. T2T-ViT-14's blocks take post_attention's
+    oneDNN path (weights above 1 MB), whose internal op the tracer cannot record on its own."""
+    torch.manual_seed(0)
+    backend = _cpu_backends()[-1]
+    model = getattr(t2t_kernels, factory)(img_size=32, num_classes=10, backend=backend).eval()
+    x, fresh = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(model, x)
+        out = traced(fresh)
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    if backend == "cpp":
+        assert {"t2t_kernels::soft_split", "t2t_kernels::post_attention"} <= kinds, kinds
+    expected = model(fresh)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    if grad:
+        expected.square().sum().backward()
+        expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        out.square().sum().backward()
+        assert expected_grads
+        for n, g in expected_grads.items():
+            torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-3, atol=1e-5, msg=n)

@@ -1,5 +1,6 @@
 """ops._onednn.linear (F.linear through oneDNN's linear for float32 CPU inference) against the float64 product, and
-where it falls back to F.linear: a gradient wanted, another dtype, T2T_ONEDNN=0, oneDNN off in torch, torch.compile."""
+where it falls back to F.linear: a gradient wanted, another dtype, T2T_ONEDNN=0, oneDNN off in torch, torch.compile,
+torch.jit.trace."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +122,15 @@ def test_compiled_leaves_the_product_to_inductor():
     with torch.inference_mode():
         out = compiled(x, weight, b)
     assert_close_to(out, F.linear(x.double(), weight.double(), b.double()), TOLERANCE, "compiled")
+
+
+def test_jit_trace_records_f_linear():
+    """torch.jit.trace cannot record oneDNN's op (its optional-scalar list argument): traced, the helper is F.linear,
+    and the trace replays it on another input."""
+    generator = torch.Generator().manual_seed(4)
+    x, weight, b = make((6,), 8, 5, True, generator)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda t: linear(t, weight, b), x)
+        fresh = torch.randn(9, 8, generator=generator)
+        torch.testing.assert_close(traced(fresh), F.linear(fresh, weight, b), rtol=0, atol=0)
+    assert "aten::linear" in {node.kind() for node in traced.graph.nodes()}
