@@ -22,9 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import BACKENDS as BACKEND_NAMES
-from ..ops import performer_attention, post_attention, soft_split, soft_split_layer_norm, softmax_attention
+from ..ops import (dropout_add, performer_attention, post_attention, soft_split, soft_split_layer_norm,
+                   softmax_attention)
 from ..ops._backends import OpBackends
 from ..ops._onednn import onednn_linear_applies
+from ..ops.dropout_add import BACKENDS as DROPOUT_ADD_BACKENDS
+from ..ops.dropout_add import draw_seed
 from ..ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
 from ..ops.post_attention import BACKENDS as POST_ATTENTION_BACKENDS
 from ..ops.post_attention.reference import post_attention as post_attention_reference
@@ -456,12 +459,59 @@ class SoftmaxAttentionCase(OpCase):
         return Workload(step)
 
 
+class DropoutAddCase(OpCase):
+    """dropout_add in a T2T layer's training step: a Performer layer's residual dropout (the official hard-coded
+    p = 0.1) of x (B, T, 64) onto the skip. Eager is the official skip + F.dropout(x) (torch's Bernoulli draw); the
+    backends draw a seed from torch's generator per call, as the layers do."""
+
+    backends = DROPOUT_ADD_BACKENDS
+    p = 0.1
+
+    def __init__(self, settings, stage, pass_):
+        self.T = stage_tokens(settings, stage)
+        super().__init__(settings, "dropout_add", stage, pass_)
+
+    def shape_text(self):
+        return f"(T={self.T}, E={PERFORMER_E}, p={self.p})"
+
+    @classmethod
+    def official(cls, x, skip):
+        return skip + F.dropout(x, cls.p, training=True)
+
+    def backend_fn(self, backend):
+        return lambda x, skip: dropout_add(x, skip, self.p, draw_seed(), backend=backend)
+
+    def byte_floor(self):
+        tensor = self.settings.batch * self.T * PERFORMER_E * self.settings.dtype.itemsize
+        return tensor * (3 + 2 if self.backward else 3)  # x, skip, out; backward: read the gradient, write x's
+
+    def workload(self, fn):
+        s = self.settings
+        g = torch.Generator().manual_seed(0)
+        x, skip = (torch.randn(s.batch, self.T, PERFORMER_E, generator=g).to(s.device, s.dtype) for _ in range(2))
+        if not self.backward:
+            def step():
+                with torch.no_grad():
+                    return fn(x, skip)
+            return Workload(step)
+        x.requires_grad_(True)
+        skip.requires_grad_(True)
+        grad = torch.randn(s.batch, self.T, PERFORMER_E, device=s.device, dtype=s.dtype)
+
+        def step():
+            x.grad = skip.grad = None
+            fn(x, skip).backward(grad)
+
+        return Workload(step, probe=lambda: fn(x, skip))
+
+
 def op_cases(settings: Settings, ops=("soft_split", "performer_attention"), passes=(FORWARD, FORWARD_BACKWARD)):
     kinds = {SoftSplitCase.op_name: (SoftSplitCase, SOFT_SPLIT_STAGES),
              SoftSplitLayerNormCase.op_name: (SoftSplitLayerNormCase, ("stage0", "stage1")),  # a LayerNorm follows
              "performer_attention": (PerformerCase, PERFORMER_STAGES),
              "post_attention": (PostAttentionCase, POST_ATTENTION_STAGES),
-             "softmax_attention": (SoftmaxAttentionCase, ("backbone",))}
+             "softmax_attention": (SoftmaxAttentionCase, ("backbone",)),
+             "dropout_add": (DropoutAddCase, tuple(PERFORMER_STAGES))}
     cases = []
     for op in ops:
         if op not in kinds:

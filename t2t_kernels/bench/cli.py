@@ -42,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ops", action="store_true", help="skip the op-level cases")
     p.add_argument("--no-model", action="store_true", help="skip the model-level cases")
     p.add_argument("--ops", default="soft_split,soft_split+layer_norm,performer_attention,post_attention,"
-                                    "softmax_attention",
+                                    "softmax_attention,dropout_add",
                    help="which op cases (comma list; soft_split+layer_norm: the split and the LayerNorm after it; "
                         "post_attention: a T2T layer's projection, norm2 and MLP, forward; softmax_attention: a "
-                        "backbone block's attention after its qkv projection, forward)")
+                        "backbone block's attention after its qkv projection, forward; dropout_add: a Performer "
+                        "layer's residual dropout in training)")
     p.add_argument("--cases", default=None,
                    help="only the cases whose name contains one of these (comma list), e.g. 't2t_vit_14/train step' "
                         "(case names: model/forward, model/train step, model.tokens_to_token/..., op/stage/pass)")

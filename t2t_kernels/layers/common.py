@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import post_attention, softmax_attention
+from ..ops import DROPOUT_ADD_BACKENDS, dropout_add, post_attention, softmax_attention
 from ..ops._backends import check_backend_arg
 from ..ops._onednn import linear
-from ..ops._registry import grad_enabled_for_path
+from ..ops.dropout_add import draw_seed
+from ..ops._registry import grad_enabled_for_path, needs_eager_autodiff
 from .recompute import gelu_linear, norm_linear, recomputes, run_checkpointed
 
 
@@ -122,10 +123,26 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
-def mlp_after_fc1(mlp: Mlp | nn.Sequential, h: torch.Tensor, training: bool) -> torch.Tensor:
+def residual_dropout(skip: torch.Tensor, x: torch.Tensor, dropout: nn.Module, backend: str | None) -> torch.Tensor:
+    """skip + dropout(x). An active nn.Dropout (training, 0 < p < 1) on CPU tensors of the CPU backends runs as the
+    dropout_add op: one pass for F.dropout's Bernoulli draw, division and product and the sum, no mask kept for
+    backward. Its seed comes from torch's generator, so torch.manual_seed and checkpointing's RNG replay hold; its
+    masks are not F.dropout's draws (the same distribution). The module runs instead under torch.compile (inductor
+    draws its own), torch.jit.trace (a seed would be frozen into the graph) and torch.func transforms or forward-mode
+    AD (vmap's randomness options apply to torch's random ops)."""
+    if (type(dropout) is nn.Dropout and dropout.training and 0.0 < dropout.p < 1.0 and backend in (None, "auto", "cpp")
+            and x.device.type == "cpu" and x.shape == skip.shape and x.dtype == skip.dtype
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not needs_eager_autodiff(x, skip) and DROPOUT_ADD_BACKENDS.resolve("auto", x) == "cpp"):
+        return dropout_add(x, skip, dropout.p, draw_seed(), backend="cpp")
+    return skip + dropout(x)
+
+
+def mlp_after_fc1(mlp: Mlp | nn.Sequential, h: torch.Tensor, training: bool, skip: torch.Tensor | None = None,
+                  backend: str | None = None) -> torch.Tensor:
     """The rest of an Mlp (fc1, act, drop, fc2, drop) or of the T2T layers' Sequential (fc1, GELU, fc2, Dropout) after
     fc1, in training: GELU -> fc2 keeps fc1's output for backward, not the GELU's, where they are adjacent (exact GELU,
-    no active dropout between them)."""
+    no active dropout between them). With skip: skip + that, its last dropout and the sum as residual_dropout."""
     if isinstance(mlp, Mlp):
         act, fc2, drops = mlp.act, mlp.fc2, (mlp.drop, mlp.drop)
     else:
@@ -133,8 +150,10 @@ def mlp_after_fc1(mlp: Mlp | nn.Sequential, h: torch.Tensor, training: bool) -> 
         drops = (nn.Identity(), drop)
     if type(act) is nn.GELU and act.approximate == "none" and type(fc2) is nn.Linear and not (
             training and isinstance(drops[0], nn.Dropout) and drops[0].p > 0):
-        return drops[1](gelu_linear(fc2, h))
-    return drops[1](fc2(drops[0](act(h))))
+        out = gelu_linear(fc2, h)
+    else:
+        out = fc2(drops[0](act(h)))
+    return drops[1](out) if skip is None else residual_dropout(skip, out, drops[1], backend)
 
 
 class Mlp(nn.Module):

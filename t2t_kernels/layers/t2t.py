@@ -11,7 +11,8 @@ from torch import nn
 from ..ops import performer_attention, soft_split, soft_split_layer_norm
 from ..ops._backends import check_backend_arg
 from .common import (DropPath, Mlp, fused_post_attention, fuses_post_attention, inference_linear, maybe_checkpoint,
-                     mlp_after_fc1, multihead_attention, runs_as_defined, submodules_run_as_defined)
+                     mlp_after_fc1, multihead_attention, residual_dropout, runs_as_defined,
+                     submodules_run_as_defined)
 from .recompute import linear_of_recomputed, norm_linear, recomputes
 
 
@@ -111,8 +112,9 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
         fuse = fusable(self, split)
         if fuse and recomputes(self.backend, (self.norm1, self.kqv), (self.norm2, fc1)):
             v, y = self.attend_projected(recomputed_norm_linear(self.norm1, self.kqv, x, split))
-            x = v + self.dp(self.proj(y))
-            return x + mlp_after_fc1(self.mlp, norm_linear(self.norm2, fc1, x), self.training)
+            x = residual_dropout(v, self.proj(y), self.dp, self.backend)
+            return mlp_after_fc1(self.mlp, norm_linear(self.norm2, fc1, x), self.training, skip=x,
+                                 backend=self.backend)
         x = split_norm(x, split, self.norm1, fuse)
         if fuse and fuses_post_attention(self.backend, x, self.proj, self.norm2, fc1, act, fc2, self.training,
                                          (self.dp, drop)):
@@ -182,7 +184,7 @@ class Token_transformer(nn.Module):  # noqa: N801  (official class name)
         fuse = fusable(self, split)
         if fuse and recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)):
             v, out = attn.attend_projected(recomputed_norm_linear(self.norm1, attn.qkv, x, split))
-            x = v + attn.proj_drop(attn.proj(out))
+            x = residual_dropout(v, attn.proj(out), attn.proj_drop, self.backend)
             return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
         x = split_norm(x, split, self.norm1, fuse)
         if fuse and fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2,

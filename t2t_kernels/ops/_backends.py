@@ -37,7 +37,7 @@ def triton_interpreting() -> bool:
 
 
 OP_NAMES = ("soft_split", "soft_split_layer_norm", "performer_attention", "post_attention",
-            "softmax_attention")
+            "softmax_attention", "dropout_add")
 EAGER_OPS_ENV = "T2T_EAGER_OPS"
 
 

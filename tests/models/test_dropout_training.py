@@ -1,0 +1,111 @@
+"""Training with the T2T layers' dropouts active (the Performer layers' official hard-coded 0.1) on the CPU
+backends: each residual dropout runs as the dropout_add op, whose masks come from seeds drawn from torch's
+generator. The layer equals the official formula with those masks (values and gradients), the model is reproducible
+under torch.manual_seed, and every switch that should keep nn.Dropout does."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import t2t_kernels
+from op_log import OpLog
+from t2t_kernels.layers.common import residual_dropout
+from t2t_kernels.layers.t2t import Token_performer
+from t2t_kernels.ops import DROPOUT_ADD_BACKENDS
+from t2t_kernels.ops.dropout_add import draw_seed, reference
+from t2t_kernels.ops.performer_attention.reference import performer_attention_official
+
+needs_cpp = pytest.mark.skipif(DROPOUT_ADD_BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32)
+                               is not None, reason="the dropout_add kernel is not built here")
+DROPOUT_OP = "t2t_kernels::dropout_add"
+TORCH_DROPOUT = ("aten::bernoulli_.float", "aten::native_dropout")
+
+
+def _ran(fn):
+    with OpLog() as log:
+        out = fn()
+    return out, log.names
+
+
+@needs_cpp
+def test_token_performer_equals_the_official_formula_with_the_same_masks(fresh_seed):
+    """Token_performer in training (cpp backend) against the official layer written out, whose two dropouts use
+    dropout_add's eager formula with the seeds the layer draws, in order: the same output and gradients."""
+    torch.manual_seed(fresh_seed)
+    layer = Token_performer(dim=27, in_dim=16, backend="cpp").train()
+    x = torch.randn(2, 50, 27, requires_grad=True)
+    torch.manual_seed(fresh_seed + 1)
+    out, names = _ran(lambda: layer(x))
+    assert names.count(DROPOUT_OP) == 2 and not set(TORCH_DROPOUT) & set(names), names
+    out.backward(torch.ones_like(out))
+    grads = [t.grad.clone() for t in (x, *layer.parameters()) if t.grad is not None]
+    layer.zero_grad()
+    x.grad = None
+
+    torch.manual_seed(fresh_seed + 1)
+    seeds = (draw_seed(), draw_seed())
+    fc1, act, fc2, _ = layer.mlp
+    k, q, v = layer.kqv(layer.norm1(x)).split(layer.emb, dim=-1)
+    y = performer_attention_official(q, k, v, layer.w, layer.epsilon)
+    h = reference.dropout_add(layer.proj(y), v, 0.1, seeds[0])
+    want = reference.dropout_add(fc2(act(fc1(layer.norm2(h)))), h, 0.1, seeds[1])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    want.backward(torch.ones_like(want))
+    want_grads = [t.grad for t in (x, *layer.parameters()) if t.grad is not None]
+    assert len(grads) == len(want_grads) > 1
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _train_forward(model, x, seed):
+    torch.manual_seed(seed)
+    return _ran(lambda: model(x))
+
+
+@needs_cpp
+def test_model_training_is_reproducible_and_drops(fresh_seed):
+    """T2T-ViT-7 in training: four dropout_adds (two per Performer layer), no torch dropout in the T2T module; the
+    same torch.manual_seed gives bitwise the same logits and another seed other ones; the loss trains."""
+    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10).train()
+    x = torch.randn(2, 3, 32, 32)
+    first, names = _train_forward(model, x, fresh_seed)
+    assert names.count(DROPOUT_OP) == 4, names.count(DROPOUT_OP)
+    assert not set(TORCH_DROPOUT) & set(names)
+    again, _ = _train_forward(model, x, fresh_seed)
+    other, _ = _train_forward(model, x, fresh_seed + 1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    F.cross_entropy(first, torch.tensor([1, 7])).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("switch", ["eager-backend", "T2T_EAGER_OPS", "no-grad", "checkpointing"])
+def test_switches_keep_torch_dropout(switch, monkeypatch):
+    """The eager backend, T2T_EAGER_OPS=dropout_add, training without gradients (the modules run: the fused
+    inference path needs inactive dropouts) and gradient checkpointing (plain modules) keep nn.Dropout."""
+    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10,
+                                  backend="eager" if switch == "eager-backend" else "auto").train()
+    if switch == "T2T_EAGER_OPS":
+        monkeypatch.setenv("T2T_EAGER_OPS", "dropout_add")
+    if switch == "checkpointing":
+        model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.set_grad_enabled(switch != "no-grad"):
+        _, names = _train_forward(model, x, 0)
+    assert DROPOUT_OP not in names
+    assert set(TORCH_DROPOUT) & set(names), "the T2T layers' dropouts should still run"
+
+
+def test_compiled_residual_dropout_is_torch_dropout():
+    """Under torch.compile the helper traces nn.Dropout (inductor draws its own masks), not the op."""
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    dropout = torch.nn.Dropout(0.5).train()
+    compiled = torch.compile(lambda skip, x: residual_dropout(skip, x, dropout, "auto"), fullgraph=True,
+                             backend=recording_backend)
+    out = compiled(torch.zeros(64), torch.ones(64))
+    assert set(out.unique().tolist()) <= {0.0, 2.0}
+    assert any("dropout" in t for t in targets) and not any("dropout_add" in t for t in targets), targets
