@@ -26,10 +26,12 @@ TORCH_LIBRARY(t2t_kernels, m) {
   m.def(
       "soft_split_layer_norm(Tensor x, Tensor weight, Tensor bias, int[2] kernel_size, int[2] stride, "
       "int[2] padding, float eps) -> (Tensor, Tensor, Tensor)");
-  // (grad_x, grad_weight, grad_bias); grad_x contiguous, or channels_last memory when channels_last
+  // (grad_x, grad_weight, grad_bias); grad_x contiguous, or channels_last memory when channels_last; without x_grad
+  // grad_x is not computed (an empty tensor): the image into the first T2T layer needs none
   m.def(
       "soft_split_layer_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
-      "int[2] kernel_size, int[2] stride, int[2] padding, bool channels_last=False) -> (Tensor, Tensor, Tensor)");
+      "int[2] kernel_size, int[2] stride, int[2] padding, bool channels_last=False, bool x_grad=True) "
+      "-> (Tensor, Tensor, Tensor)");
   // q, k, v (..., T, E), w (m, E) -> y (..., T, E) and the fp32 state kept for backward:
   // kv_state = phi(k)^T v (..., m, E) and k_sum = sum_t phi(k) (..., m)
   m.def("performer_attention(Tensor q, Tensor k, Tensor v, Tensor w, float eps) -> (Tensor, Tensor, Tensor)");

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from float64_checks import (
     SOFT_SPLIT_LAYER_NORM_TOLERANCES, TORCH_LAYER_NORM_LOW_PRECISION_TOLERANCES, assert_close_to, relative_error,
@@ -383,6 +384,47 @@ def test_opcheck(backend, layout):
     grad_out = torch.randn_like(out)
     for channels_last in (False, True):
         torch.library.opcheck(backward, (grad_out, x.detach(), w.detach(), mean, rstd, *geometry, channels_last))
+    torch.library.opcheck(backward, (grad_out, x.detach(), w.detach(), mean, rstd, *geometry, False, False))
+
+
+class BackwardGradX(TorchDispatchMode):
+    """Records the size of the grad_x each call of the backward op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.name().startswith("t2t_kernels::soft_split_layer_norm") and func.name().endswith("_backward"):
+            self.sizes.append(out[0].numel())
+        return out
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_parameter_grads_without_an_input_grad(backend):
+    """An x that needs no gradient (the image into the first T2T layer): backward skips grad_x (the backward op's
+    x_grad=False returns it empty, no fold) and the weight and bias gradients are bitwise those computed beside
+    grad_x, within the float64 bound."""
+    skip_unless_available(backend)
+    leaf, view = make_input(2, 3, 11, 9, "contiguous")
+    w, b = make_params(27, torch.float32)
+    geometry = ((3, 3), (2, 2), (1, 1))
+    grads = {}
+    for x_grad in (True, False):
+        x = view(leaf.detach().clone().requires_grad_(x_grad))
+        params = [w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()]
+        out = soft_split_layer_norm(x, *geometry, *params, 1e-5, backend=backend)
+        grad_out = torch.ones_like(out) + torch.arange(out.shape[-1]) / 7.0  # the same for both runs
+        with BackwardGradX() as calls:
+            grads[x_grad] = torch.autograd.grad(out, ([x] if x_grad else []) + params, grad_out)[-2:]
+        assert calls.sizes == [x.numel() if x_grad else 0]
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (leaf, w, b))
+    expected = torch.autograd.grad(formula(view(x64), *geometry, w64, b64, 1e-5), (w64, b64),
+                                   grad_out.double())
+    for actual, want, name in zip(grads[False], expected, ("grad_weight", "grad_bias")):
+        assert_close_to(actual, want, tolerance(backend, torch.float32), name)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

@@ -90,11 +90,12 @@ def _soft_split_layer_norm_triton(
 @torch.library.custom_op("t2t_kernels::soft_split_layer_norm_triton_backward", mutates_args=())
 def _soft_split_layer_norm_triton_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, kernel_size: Sequence[int],
-    stride: Sequence[int], padding: Sequence[int], channels_last: bool = False,
+    stride: Sequence[int], padding: Sequence[int], channels_last: bool = False, x_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from .triton import soft_split_layer_norm_backward
 
-    return soft_split_layer_norm_backward(grad_out, x, weight, mean, rstd, kernel_size, stride, padding, channels_last)
+    return soft_split_layer_norm_backward(grad_out, x, weight, mean, rstd, kernel_size, stride, padding, channels_last,
+                                          x_grad)
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,9 +109,10 @@ def _fake_forward(x, weight, bias, kernel_size, stride, padding, eps):
     return x.new_empty((B, oh * ow, C * kernel_size[0] * kernel_size[1])), stats, torch.empty_like(stats)
 
 
-def _fake_backward(grad_out, x, weight, mean, rstd, kernel_size, stride, padding, channels_last=False):
+def _fake_backward(grad_out, x, weight, mean, rstd, kernel_size, stride, padding, channels_last=False, x_grad=True):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return x.new_empty(x.shape).contiguous(memory_format=fmt), torch.empty_like(weight), torch.empty_like(weight)
+    grad_x = x.new_empty(x.shape).contiguous(memory_format=fmt) if x_grad else x.new_empty(0)
+    return grad_x, torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _register(suffix: str) -> None:
@@ -138,8 +140,10 @@ def _register(suffix: str) -> None:
                 lambda x, weight, bias: reference.soft_split_layer_norm(x, *geometry, weight, bias, ctx.eps),
                 (x, weight, bias), (), grad_out, ctx.needs_input_grad[:3])
         else:
+            x_grad = ctx.needs_input_grad[0]  # the image into the first layer needs none: no fold then
             grad_x, grad_weight, grad_bias = backward_op(grad_out.contiguous(), x, weight, mean, rstd, *geometry,
-                                                         ctx.channels_last)
+                                                         ctx.channels_last, x_grad)
+            grad_x = grad_x if x_grad else None
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
     torch.library.register_autograd(forward, grad, setup_context=setup_context)

@@ -134,8 +134,9 @@ def soft_split_layer_norm_forward(x, weight, bias, kernel_size, stride, padding,
 
 
 def soft_split_layer_norm_backward(grad_out, x, weight, mean, rstd, kernel_size, stride, padding,
-                                   channels_last=False):
-    """-> (grad_x in x's dtype, contiguous or channels_last; grad_weight and grad_bias in weight's dtype)."""
+                                   channels_last=False, x_grad=True):
+    """-> (grad_x in x's dtype, contiguous or channels_last (without x_grad: empty, not computed); grad_weight and
+    grad_bias in weight's dtype)."""
     (B, H, W), geo, (oh, ow), F = _check_inputs(x, {"weight": weight}, kernel_size, stride, padding)
     L = oh * ow
     check_tensor("grad_out", grad_out, OP)
@@ -156,5 +157,7 @@ def soft_split_layer_norm_backward(grad_out, x, weight, mean, rstd, kernel_size,
             H, W, ow, L, F, *x.stride(), **geo, BLOCK_L=block_l, BLOCK_F=block_f, num_warps=warps,
         )
     grad_weight, grad_bias = (partials[:, n].sum(0).to(weight.dtype) for n in (0, 1))
+    if not x_grad:
+        return x.new_empty(0), grad_weight, grad_bias
     grad_x = soft_split_backward(grad_u, x.shape, kernel_size, stride, padding, channels_last, dtype=x.dtype)
     return grad_x, grad_weight, grad_bias
