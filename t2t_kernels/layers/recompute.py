@@ -7,7 +7,9 @@ backward recomputes f(x) once (under the forward's autocast state, so the Linear
 Linear's gradients from it, and backpropagates to x and f's parameters: through f's own backward formula for the
 LayerNorm and GELU (native_layer_norm_backward, gelu_backward: no nested autograd call, whose host time a GPU train
 step waits for), through a nested torch.autograd.grad for the T2T's fused split + norm and whenever a double backward
-asks for a differentiable backward. Same gradients as eager, up to the GEMMs' rounding. The saved activations of a
+asks for a differentiable backward. Where the split's image needs no gradient (the first T2T layer), the kqv's and
+norm1's gradients come from the normalised tokens instead, without forming the tokens' gradient (the step's biggest
+product at that layer: _grads_of_affine_input). Same gradients as eager, up to the GEMMs' rounding. The saved activations of a
 T2T-ViT block drop from 14 to 9 widths per token (fp32); T2T-ViT-14's in all from 78.9 to 46.7 MB per 224x224 image
 (44.6 MB with the model's class-token-only last block).
 
@@ -75,6 +77,12 @@ class _LinearOfRecomputed(torch.autograd.Function):
                                                                any(needs_inputs))
                 grad_inputs = f_backward(grad_a, needs_inputs) if grad_a is not None else [None] * len(inputs)
             return (None, grad_weight, grad_bias, *grad_inputs)
+        normalized = getattr(ctx.f, "normalized", None)
+        if (normalized is not None and not needs_inputs[0] and not create_graph and not enabled
+                and all(p is not None for p in f_params)):
+            # f is an affine norm whose input needs no gradient (the image into the first T2T layer)
+            return (None, *_grads_of_affine_input(normalized(x), grad_out, weight, *f_params,
+                                                  (needs_weight, needs_bias, *needs_inputs[1:])))
         wanted = [i for i, need in enumerate(needs_inputs) if need]
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             # from the saved inputs themselves (not detached copies), so that a double backward reaches them
@@ -104,6 +112,20 @@ def _linear_grads(grad_out, a, weight, needs_weight, needs_bias, needs_a):
     if needs_a:
         grad_a = _cast(torch.mm(g2, _cast(weight, dtype)), a.dtype).view(*grad_out.shape[:-1], weight.shape[1])
     return grad_weight, grad_bias, grad_a
+
+
+def _grads_of_affine_input(xhat, grad_out, weight, norm_weight, norm_bias, needs):
+    """The gradients of linear(xhat * norm_weight + norm_bias, weight, bias) for (None, weight, bias, norm_weight,
+    norm_bias), as needs asks, when xhat's source needs none: with g the output's gradient, s its sum over rows and
+    M = g^T xhat, dweight = M * norm_weight + s norm_bias^T, dbias = s, dnorm_weight = sum_o weight * M and
+    dnorm_bias = s weight. The gradient of the Linear's input, g weight (the size of the tokens: at the T2T module's
+    first layer the train step's biggest product), is never formed; M replaces the weight gradient's product."""
+    needs_weight, needs_bias, needs_norm_weight, needs_norm_bias = needs
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    s = g2.sum(0)
+    m = torch.mm(g2.t(), xhat.reshape(-1, xhat.shape[-1])) if needs_weight or needs_norm_weight else None
+    return (torch.addr(m * norm_weight, s, norm_bias) if needs_weight else None, s if needs_bias else None,
+            None, (weight * m).sum(0) if needs_norm_weight else None, s @ weight if needs_norm_bias else None)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:

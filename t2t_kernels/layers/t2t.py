@@ -57,10 +57,12 @@ class SoftSplit(nn.Module):
         return self.norm_fn(norm)(x, norm.weight, norm.bias)
 
     def norm_fn(self, norm: nn.LayerNorm):
-        """(x, weight, bias) -> layer_norm(split(x)) with norm's eps: the fused op, for linear_of_recomputed."""
+        """(x, weight, bias) -> layer_norm(split(x)) with norm's eps: the fused op, for linear_of_recomputed. Its
+        `normalized` attribute gives the tokens before the affine step, x -> split_norm(x, None, None)."""
         def split_norm(x, weight, bias):
             return soft_split_layer_norm(x, self.kernel_size, self.stride, self.padding, weight, bias, norm.eps,
                                          backend=self.backend)
+        split_norm.normalized = partial(split_norm, weight=None, bias=None)
         return split_norm
 
     def extra_repr(self):

@@ -24,7 +24,9 @@ def test_fused_op_replaces_split_and_norm1(tokens_type):
     # stages 0 and 1, each run again in backward: the kqv Linear keeps the split's image, not the normalised tokens
     # (layers/recompute.py)
     assert names.count("t2t_kernels::soft_split_layer_norm") == 2 * 2
-    assert names.count("t2t_kernels::soft_split_layer_norm_backward") == 2
+    # stage 1 only: the image into stage 0 needs no gradient, so that layer's backward takes its norm1 and kqv
+    # gradients from the recomputed normalised tokens (recompute.py, _grads_of_affine_input)
+    assert names.count("t2t_kernels::soft_split_layer_norm_backward") == 1
     assert names.count("t2t_kernels::soft_split") == 1  # the last split feeds the projection, no norm
     # left for torch: the two layers' norm2 only (also recomputed in backward)
     assert sum(n.startswith("aten::native_layer_norm") and "backward" not in n for n in names) == 2 * 2

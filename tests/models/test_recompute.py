@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import t2t_kernels
+from float64_checks import assert_close_to
 from op_log import OpLog
 from t2t_kernels.layers import Block, T2T_module, recompute
 from t2t_kernels.layers.common import maybe_checkpoint, mlp_after_fc1
@@ -110,6 +111,45 @@ def test_gradcheck_float64():
     shapes = ((2, 3, 6), (6,), (6,), (4, 6), (4,))
     inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes]
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("wanted", ["all", "kqv_weight", "norm_weight", "biases"])
+def test_split_norm_pair_without_an_input_gradient(wanted):
+    """The image into the first T2T layer needs no gradient: the pair's backward takes the kqv's and norm1's
+    gradients from the normalised tokens (recompute._grads_of_affine_input, never forming the tokens' gradient, nor
+    calling the split's backward): gradcheck in float64 of the four parameters through it, and in fp32, for each
+    subset of them, within 128 units of roundoff of the float64 gradients relative to max(1, their largest), as the
+    plain modules' (other roundings of the same sums: not bitwise theirs)."""
+    torch.manual_seed(0)
+    split = SoftSplit(3, 2, 1, backend="auto")
+    image64 = torch.randn(2, 5, 9, 7, dtype=torch.float64)
+
+    def fn(norm_weight, norm_bias, weight, bias, image=image64):
+        return _LinearOfRecomputed.apply(split.norm_fn(torch.nn.LayerNorm(45)), weight, bias, image, norm_weight,
+                                         norm_bias)
+
+    shapes = ((45,), (45,), (24, 45), (24,))
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes]
+    assert torch.autograd.gradcheck(fn, inputs)
+
+    names = ("norm_weight", "norm_bias", "weight", "bias")
+    flags = {"all": names, "kqv_weight": ("weight",), "norm_weight": ("norm_weight",),
+             "biases": ("norm_bias", "bias")}[wanted]
+    params32 = [t.detach().float().requires_grad_(n in flags) for n, t in zip(names, inputs)]
+    image = image64.float()
+    out = fn(*params32, image=image)
+    grad_out = torch.randn_like(out)
+    with OpLog() as log:
+        grads = torch.autograd.grad(out, [t for t in params32 if t.requires_grad], grad_out)
+    assert "t2t_kernels::soft_split_layer_norm_backward" not in log.names, log.names
+    norm_weight, norm_bias, weight, bias = params32
+    plain = F.linear(F.layer_norm(split(image), (45,), norm_weight, norm_bias, 1e-5), weight, bias)
+    plain_grads = torch.autograd.grad(plain, [t for t in params32 if t.requires_grad], grad_out)
+    wanted64 = [t for t, t32 in zip(inputs, params32) if t32.requires_grad]
+    truth = torch.autograd.grad(fn(*inputs), wanted64, grad_out.double())
+    for g, p, t, name in zip(grads, plain_grads, truth, [n for n in names if n in flags]):
+        assert_close_to(g, t, 128 * 2.0**-24, name)
+        assert_close_to(p, t, 128 * 2.0**-24, f"{name} (plain modules)")
 
 
 @pytest.mark.parametrize("kind", ["layer_norm", "gelu"])

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -138,22 +139,36 @@ def test_timm_style_helpers():
     assert model(x).shape == (2, 256)
 
 
+# the first T2T layer's norm1 and kqv weight: without checkpointing (lean pairs) their gradients come from the
+# normalised tokens (layers/recompute.py, _grads_of_affine_input: the image needs no gradient), with it from the
+# plain modules' chain: other roundings of the same sums
+AFFINE_INPUT_GRADS = ("tokens_to_token.attention1.kqv.weight", "tokens_to_token.attention1.norm1.weight",
+                      "tokens_to_token.attention1.norm1.bias")
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = perturbed(t2t_kernels.t2t_vit_7(img_size=32), 0.05).eval()  # eval: no dropout randomness
     x = torch.randn(2, 3, 32, 32)
 
-    def grads():
+    def grads(model, x):
         model.zero_grad()
         model(x).square().sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    plain = grads()
+    truth = grads(copy.deepcopy(model).double(), x.double())
+    plain = grads(model, x)
     model.set_grad_checkpointing(True)
-    checkpointed = grads()
+    checkpointed = grads(model, x)
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
     for n in plain:
-        torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+        if n not in AFFINE_INPUT_GRADS:
+            torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+            continue
+        # as close to float64 as each other (measured: 1.6e-6 and 1.8e-6 of the largest, on kqv.weight)
+        scale = truth[n].abs().max().item()
+        errors = [(g.double() - truth[n]).abs().max().item() / scale for g in (plain[n], checkpointed[n])]
+        assert max(errors) <= 1e-5 and max(errors) <= 2 * min(errors) + 1e-7, (n, errors)
 
 
 def test_set_backend_reaches_every_layer():
