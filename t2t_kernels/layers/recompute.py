@@ -9,8 +9,8 @@ LayerNorm and GELU (native_layer_norm_backward, gelu_backward: no nested autogra
 step waits for), through a nested torch.autograd.grad for the T2T's fused split + norm and whenever a double backward
 asks for a differentiable backward. Where the split's image needs no gradient (the first T2T layer), the kqv's and
 norm1's gradients come from the normalised tokens instead, without forming the tokens' gradient (the step's biggest
-product at that layer: _grads_of_affine_input). Same gradients as eager, up to the GEMMs' rounding. The saved activations of a
-T2T-ViT block drop from 14 to 9 widths per token (fp32); T2T-ViT-14's in all from 78.9 to 46.7 MB per 224x224 image
+product at that layer: _grads_of_affine_input). Same gradients as eager, up to the GEMMs' rounding. The saved
+activations of a T2T-ViT block drop from 14 to 9 widths per token (fp32); T2T-ViT-14's in all from 78.9 to 46.7 MB per 224x224 image
 (44.6 MB with the model's class-token-only last block).
 
 With the extension, the LayerNorm and GELU pairs run as its C++ autograd ops t2t_kernels::norm_linear and

@@ -19,5 +19,6 @@ from .soft_split_layer_norm import BACKENDS as SOFT_SPLIT_LAYER_NORM_BACKENDS
 from .soft_split_layer_norm import soft_split_layer_norm
 
 __all__ = ["soft_split", "performer_attention", "soft_split_layer_norm", "post_attention", "softmax_attention",
-           "dropout_add", "BACKENDS", "EXTENSION_LOADED", "EXTENSION_ERROR", "SOFT_SPLIT_BACKENDS", "PERFORMER_BACKENDS",
-           "SOFT_SPLIT_LAYER_NORM_BACKENDS", "POST_ATTENTION_BACKENDS", "SOFTMAX_ATTENTION_BACKENDS", "DROPOUT_ADD_BACKENDS"]
+           "dropout_add", "BACKENDS", "EXTENSION_LOADED", "EXTENSION_ERROR", "SOFT_SPLIT_BACKENDS",
+           "PERFORMER_BACKENDS", "SOFT_SPLIT_LAYER_NORM_BACKENDS", "POST_ATTENTION_BACKENDS",
+           "SOFTMAX_ATTENTION_BACKENDS", "DROPOUT_ADD_BACKENDS"]

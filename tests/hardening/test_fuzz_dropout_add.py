@@ -96,7 +96,8 @@ def dropout_add_cases(draw, dtypes):
     assume(math.prod(shape) <= 20000)
     p = draw(st.one_of(st.sampled_from([0.0, 1e-9, 0.1, 0.5, 0.9, 1 - 1e-9, 1.0]), st.floats(0.0, 1.0)))
     return DropoutAddCase(shape=shape, layout=draw(st.sampled_from(sorted(LAYOUTS))), residual=draw(st.booleans()),
-                          p=p, op_seed=draw(st.integers(-(2**63), 2**63 - 1)), **draw_dtype_seed_grad_mode(draw, dtypes))
+                          p=p, op_seed=draw(st.integers(-(2**63), 2**63 - 1)),
+                          **draw_dtype_seed_grad_mode(draw, dtypes))
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

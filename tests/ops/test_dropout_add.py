@@ -19,10 +19,13 @@ def skip_unless(backend, dtype=torch.float32):
 
 def make(shape, dtype, layout, generator):
     """x and residual of `shape`: contiguous, or transposed views of contiguous tensors (non-contiguous inputs)."""
-    if layout == "transposed" and len(shape) >= 2:
-        make_one = lambda: torch.randn(*shape[:-2], shape[-1], shape[-2], generator=generator).to(dtype).transpose(-1, -2)  # noqa: E731
-    else:
-        make_one = lambda: torch.randn(*shape, generator=generator).to(dtype)  # noqa: E731
+    transposed = layout == "transposed" and len(shape) >= 2
+    base_shape = (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
+
+    def make_one():
+        t = torch.randn(*base_shape, generator=generator).to(dtype)
+        return t.transpose(-1, -2) if transposed else t
+
     return make_one(), make_one()
 
 
