@@ -6,7 +6,8 @@
 #
 #   1. build        the extension with its CUDA kernels for sm_90 only (~60 s on 16 cores)
 #   2. checks       the GPU checks of the newest code first: the C++ LayerNorm/GELU -> Linear pair ops against the
-#                   Python Function under CUDA autocast (never run on a GPU yet), the whole model against float64
+#                   Python Function under CUDA autocast and the Triton soft split + LayerNorm backward without the
+#                   input's gradient (neither run on a GPU yet), the whole model against float64
 #                   (uncompiled, and torch.compile(fullgraph=True) of it: the soft split + LayerNorm as inductor's
 #                   code), then the Performer at the model's shapes in every dtype
 #   3. bench        T2T-ViT-14's whole-model train step with every provider, then timm's ViT-S train step: every GPU
@@ -78,6 +79,7 @@ WORK=$(mktemp -d -t t2t_gpu_session.XXXXXX)
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$WORK/device.txt"
 run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 CHECKS=(tests/models/test_recompute.py::test_cpp_pairs_equal_the_python_function_bitwise
+        tests/ops/test_soft_split_layer_norm.py::test_parameter_grads_without_an_input_grad
         tests/gpu/test_gpu_model.py
         tests/ops/test_performer_attention.py::test_cuda_model_shapes)
 run checks "$PYTHON" -m pytest "${CHECKS[@]}" -q -rfE -p no:cacheprovider

@@ -405,17 +405,18 @@ class BackwardGradX(TorchDispatchMode):
 def test_parameter_grads_without_an_input_grad(backend):
     """An x that needs no gradient (the image into the first T2T layer): backward skips grad_x (the backward op's
     x_grad=False returns it empty, no fold) and the weight and bias gradients are bitwise those computed beside
-    grad_x, within the float64 bound."""
-    skip_unless_available(backend)
-    leaf, view = make_input(2, 3, 11, 9, "contiguous")
-    w, b = make_params(27, torch.float32)
+    grad_x, within the float64 bound. Triton on the GPU where there is one (scripts/gpu_session.sh runs it)."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else device_for(backend)
+    skip_unless_available(backend, torch.float32, device)
+    leaf, view = make_input(2, 3, 11, 9, "contiguous", device=device)
+    w, b = make_params(27, torch.float32, device)
     geometry = ((3, 3), (2, 2), (1, 1))
     grads = {}
     for x_grad in (True, False):
         x = view(leaf.detach().clone().requires_grad_(x_grad))
         params = [w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()]
         out = soft_split_layer_norm(x, *geometry, *params, 1e-5, backend=backend)
-        grad_out = torch.ones_like(out) + torch.arange(out.shape[-1]) / 7.0  # the same for both runs
+        grad_out = torch.ones_like(out) + torch.arange(out.shape[-1], device=device) / 7.0  # the same for both runs
         with BackwardGradX() as calls:
             grads[x_grad] = torch.autograd.grad(out, ([x] if x_grad else []) + params, grad_out)[-2:]
         assert calls.sizes == [x.numel() if x_grad else 0]
