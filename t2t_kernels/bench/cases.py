@@ -219,6 +219,22 @@ class OpCase(Case):
     def workload(self, fn) -> Workload:
         raise NotImplementedError
 
+    def pass_workload(self, call, leaves=(), grad=None) -> Workload:
+        """The case's pass of call(): under no_grad for the forward; for forward+backward call().backward(grad)
+        with the leaves' gradients cleared first, and call as the probe of the activations kept for backward."""
+        if not self.backward:
+            def step():
+                with torch.no_grad():
+                    return call()
+            return Workload(step)
+
+        def step():
+            for leaf in leaves:
+                leaf.grad = None
+            call().backward(grad)
+
+        return Workload(step, probe=call)
+
 
 class SoftSplitCase(OpCase):
     """soft_split at a T2T stage: stage0 reads the image, stages 1-2 the tokens (B, N, 64) seen as an image through
@@ -261,20 +277,12 @@ class SoftSplitCase(OpCase):
             leaf = torch.randn(B, h * w, C, device=s.device, dtype=s.dtype)
             as_image = lambda t: t.transpose(1, 2).reshape(B, C, h, w)  # noqa: E731  (a view, as in the model)
         args = (self.k, self.s, self.p)
-        if not self.backward:
-            def step():
-                with torch.no_grad():
-                    return fn(as_image(leaf), *args)
-            return Workload(step)
-        leaf.requires_grad_(True)
-        grad_out = torch.randn(B, self.out_hw[0] * self.out_hw[1], C * self.k * self.k, device=s.device,
-                               dtype=s.dtype)
-
-        def step():
-            leaf.grad = None
-            fn(as_image(leaf), *args).backward(grad_out)
-
-        return Workload(step, probe=lambda: fn(as_image(leaf), *args))
+        grad_out = None
+        if self.backward:
+            leaf.requires_grad_(True)
+            grad_out = torch.randn(B, self.out_hw[0] * self.out_hw[1], C * self.k * self.k, device=s.device,
+                                   dtype=s.dtype)
+        return self.pass_workload(lambda: fn(as_image(leaf), *args), (leaf,), grad_out)
 
 
 class SoftSplitLayerNormCase(SoftSplitCase):
@@ -346,19 +354,11 @@ class PerformerCase(OpCase):
             k, q, v = kqv.split(E, dim=-1)  # the official split order
             return fn(q, k, v, w, PERFORMER_EPS)
 
-        if not self.backward:
-            def step():
-                with torch.no_grad():
-                    return call()
-            return Workload(step)
-        kqv.requires_grad_(True)
-        grad_y = torch.randn(s.batch, self.T, E, device=s.device, dtype=s.dtype)
-
-        def step():
-            kqv.grad = None
-            call().backward(grad_y)
-
-        return Workload(step, probe=call)
+        grad_y = None
+        if self.backward:
+            kqv.requires_grad_(True)
+            grad_y = torch.randn(s.batch, self.T, E, device=s.device, dtype=s.dtype)
+        return self.pass_workload(call, (kqv,), grad_y)
 
 
 # post_attention's stages: the T2T layers' (64 wide, hidden 64) and a T2T-ViT-14 block's (384 wide, hidden 1152, on
@@ -411,12 +411,7 @@ class PostAttentionCase(OpCase):
         proj, fc1, fc2 = ((m.weight.detach().to(s.device, s.dtype), m.bias.detach().to(s.device, s.dtype))
                           for m in linears)
         params = (*proj, *(t.to(s.device, s.dtype) for t in norm), *fc1, *fc2)
-
-        def step():
-            with torch.no_grad():
-                return fn(y, skip, *params, eps=1e-5)
-
-        return Workload(step)
+        return self.pass_workload(lambda: fn(y, skip, *params, eps=1e-5))
 
 
 class SoftmaxAttentionCase(OpCase):
@@ -451,12 +446,7 @@ class SoftmaxAttentionCase(OpCase):
         s = self.settings
         g = torch.Generator().manual_seed(0)
         qkv = torch.randn(s.batch, self.T, 3 * BACKBONE_E, generator=g).to(s.device, s.dtype)
-
-        def step():
-            with torch.no_grad():
-                return fn(qkv)
-
-        return Workload(step)
+        return self.pass_workload(lambda: fn(qkv))
 
 
 class DropoutAddCase(OpCase):
@@ -489,20 +479,12 @@ class DropoutAddCase(OpCase):
         s = self.settings
         g = torch.Generator().manual_seed(0)
         x, skip = (torch.randn(s.batch, self.T, PERFORMER_E, generator=g).to(s.device, s.dtype) for _ in range(2))
-        if not self.backward:
-            def step():
-                with torch.no_grad():
-                    return fn(x, skip)
-            return Workload(step)
-        x.requires_grad_(True)
-        skip.requires_grad_(True)
-        grad = torch.randn(s.batch, self.T, PERFORMER_E, device=s.device, dtype=s.dtype)
-
-        def step():
-            x.grad = skip.grad = None
-            fn(x, skip).backward(grad)
-
-        return Workload(step, probe=lambda: fn(x, skip))
+        grad = None
+        if self.backward:
+            x.requires_grad_(True)
+            skip.requires_grad_(True)
+            grad = torch.randn(s.batch, self.T, PERFORMER_E, device=s.device, dtype=s.dtype)
+        return self.pass_workload(lambda: fn(x, skip), (x, skip), grad)
 
 
 def op_cases(settings: Settings, ops=("soft_split", "performer_attention"), passes=(FORWARD, FORWARD_BACKWARD)):

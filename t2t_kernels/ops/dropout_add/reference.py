@@ -2,6 +2,8 @@
 32x32-bit product split into 16-bit halves, so nothing overflows), then residual + x * mask."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -32,9 +34,7 @@ def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
 
 def keep_mask(shape, p: float, seed: int, device=None) -> Tensor:
     """The kernel's mask: element e (row-major) kept when word e % 4 of Philox(e // 4) is >= floor(p 2^32)."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     calls = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
     zeros = torch.zeros_like(calls)
     counter = torch.stack((calls & _MASK32, calls >> 32, zeros, zeros), dim=-1)
