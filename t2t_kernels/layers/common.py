@@ -24,6 +24,17 @@ def maybe_checkpoint(enabled: bool, layer, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+@torch.no_grad()
+def fill_parameter(param: nn.Parameter, value: torch.Tensor) -> None:
+    """param.copy_(value) for a whole value, also where param is a DTensor (sharded by FSDP2): every rank computed
+    the whole value, each keeps its shard."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    param.copy_(value)
+
+
 def runs_as_defined(module: nn.Module) -> bool:
     """Whether calling module runs its class's forward as written: no hooks on it (nor global module hooks), no
     forward set on the instance (accelerate's offload hooks), not compiled on its own (Module.compile)."""

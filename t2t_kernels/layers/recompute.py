@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .._extension import has_kernel
-from ..ops._registry import grad_enabled_for_path, needs_eager_autodiff
+from ..ops._registry import autocast_enabled, autocast_off, grad_enabled_for_path, needs_eager_autodiff
 
 # the C++ autograd ops of the LayerNorm/GELU -> Linear pairs (csrc/recompute.cpp), when the extension has them
 _HAS_CPP_PAIRS = has_kernel("t2t_kernels::norm_linear", "Autograd") and \
@@ -53,7 +53,8 @@ class _LinearOfRecomputed(torch.autograd.Function):
         out = F.linear(f(x, *f_params), weight, bias)
         device = x.device.type
         ctx.f = f
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        enabled = autocast_enabled(device)
+        ctx.autocast = (device, torch.get_autocast_dtype(device) if enabled else None, enabled)
         ctx.save_for_backward(weight, x, *f_params)
         return out
 
@@ -84,7 +85,7 @@ class _LinearOfRecomputed(torch.autograd.Function):
             return (None, *_grads_of_affine_input(normalized(x), grad_out, weight, *f_params,
                                                   (needs_weight, needs_bias, *needs_inputs[1:])))
         wanted = [i for i, need in enumerate(needs_inputs) if need]
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype) if enabled else autocast_off(device):
             # from the saved inputs themselves (not detached copies), so that a double backward reaches them
             a = ctx.f(*inputs)
         grad_weight, grad_bias, grad_a = _linear_grads(grad_out, a if create_graph else a.detach(), weight,

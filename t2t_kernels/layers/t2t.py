@@ -10,8 +10,8 @@ from torch import nn
 
 from ..ops import performer_attention, soft_split, soft_split_layer_norm
 from ..ops._backends import check_backend_arg
-from .common import (DropPath, Mlp, fused_post_attention, fuses_post_attention, inference_linear, maybe_checkpoint,
-                     mlp_after_fc1, multihead_attention, residual_dropout, runs_as_defined,
+from .common import (DropPath, Mlp, fill_parameter, fused_post_attention, fuses_post_attention, inference_linear,
+                     maybe_checkpoint, mlp_after_fc1, multihead_attention, residual_dropout, runs_as_defined,
                      submodules_run_as_defined)
 from .recompute import linear_of_recomputed, norm_linear, recomputes
 
@@ -91,9 +91,16 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
         )
         self.m = int(self.emb * kernel_ratio)
         # fixed orthogonal random features, in the state dict (official checkpoints carry them) but never trained
-        self.w = nn.Parameter(nn.init.orthogonal_(torch.randn(self.m, self.emb)) * math.sqrt(self.m),
-                              requires_grad=False)
+        self.w = nn.Parameter(self._random_features(), requires_grad=False)
         self.backend = backend
+
+    def _random_features(self, device=None):
+        return nn.init.orthogonal_(torch.randn(self.m, self.emb, device=device)) * math.sqrt(self.m)
+
+    def reset_parameters(self):
+        """Draw w again as the constructor does (its submodules reset their own parameters): for a layer built on the
+        meta device and materialised with to_empty()."""
+        fill_parameter(self.w, self._random_features(self.w.device))
 
     def attend(self, x):
         """(v, the attention's output): what the projection and its skip take."""

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ..layers import Attention, Block, T2T_module
-from ..layers.common import maybe_checkpoint, runs_as_defined, submodules_run_as_defined
+from ..layers.common import fill_parameter, maybe_checkpoint, runs_as_defined, submodules_run_as_defined
 from ..ops._backends import check_backend_arg
+from ..ops._registry import autocast_enabled
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -102,7 +103,7 @@ class T2TViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(get_sinusoid_encoding(num_patches + 1, embed_dim), requires_grad=False)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]  # cpu: meta-device init
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                   drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
@@ -112,6 +113,25 @@ class T2TViT(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.default_cfg = _cfg(input_size=(in_chans, *self.img_size), num_classes=num_classes)
+        _trunc_normal_(self.cls_token)
+        self.apply(self._init_weights)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialise every parameter as the constructor does, with the same random draws in the same order: after
+        torch.manual_seed(s) the weights equal those of a model constructed after torch.manual_seed(s) on the same
+        device. For a model built on the meta device (deferred initialisation, FSDP2) and materialised with
+        to_empty(): construction's draws are each submodule's reset_parameters() in construction order (children
+        first), then the class token's and the Linears' truncated normals."""
+        def reset_after_children(module):
+            for child in module.children():
+                reset_after_children(child)
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+        reset_after_children(self)
+        fill_parameter(self.pos_embed, get_sinusoid_encoding(*self.pos_embed.shape[1:]))
+        self.cls_token.zero_()
         _trunc_normal_(self.cls_token)
         self.apply(self._init_weights)
 
@@ -173,7 +193,7 @@ class T2TViT(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"T2TViT expects floating-point images, got dtype {x.dtype} (convert with x.float() / 255)")
         dtype = self.cls_token.dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != dtype and not autocast_enabled(x.device.type):
             raise TypeError(f"T2TViT has {dtype} parameters but got {x.dtype} images: convert the images (x.to({dtype})) "
                             "or the model, or run under torch.autocast")
         if tuple(x.shape[-2:]) != self.img_size:

@@ -1,4 +1,6 @@
 """Small helpers the ops share for argument handling and custom-op registration."""
+from contextlib import nullcontext
+
 import torch
 from torch.autograd import forward_ad
 
@@ -28,6 +30,18 @@ def grad_enabled_for_path() -> bool:
     torch.jit.trace records: the tracer checks its graph by tracing again under no_grad, so the graph must not
     depend on grad mode there. The inference paths' fused ops carry their own autograd: such a graph still trains."""
     return torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+
+def autocast_off(device_type: str):
+    """torch.autocast(device_type, enabled=False), or nothing for a device without autocast (meta tensors: shape
+    inference, deferred initialisation), whose torch.autocast raises."""
+    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+        else nullcontext()
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for a device without autocast (where it raises)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def to_pair(value, name: str) -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """DistributedDataParallel (and FSDP2) on CPU with gloo: two ranks on halves of a batch end with the same
-parameters as one process on the whole batch."""
+parameters as one process on the whole batch. FSDP2 also from a model built on the meta device (deferred
+initialisation: shard, to_empty, then init_weights or the full state dict broadcast from rank 0)."""
 import os
 import socket
 
@@ -47,7 +48,11 @@ def _worker(rank, world, port, mode, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        model = _model()
+        if mode == "fsdp2-meta":
+            with torch.device("meta"):
+                model = _model()
+        else:
+            model = _model()
         if mode == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model)
         else:
@@ -56,12 +61,34 @@ def _worker(rank, world, port, mode, out_dir):
             for block in model.blocks:
                 fully_shard(block)
             wrapped = fully_shard(model)
+        if mode == "fsdp2-meta":
+            _materialize(model)
         _train(wrapped, *_data(), rank=rank, world=world)
         state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                  for k, v in model.state_dict().items()}
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _materialize(model):
+    """to_empty the sharded meta model, check that init_weights gives it a sound initialisation (its draws come from
+    DTensor's generator there, not a single process's), then load the reference weights from rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device="cpu")
+    model.init_weights()
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    for name, value in full.items():
+        assert torch.isfinite(value).all(), name
+    w = full["tokens_to_token.attention1.w"]  # orthogonal rows scaled by sqrt(m): w w^T = m I
+    torch.testing.assert_close(w @ w.T, w.shape[0] * torch.eye(w.shape[0]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(full["pos_embed"], t2t_kernels.models.t2t_vit.get_sinusoid_encoding(
+        *full["pos_embed"].shape[1:]), rtol=0, atol=0)
+    assert torch.equal(full["norm.weight"], torch.ones_like(full["norm.weight"]))
+    assert 0.015 < full["blocks.0.mlp.fc1.weight"].std() < 0.025  # trunc_normal_(std=0.02)
+    reference = _model().state_dict() if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, reference, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def _free_port():
@@ -78,8 +105,11 @@ def _fsdp2_available():
     return True
 
 
-@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp2", marks=pytest.mark.skipif(
-    not _fsdp2_available(), reason="torch.distributed.fsdp.fully_shard is not in this torch"))])
+_needs_fsdp2 = pytest.mark.skipif(not _fsdp2_available(), reason="torch.distributed.fsdp.fully_shard is not in this torch")
+
+
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp2", marks=_needs_fsdp2),
+                                  pytest.param("fsdp2-meta", marks=_needs_fsdp2)])
 def test_two_ranks_match_one_process(mode, tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")

@@ -3,6 +3,8 @@ import math
 
 import torch
 
+from .._registry import autocast_off
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Exponent, phi(k)^T v, sums, numerator and denominator run in fp32 (fp64 for fp64 inputs)."""
@@ -21,7 +23,7 @@ def performer_attention_with_state(q, k, v, w, eps: float = 1e-8):
     to the input dtype, the state stays in the accumulation dtype.
     """
     acc = accumulation_dtype(q.dtype)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         qf, kf, vf, wf = (t.to(acc) for t in (q, k, v, w))
         q_feat, k_feat = feature_map(qf, wf), feature_map(kf, wf)
         kv_state = k_feat.transpose(-1, -2) @ vf
