@@ -158,7 +158,7 @@ class T2TViT(nn.Module):
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
         self.num_classes = num_classes
-        ref = self.norm.weight
+        ref = self.cls_token  # (the norm may be pruned away)
         self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
                      if num_classes > 0 else nn.Identity())
         self.default_cfg = {**self.default_cfg, "num_classes": num_classes}
@@ -217,6 +217,61 @@ class T2TViT(nn.Module):
     def forward_tokens(self, x):
         """All tokens after the final norm: (B, 1 + N, E)."""
         return self.norm(self._run_blocks(self._embed(x), self.blocks))
+
+    def forward_intermediates(self, x, indices: int | list[int] | tuple[int, ...] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """The blocks' outputs for dense tasks, with timm's signature (what its features_only models call).
+
+        indices: the last n blocks for an int n, those blocks (negative counts from the end) for a sequence, all for
+        None. output_fmt "NCHW": the patch tokens as a (B, E, H/16, W/16) map; "NLC": (B, H/16 * W/16, E).
+        return_prefix_tokens: each intermediate is (patch tokens, class token (B, 1, E)). norm: the final norm applied
+        to each. stop_early: with intermediates_only, run no block after the last one asked for.
+        Returns the intermediates, or (all tokens after the final norm (B, 1 + N, E), intermediates)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = self._block_indices(indices)
+        last = max(take, default=-1) if stop_early and intermediates_only else len(self.blocks) - 1
+        grid = self.tokens_to_token.grid_size
+        x = self._embed(x)
+        intermediates = []
+        for i, block in enumerate(self.blocks[:last + 1]):
+            x = maybe_checkpoint(self.grad_checkpointing, block, x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                patches = y[:, 1:]
+                if output_fmt == "NCHW":
+                    patches = patches.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append((patches, y[:, :1]) if return_prefix_tokens else patches)
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of indices (as forward_intermediates reads them), and the final norm and
+        the head if asked; returns the block indices."""
+        take = self._block_indices(indices)
+        self.blocks = self.blocks[:max(take, default=-1) + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    def _block_indices(self, indices) -> list[int]:
+        depth = len(self.blocks)
+        if indices is None:
+            return list(range(depth))
+        if isinstance(indices, int) and not isinstance(indices, bool):
+            if not 0 <= indices <= depth:
+                raise ValueError(f"indices: the last n blocks needs 0 <= n <= {depth} (the depth), got {indices}")
+            return list(range(depth - indices, depth))
+        if not isinstance(indices, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            raise TypeError(f"indices must be None, an int or a sequence of ints, got {indices!r}")
+        bad = [i for i in indices if not -depth <= i < depth]
+        if bad:
+            raise ValueError(f"indices {bad} out of range for {depth} blocks")
+        return sorted({i % depth for i in indices})
 
     def forward_features(self, x):
         """The normed class token (B, E), as the official forward_features. Off the eager backend the last block
