@@ -56,6 +56,10 @@ def eager_by_request(op: str) -> bool:
 _eager_by_request = torch.compiler.assume_constant_result(eager_by_request)
 
 
+# dynamo should not trace the exporter's flag; it does not change while a graph is traced
+_onnx_exporting = torch.compiler.assume_constant_result(torch.onnx.is_in_onnx_export)
+
+
 # what the eager formulas take on every device (torch's unfold and matmul have no float8 kernels)
 EAGER_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -98,8 +102,10 @@ class OpBackends:
         return None
 
     def auto_candidates(self, device_type: str, compiling: bool) -> tuple[str, ...]:
-        """The backends "auto" tries in order (then eager) on this device type, while torch.compile traces or not."""
-        if _eager_by_request(self.name):
+        """The backends "auto" tries in order (then eager) on this device type, while torch.compile traces or not.
+        None while torch.onnx.export traces: ONNX has the eager formulas' ops, not the kernels (an explicit kernel
+        backend puts its custom op in the graph, which the exporter then cannot translate)."""
+        if _eager_by_request(self.name) or _onnx_exporting():
             return ()
         orders = self.compiled_auto_order if compiling else {}
         return orders.get(device_type, self.auto_order.get(device_type, ()))
