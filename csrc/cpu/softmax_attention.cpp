@@ -10,7 +10,8 @@
 // size (N, N) reaches memory and q, k, v are read in place. At T2T-ViT-14's 197 tokens (B=8, 2-core CPU) it took
 // 2.38 ms against 2.69 for torch's SDPA on the heads' views (the recorded CPU bench). Every row is computed by one
 // task in a fixed order, so the result does not depend on the number of threads. Math in the input dtype (float32
-// or float64).
+// or float64); bfloat16 (CPU autocast's qkv) in float32: the head's keys, values and each block of queries are
+// widened into the scratch, the output rounded once on the way out.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -33,16 +34,25 @@ int64_t padded_keys(int64_t n) {
 
 template <typename acc_t>
 struct Args {
-  const acc_t* qkv;
-  int64_t bs, ns;  // qkv's batch and token strides (its last stride is 1)
-  acc_t* out;      // (B, N, H D) contiguous
+  const acc_t* qkv;  // or, with bf16, the bfloat16 qkv (and out) in that dtype
+  int64_t bs, ns;    // qkv's batch and token strides (its last stride is 1)
+  acc_t* out;        // (B, N, H D) contiguous
   int64_t N, H, D, Np, Dp, chunks, chunk_rows, tasks;
   acc_t scale;
+  bool bf16;
 };
 
-// per-task scratch (in acc_t): K^T (D, Np), V (N, Dp), scores (kRows, Np), row scales (kRows), output rows (kRows, Dp)
+// per-task scratch (in acc_t): K^T (D, Np), V (N, Dp), scores (kRows, Np), row scales (kRows), output rows
+// (kRows, Dp), and for bfloat16 input the head's keys (N, D) and a block of queries (kRows, D) widened
 int64_t scratch_size(int64_t N, int64_t D, int64_t Np, int64_t Dp) {
-  return D * Np + N * Dp + kRows * Np + kRows + kRows * Dp;
+  return D * Np + N * Dp + kRows * Np + kRows + kRows * Dp + N * D + kRows * D;
+}
+
+// n rows of D bfloat16 values, rows src_stride apart -> float rows dst_stride apart
+T2T_INLINE void widen_rows(const c10::BFloat16* src, int64_t src_stride, int64_t n, int64_t D, float* dst,
+                           int64_t dst_stride) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < D; ++d) dst[i * dst_stride + d] = static_cast<float>(src[i * src_stride + d]);
 }
 
 // kt (D, Np) = k (N, D)^T * scale, k rows ks apart; columns N..Np zero
@@ -111,8 +121,12 @@ struct AttentionTask {
     const Args<acc_t>& c = *a;
     const int64_t N = c.N, D = c.D, Np = c.Np, Dp = c.Dp, E = c.H * c.D;
     const TaskRange t = task_range(c, task);
-    const acc_t* q = c.qkv + t.b * c.bs + t.h * D;  // k and v: E and 2 E further
+    // q: the head's queries, k and v E and 2 E further, rows ns apart (in the input dtype: bfloat16 when c.bf16)
+    const int64_t head = t.b * c.bs + t.h * D;
+    const acc_t* q = c.qkv + head;
+    const auto* qb = reinterpret_cast<const c10::BFloat16*>(c.qkv) + head;
     acc_t *kt = scratch, *vp = kt + D * Np, *s = vp + N * Dp, *rs = s + kRows * Np, *o = rs + kRows;
+    acc_t *kw = o + kRows * Dp, *qw = kw + N * D;  // bfloat16 input: keys and a block of queries in acc_t
 
     // the next head's q, k and v rows are fetched into cache while this one computes: a head's rows are 3 E apart
     // in qkv, further than the hardware prefetchers follow, and each row is read once from memory (or L3)
@@ -122,10 +136,11 @@ struct AttentionTask {
     if (next < c.tasks) {
       const TaskRange u = task_range(c, next);
       if (u.b != t.b || u.h != t.h) {
-        const char* nq = reinterpret_cast<const char*>(c.qkv + u.b * c.bs + u.h * D);
-        const int64_t row = c.ns * sizeof(acc_t), width = D * sizeof(acc_t);
+        const int64_t bytes = c.bf16 ? sizeof(c10::BFloat16) : sizeof(acc_t);
+        const char* nq = reinterpret_cast<const char*>(c.qkv) + (u.b * c.bs + u.h * D) * bytes;
+        const int64_t row = c.ns * bytes, width = D * bytes;
         pf.rows = N;
-        for (int part = 0; part < 3; ++part) pf.add(nq + part * E * sizeof(acc_t), row, width);
+        for (int part = 0; part < 3; ++part) pf.add(nq + part * E * bytes, row, width);
         pf.plan(blocks * (tiles_work<I, I::R1, I::C1, acc_t>(kRows, D, Nw) +
                           tiles_work<I, I::R1, 1, acc_t>(kRows, D, Np - Nw) + rows2_work<I, acc_t>(kRows, N, Dp)));
       }
@@ -133,29 +148,46 @@ struct AttentionTask {
 
     // K^T scaled (scale * q.k is then a plain product) and V, zero-padded: padded keys score 0 and the softmax and
     // the second product skip them; padded value columns give output columns that are dropped
-    pack_keys<I>(q + E, c.ns, N, D, c.scale, kt, Np);
-    for (int64_t j = 0; j < N; ++j) {
-      std::copy_n(q + 2 * E + j * c.ns, D, vp + j * Dp);
-      std::fill(vp + j * Dp + D, vp + (j + 1) * Dp, acc_t(0));
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (c.bf16) {
+        widen_rows(qb + E, c.ns, N, D, kw, D);
+        pack_keys<I>(kw, D, N, D, c.scale, kt, Np);
+        widen_rows(qb + 2 * E, c.ns, N, D, vp, Dp);
+      }
     }
+    if (!c.bf16) {
+      pack_keys<I>(q + E, c.ns, N, D, c.scale, kt, Np);
+      for (int64_t j = 0; j < N; ++j) std::copy_n(q + 2 * E + j * c.ns, D, vp + j * Dp);
+    }
+    for (int64_t j = 0; j < N; ++j) std::fill(vp + j * Dp + D, vp + (j + 1) * Dp, acc_t(0));
 
     const ScaledExp<acc_t, I::kBytes> exp1{acc_t(1)};
     const acc_t* none = nullptr;
     for (int64_t r0 = t.q0; r0 < t.q1; r0 += kRows) {
       const int64_t n = std::min(kRows, t.q1 - r0);
       const acc_t* qr = q + r0 * c.ns;
-      gemm_tiles<I, I::R1, I::C1, Epilogue::kPlain>(qr, c.ns, n, D, kt, Np, Nw, s, Np, none, none, 0, pf, false);
+      int64_t qs = c.ns;
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (c.bf16) widen_rows(qb + r0 * c.ns, c.ns, n, D, qw, D), qr = qw, qs = D;
+      }
+      gemm_tiles<I, I::R1, I::C1, Epilogue::kPlain>(qr, qs, n, D, kt, Np, Nw, s, Np, none, none, 0, pf, false);
       if (Nw < Np)
-        gemm_tiles<I, I::R1, 1, Epilogue::kPlain>(qr, c.ns, n, D, kt + Nw, Np, Np - Nw, s + Nw, Np, none, none, 0, pf,
+        gemm_tiles<I, I::R1, 1, Epilogue::kPlain>(qr, qs, n, D, kt + Nw, Np, Np - Nw, s + Nw, Np, none, none, 0, pf,
                                                   false);
       for (int64_t i = 0; i < n; ++i) rs[i] = softmax_row<I>(s + i * Np, N, exp1);
       // the output rows straight into the merged heads when they are whole register blocks, else through o
-      acc_t* dst = c.out + (t.b * N + r0) * E + t.h * D;
-      const bool direct = Dp == D;
+      const int64_t first = (t.b * N + r0) * E + t.h * D;
+      acc_t* dst = c.out + first;
+      const bool direct = Dp == D && !c.bf16;
       gemm_tiles<I, I::R2, I::C2, Epilogue::kScaleRows>(s, Np, n, N, vp, Dp, Dp, direct ? dst : o, direct ? E : Dp,
                                                         rs, none, 0, pf, false);
-      if (!direct)
+      if (c.bf16) {
+        auto* out = reinterpret_cast<c10::BFloat16*>(c.out) + first;
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t d = 0; d < D; ++d) out[i * E + d] = c10::BFloat16(o[i * Dp + d]);
+      } else if (!direct) {
         for (int64_t i = 0; i < n; ++i) std::copy_n(o + i * Dp, D, dst + i * E);
+      }
     }
   }
 };
@@ -163,8 +195,9 @@ struct AttentionTask {
 at::Tensor softmax_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, double scale) {
   TORCH_CHECK(qkv_in.dim() == 3, "softmax_attention (cpp): qkv must be (B, N, 3*num_heads*head_dim), got ",
               qkv_in.sizes());
-  TORCH_CHECK(qkv_in.scalar_type() == at::kFloat || qkv_in.scalar_type() == at::kDouble,
-              "softmax_attention (cpp): qkv must be float32 or float64, got ", qkv_in.scalar_type());
+  TORCH_CHECK(qkv_in.scalar_type() == at::kFloat || qkv_in.scalar_type() == at::kDouble ||
+                  qkv_in.scalar_type() == at::kBFloat16,
+              "softmax_attention (cpp): qkv must be float32, float64 or bfloat16, got ", qkv_in.scalar_type());
   TORCH_CHECK(qkv_in.device().is_cpu(), "softmax_attention (cpp): qkv must be on the CPU, got ", qkv_in.device());
   TORCH_CHECK(num_heads > 0 && qkv_in.size(2) % (3 * num_heads) == 0,
               "softmax_attention (cpp): qkv's last dim must be 3*num_heads*head_dim, got qkv ", qkv_in.sizes(),
@@ -173,17 +206,19 @@ at::Tensor softmax_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, do
   const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / (3 * num_heads), E = num_heads * D;
   at::Tensor out = at::empty({B, N, E}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "softmax_attention_cpu", [&] {
-    const int64_t Np = padded_keys<scalar_t>(N), Dp = padded_cols<scalar_t>(D);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "softmax_attention_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const int64_t Np = padded_keys<acc_t>(N), Dp = padded_cols<acc_t>(D);
     // split each head's queries into chunks (whole kRows blocks) only when there are fewer heads than about four
     // per thread: each chunk packs the head's K and V again
     const int64_t heads = B * num_heads, blocks = (N + kRows - 1) / kRows;
     const int64_t wanted = std::max<int64_t>(1, (4 * at::get_num_threads() + heads - 1) / heads);
     const int64_t chunk_blocks = (blocks + std::min(blocks, wanted) - 1) / std::min(blocks, wanted);
     const int64_t chunks = (blocks + chunk_blocks - 1) / chunk_blocks;  // every chunk has rows
-    const Args<scalar_t> args{qkv.data_ptr<scalar_t>(), qkv.stride(0), qkv.stride(1), out.data_ptr<scalar_t>(),
-                              N, num_heads, D, Np, Dp, chunks, chunk_blocks * kRows, heads * chunks,
-                              static_cast<scalar_t>(scale)};
+    const Args<acc_t> args{static_cast<const acc_t*>(qkv.const_data_ptr()), qkv.stride(0), qkv.stride(1),
+                           static_cast<acc_t*>(out.mutable_data_ptr()), N, num_heads, D, Np, Dp, chunks,
+                           chunk_blocks * kRows, heads * chunks, static_cast<acc_t>(scale),
+                           std::is_same_v<scalar_t, c10::BFloat16>};
     parallel_isa_tasks<AttentionTask>(cpu_isa(), args, args.tasks, scratch_size(N, D, Np, Dp));
   });
   return out;

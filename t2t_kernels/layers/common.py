@@ -250,8 +250,8 @@ class Attention(nn.Module):
         return attention_heads(*split_heads(q, self.num_heads, self.head_dim),
                                *split_heads(kv, self.num_heads, self.head_dim), self.scale, drop, self.fused_attn)
 
-    def forward(self, x):
-        return self.proj_drop(self.proj(self.attend(x)))
+    def forward(self, x, backend: str | None = "eager"):
+        return self.proj_drop(self.proj(self.attend(x, backend)))
 
 
 class Block(nn.Module):
@@ -281,7 +281,11 @@ class Block(nn.Module):
             out = attn.attend_projected(norm_linear(self.norm1, attn.qkv, x))
             x = x + self.drop_path(attn.proj_drop(attn.proj(out)))
             return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
-        x = x + self.drop_path(attn(self.norm1(x)))
+        if fuse and self._infers_on_cpu(x):
+            # CPU inference that post_attention does not take (autocast): the attention alone as the op
+            x = x + self.drop_path(attn(self.norm1(x), backend=self.backend))
+        else:
+            x = x + self.drop_path(attn(self.norm1(x)))
         return x + self.drop_path(mlp(self.norm2(x)))
 
     def class_token(self, x):
@@ -295,6 +299,11 @@ class Block(nn.Module):
             return self._post_attention(out, x)
         x = x + self.drop_path(attn.proj_drop(attn.proj(out)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _infers_on_cpu(self, x):
+        return (self.backend in (None, "auto", "cpp") and x.device.type == "cpu"
+                and not (grad_enabled_for_path() and (x.requires_grad or any(
+                    p.requires_grad for p in self.attn.qkv.parameters()))))
 
     def _fuses_post_attention(self, x):
         attn, mlp = self.attn, self.mlp

@@ -77,3 +77,30 @@ def test_autocast_training_is_finite_and_close_to_fp32(dtype):
     tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-2
     for got, want in zip(mixed, reference):
         assert got == pytest.approx(want, rel=tolerance)
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_cpu_bf16_autocast_inference_runs_the_attention_op(name):
+    """Under CPU bf16 autocast (where the blocks' post_attention op does not apply) inference runs each block's
+    attention as the softmax_attention op on the bf16 qkv (cpp: fp32 inside), and the logits stay as close to the
+    fp32 model's as the eager backend's are."""
+    from op_log import OpLog
+
+    from t2t_kernels.ops.softmax_attention import BACKENDS
+
+    torch.manual_seed(0)
+    fused = t2t_kernels.create_model(name, img_size=(32, 48), num_classes=10).eval()
+    eager = t2t_kernels.create_model(name, img_size=(32, 48), num_classes=10, backend="eager").eval()
+    eager.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 3, 32, 48)
+    with torch.no_grad():
+        fp32_logits = eager(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16), OpLog() as log:
+            ours = fused(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs = eager(x)
+    if BACKENDS.unavailable_reason("cpp", x.device, torch.bfloat16) is None:
+        # every block but the last (which runs for the class token alone)
+        assert log.names.count("t2t_kernels::softmax_attention") == len(fused.blocks) - 1
+    assert ours.dtype == theirs.dtype
+    assert _relative_error(ours, fp32_logits) < max(2e-2, 2 * _relative_error(theirs, fp32_logits))

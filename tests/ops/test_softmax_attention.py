@@ -24,9 +24,10 @@ from t2t_kernels.ops.softmax_attention import BACKENDS, reference
 # 10u eager fp32 (5.7e-7), <= 18u cpp / 16u eager fp64; the gradient (the eager formula for both backends) <= 18u
 # fp32, <= 22u fp64.
 TOLERANCES = {torch.float64: 128 * 2.0**-53, torch.float32: 128 * 2.0**-24}
-# fp16/bf16 run through eager SDPA, which rounds the scores, the probabilities and the output to the input dtype:
+# fp16/bf16 through eager SDPA, which rounds the scores, the probabilities and the output to the input dtype:
 # measured <= 0.7u out, <= 1.5u for the gradient (u = 2^-11 fp16, 2^-8 bf16; 4 seeds); bounds 8u and 32u as the
-# other suites' low-precision ones.
+# other suites' low-precision ones. The cpp kernel takes bf16 in fp32 and rounds the output once (the gradient is the
+# eager formula's).
 LOW_PRECISION_TOLERANCES = {  # (out, gradient)
     torch.float16: (8 * 2.0**-11, 32 * 2.0**-11),
     torch.bfloat16: (8 * 2.0**-8, 32 * 2.0**-8),
@@ -34,7 +35,7 @@ LOW_PRECISION_TOLERANCES = {  # (out, gradient)
 
 DTYPES = {
     "eager": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
-    "cpp": (torch.float64, torch.float32),
+    "cpp": (torch.float64, torch.float32, torch.bfloat16),
 }
 
 # (B, N, heads, head_dim): a T2T-ViT-14 block's (197 tokens, 6 heads of 64: four 64-query blocks, the last of 5, and
@@ -128,7 +129,7 @@ def check_against_float64(backend, base, view, heads, scale=None, grads=True):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("backend,dtype", backend_dtype_params((torch.float32, torch.float64)))
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params((torch.float32, torch.float64, torch.bfloat16)))
 def test_matches_float64_reference(backend, dtype, shape):
     skip_unless_available(backend, dtype)
     B, N, H, D = shape
@@ -137,13 +138,25 @@ def test_matches_float64_reference(backend, dtype, shape):
 
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION_TOLERANCES), ids=dtype_name)
 def test_low_precision_auto_matches_float64(dtype):
-    """fp16/bf16 have no kernel: "auto" runs the eager formula (SDPA)."""
-    assert BACKENDS.resolve("auto", torch.empty(0, dtype=dtype)) == "eager"
+    """fp16 has no kernel ("auto" runs SDPA), bf16 the cpp one where the extension is loaded."""
     check_against_float64("auto", *make_qkv("contiguous", 2, 40, 3 * 4 * 16, dtype), 4)
 
 
+def test_cpp_bfloat16_rounds_once():
+    """bf16 in, computed in fp32: the output is the fp32 kernel's on the widened input, rounded to bf16 (so at least
+    as close to the float64 formula as SDPA's bf16 path, which rounds scores and probabilities too)."""
+    skip_unless_available("cpp", torch.bfloat16)
+    qkv = torch.randn(2, 197, 3 * 6 * 64).bfloat16()
+    got = softmax_attention(qkv, 6, backend="cpp")
+    wide = softmax_attention(qkv.float(), 6, backend="cpp")
+    assert got.dtype == torch.bfloat16 and torch.equal(got, wide.bfloat16())
+    exact = softmax_attention(qkv.double(), 6, backend="eager")
+    sdpa = softmax_attention(qkv, 6, backend="eager")
+    assert (got.double() - exact).abs().max() <= (sdpa.double() - exact).abs().max()
+
+
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "contiguous"])
-@pytest.mark.parametrize("backend,dtype", backend_dtype_params((torch.float32, torch.float64)))
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params((torch.float32, torch.float64, torch.bfloat16)))
 def test_layouts_match_float64(backend, dtype, layout):
     skip_unless_available(backend, dtype)
     check_against_float64(backend, *make_qkv(layout, 3, 70, 3 * 2 * 24, dtype), 2)
@@ -232,7 +245,7 @@ def test_cpp_deterministic_across_threads(dtype):
     assert torch.get_num_threads() == threads
 
 
-@pytest.mark.parametrize("backend,dtype", backend_dtype_params((torch.float32, torch.float64)))
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params((torch.float32, torch.float64, torch.bfloat16)))
 def test_nan_stays_in_its_head(backend, dtype):
     """A NaN key poisons exactly the rows of its image and head (every query attends to every key), as torch's
     softmax; the other heads and images stay finite."""
@@ -325,8 +338,8 @@ def test_unknown_backend_is_a_clear_error():
         softmax_attention(qkv, 2, backend="fast")
     with pytest.raises(RuntimeError, match="softmax_attention has no triton kernel"):
         softmax_attention(qkv, 2, backend="triton")
-    with pytest.raises(RuntimeError, match="dtype torch.bfloat16 is not supported by backend 'cpp'"):
-        softmax_attention(qkv.bfloat16(), 2, backend="cpp")
+    with pytest.raises(RuntimeError, match="dtype torch.float16 is not supported by backend 'cpp'"):
+        softmax_attention(qkv.half(), 2, backend="cpp")
     if BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is None:
         with pytest.raises(RuntimeError, match="backend 'cpp' runs on cpu tensors, got a meta tensor"):
             softmax_attention(qkv.to("meta"), 2, backend="cpp")
@@ -343,5 +356,5 @@ def test_compiled_op_rejects_bad_input():
         op(torch.randn(2, 5, 12), 5, 1.0)
     with pytest.raises(RuntimeError, match="num_heads=0"):
         op(torch.randn(2, 5, 12), 0, 1.0)
-    with pytest.raises(RuntimeError, match="qkv must be float32 or float64, got BFloat16"):
-        op(torch.randn(2, 5, 12).bfloat16(), 2, 1.0)
+    with pytest.raises(RuntimeError, match="qkv must be float32, float64 or bfloat16, got Half"):
+        op(torch.randn(2, 5, 12).half(), 2, 1.0)

@@ -7,8 +7,8 @@ The cpp kernel (csrc/cpu/softmax_attention.cpp) takes one head of one image at a
 scaled) and values packed in cache, then blocks of queries through scores, the row softmax and the value product,
 written straight into the merged heads. q, k, v are read in place from qkv; nothing of size (N, N) reaches memory.
 At the backbone's 197 tokens (T2T-ViT-14, B=8 on a 2-core CPU) it took 2.38 ms against SDPA's 2.69 (BENCHMARKS.md).
-Backends: "eager" (reference.py: F.scaled_dot_product_attention, what the layers run) and "cpp" (fp32 and fp64);
-"auto" picks cpp for CPU tensors it supports and eager otherwise.
+Backends: "eager" (reference.py: F.scaled_dot_product_attention, what the layers run) and "cpp" (fp32 and fp64,
+and bf16 computed in fp32: CPU autocast's qkv); "auto" picks cpp for CPU tensors it supports and eager otherwise.
 
 Backward recomputes the eager formula from the saved qkv and differentiates it (no fused backward): the layers use
 the op only where no gradient is wanted (CPU inference), as post_attention. Like the layers' default attention (SDPA)
@@ -27,7 +27,7 @@ from . import reference
 
 BACKENDS = OpBackends(
     name="softmax_attention",
-    dtypes={"cpp": (torch.float32, torch.float64)},
+    dtypes={"cpp": (torch.float32, torch.float64, torch.bfloat16)},
     auto_order={"cpu": ("cpp",)},
 )
 
