@@ -121,10 +121,10 @@ struct AttentionTask {
     const Args<acc_t>& c = *a;
     const int64_t N = c.N, D = c.D, Np = c.Np, Dp = c.Dp, E = c.H * c.D;
     const TaskRange t = task_range(c, task);
-    // q: the head's queries, k and v E and 2 E further, rows ns apart (in the input dtype: bfloat16 when c.bf16)
+    // the head's queries, its keys and values E and 2 E further, rows ns apart: q in acc_t, or qb in bfloat16
     const int64_t head = t.b * c.bs + t.h * D;
-    const acc_t* q = c.qkv + head;
-    const auto* qb = reinterpret_cast<const c10::BFloat16*>(c.qkv) + head;
+    const acc_t* q = c.bf16 ? nullptr : c.qkv + head;
+    const auto* qb = c.bf16 ? reinterpret_cast<const c10::BFloat16*>(c.qkv) + head : nullptr;
     acc_t *kt = scratch, *vp = kt + D * Np, *s = vp + N * Dp, *rs = s + kRows * Np, *o = rs + kRows;
     acc_t *kw = o + kRows * Dp, *qw = kw + N * D;  // bfloat16 input: keys and a block of queries in acc_t
 
@@ -148,16 +148,13 @@ struct AttentionTask {
 
     // K^T scaled (scale * q.k is then a plain product) and V, zero-padded: padded keys score 0 and the softmax and
     // the second product skip them; padded value columns give output columns that are dropped
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (c.bf16) {
-        widen_rows(qb + E, c.ns, N, D, kw, D);
-        pack_keys<I>(kw, D, N, D, c.scale, kt, Np);
-        widen_rows(qb + 2 * E, c.ns, N, D, vp, Dp);
-      }
-    }
     if (!c.bf16) {
       pack_keys<I>(q + E, c.ns, N, D, c.scale, kt, Np);
       for (int64_t j = 0; j < N; ++j) std::copy_n(q + 2 * E + j * c.ns, D, vp + j * Dp);
+    } else if constexpr (std::is_same_v<acc_t, float>) {
+      widen_rows(qb + E, c.ns, N, D, kw, D);
+      pack_keys<I>(kw, D, N, D, c.scale, kt, Np);
+      widen_rows(qb + 2 * E, c.ns, N, D, vp, Dp);
     }
     for (int64_t j = 0; j < N; ++j) std::fill(vp + j * Dp + D, vp + (j + 1) * Dp, acc_t(0));
 
@@ -165,10 +162,12 @@ struct AttentionTask {
     const acc_t* none = nullptr;
     for (int64_t r0 = t.q0; r0 < t.q1; r0 += kRows) {
       const int64_t n = std::min(kRows, t.q1 - r0);
-      const acc_t* qr = q + r0 * c.ns;
-      int64_t qs = c.ns;
-      if constexpr (std::is_same_v<acc_t, float>) {
-        if (c.bf16) widen_rows(qb + r0 * c.ns, c.ns, n, D, qw, D), qr = qw, qs = D;
+      const acc_t* qr = qw;  // the block's queries: in place, or widened into qw
+      int64_t qs = D;
+      if (!c.bf16) {
+        qr = q + r0 * c.ns, qs = c.ns;
+      } else if constexpr (std::is_same_v<acc_t, float>) {
+        widen_rows(qb + r0 * c.ns, c.ns, n, D, qw, D);
       }
       gemm_tiles<I, I::R1, I::C1, Epilogue::kPlain>(qr, qs, n, D, kt, Np, Nw, s, Np, none, none, 0, pf, false);
       if (Nw < Np)
@@ -177,16 +176,15 @@ struct AttentionTask {
       for (int64_t i = 0; i < n; ++i) rs[i] = softmax_row<I>(s + i * Np, N, exp1);
       // the output rows straight into the merged heads when they are whole register blocks, else through o
       const int64_t first = (t.b * N + r0) * E + t.h * D;
-      acc_t* dst = c.out + first;
       const bool direct = Dp == D && !c.bf16;
-      gemm_tiles<I, I::R2, I::C2, Epilogue::kScaleRows>(s, Np, n, N, vp, Dp, Dp, direct ? dst : o, direct ? E : Dp,
-                                                        rs, none, 0, pf, false);
+      gemm_tiles<I, I::R2, I::C2, Epilogue::kScaleRows>(s, Np, n, N, vp, Dp, Dp, direct ? c.out + first : o,
+                                                        direct ? E : Dp, rs, none, 0, pf, false);
       if (c.bf16) {
-        auto* out = reinterpret_cast<c10::BFloat16*>(c.out) + first;
+        auto* dst = reinterpret_cast<c10::BFloat16*>(c.out) + first;
         for (int64_t i = 0; i < n; ++i)
-          for (int64_t d = 0; d < D; ++d) out[i * E + d] = c10::BFloat16(o[i * Dp + d]);
+          for (int64_t d = 0; d < D; ++d) dst[i * E + d] = c10::BFloat16(o[i * Dp + d]);
       } else if (!direct) {
-        for (int64_t i = 0; i < n; ++i) std::copy_n(o + i * Dp, D, dst + i * E);
+        for (int64_t i = 0; i < n; ++i) std::copy_n(o + i * Dp, D, c.out + first + i * E);
       }
     }
   }

@@ -131,7 +131,6 @@ class T2TViT(nn.Module):
 
         reset_after_children(self)
         fill_parameter(self.pos_embed, get_sinusoid_encoding(*self.pos_embed.shape[1:]))
-        self.cls_token.zero_()
         _trunc_normal_(self.cls_token)
         self.apply(self._init_weights)
 
