@@ -46,6 +46,8 @@ TORCH_LIBRARY(t2t_kernels, m) {
   // qkv (B, N, 3*num_heads*head_dim), unit last stride -> (B, N, num_heads*head_dim) contiguous: softmax attention
   // of each head, heads merged (the backbone's attention after its qkv projection, without dropout)
   m.def("softmax_attention(Tensor qkv, int num_heads, float scale) -> Tensor");
+  // its gradient: grad_out (B, N, num_heads*head_dim), qkv -> grad_qkv (B, N, 3*num_heads*head_dim) contiguous
+  m.def("softmax_attention_backward(Tensor grad_out, Tensor qkv, int num_heads, float scale) -> Tensor");
   // residual + x * mask / (1 - p) (x * mask / (1 - p) without residual), the mask a function of (seed, element index):
   // Philox4x32-10 (csrc/cpu/dropout_add.cpp); x and residual contiguous, one shape and dtype, 0 < p < 1
   m.def("dropout_add(Tensor x, Tensor? residual, float p, int seed) -> Tensor");

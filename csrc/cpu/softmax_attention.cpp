@@ -190,6 +190,152 @@ struct AttentionTask {
   }
 };
 
+// ---- backward ------------------------------------------------------------------------------------------------
+// grad_qkv (B, N, 3 E) from grad_out dO (B, N, E) and qkv, one head of one image per task, with P = softmax(S),
+// S = scale Q K^T recomputed:
+//   dV = P^T dO,  dP = dO V^T,  dS = scale P (dP - rowsum(P dP)),  dQ = dS K,  dK = dS^T Q
+// (rowsum(P dP) is the row's dO . O: no output or log-sum-exp saved). The head's P and dS, (N, Np) each, stay in the
+// task's scratch next to its packed K^T, V^T and the zero-padded rows of K, Q and dO: about 0.6 MB at 197 tokens
+// (the callers keep N small: softmax_attention's BACKWARD_MAX_TOKENS). Sums in a fixed order per head: the result
+// does not depend on the number of threads.
+template <typename acc_t>
+struct BackwardArgs {
+  const acc_t* qkv;
+  int64_t bs, ns;  // qkv's batch and token strides (its last stride is 1)
+  const acc_t* grad_out;
+  int64_t gbs, gns;  // grad_out's batch and token strides (its last stride is 1)
+  acc_t* grad_qkv;   // (B, N, 3 E) contiguous
+  int64_t B, N, H, D, Np, Dp;
+  acc_t scale;
+};
+
+// K^T scaled and V^T (D, Np); K, Q, dO rows (N, Dp); P and dS (N, Np); a product's result (Np, Dp)
+int64_t backward_scratch_size(int64_t N, int64_t D, int64_t Np, int64_t Dp) {
+  return 2 * D * Np + 3 * N * Dp + 2 * N * Np + Np * Dp;
+}
+
+// rows (N, Dp) = x's N rows of D values (rows xs apart), zero-padded
+template <typename acc_t>
+T2T_INLINE void pad_rows(const acc_t* x, int64_t xs, int64_t N, int64_t D, acc_t* rows, int64_t Dp) {
+  for (int64_t j = 0; j < N; ++j) {
+    std::copy_n(x + j * xs, D, rows + j * Dp);
+    std::fill(rows + j * Dp + D, rows + (j + 1) * Dp, acc_t(0));
+  }
+}
+
+// x's N rows of D values (rows xs apart) <- rows (N, Dp)
+template <typename acc_t>
+T2T_INLINE void unpad_rows(const acc_t* rows, int64_t Dp, int64_t N, int64_t D, acc_t* x, int64_t xs) {
+  for (int64_t j = 0; j < N; ++j) std::copy_n(rows + j * Dp, D, x + j * xs);
+}
+
+// result (N, Np) = rows (N, D; Dp apart) packed (D, Np): the whole register blocks, then the last vectors
+template <class I, typename acc_t>
+T2T_INLINE void times_packed(const acc_t* rows, int64_t N, int64_t D, int64_t Dp, const acc_t* packed, int64_t Np,
+                             acc_t* result, Prefetcher& pf) {
+  constexpr int64_t wide = I::C1 * Simd<acc_t, I::kBytes>::kLanes;
+  const int64_t Nw = Np / wide * wide;
+  const acc_t* none = nullptr;
+  gemm_tiles<I, I::R1, I::C1, Epilogue::kPlain>(rows, Dp, N, D, packed, Np, Nw, result, Np, none, none, 0, pf, false);
+  if (Nw < Np)
+    gemm_tiles<I, I::R1, 1, Epilogue::kPlain>(rows, Dp, N, D, packed + Nw, Np, Np - Nw, result + Nw, Np, none, none,
+                                              0, pf, false);
+}
+
+template <class I>
+struct AttentionBackwardTask {
+  template <typename acc_t>
+  static T2T_INLINE void run(const BackwardArgs<acc_t>* a, int64_t task, int64_t next, acc_t* scratch) {
+    using S = Simd<acc_t, I::kBytes>;
+    using vec = typename S::vec;
+    constexpr int L = S::kLanes;
+    const BackwardArgs<acc_t>& c = *a;
+    const int64_t N = c.N, D = c.D, Np = c.Np, Dp = c.Dp, E = c.H * D, b = task / c.H, h = task % c.H;
+    const acc_t* q = c.qkv + b * c.bs + h * D;  // k and v: E and 2 E further
+    const acc_t* go = c.grad_out + b * c.gbs + h * D;
+    acc_t *kt = scratch, *vt = kt + D * Np, *kp = vt + D * Np, *qp = kp + N * Dp, *gp = qp + N * Dp;
+    acc_t *P = gp + N * Dp, *dS = P + N * Np, *out = dS + N * Np;
+    const acc_t* none = nullptr;
+    // the next head's q, k, v and dO rows are fetched into cache while this one computes (as in the forward)
+    Prefetcher ahead;
+    if (next < c.B * c.H) {
+      const int64_t nb = next / c.H, nh = next % c.H;
+      const char* nq = reinterpret_cast<const char*>(c.qkv + nb * c.bs + nh * D);
+      const int64_t row = c.ns * sizeof(acc_t), width = D * sizeof(acc_t);
+      ahead.rows = N;
+      for (int part = 0; part < 3; ++part) ahead.add(nq + part * E * sizeof(acc_t), row, width);
+      ahead.add(reinterpret_cast<const char*>(c.grad_out + nb * c.gbs + nh * D), c.gns * sizeof(acc_t), width);
+      constexpr int64_t wide = I::C1 * L;
+      const int64_t Nw = Np / wide * wide;
+      ahead.plan(2 * (tiles_work<I, I::R1, I::C1, acc_t>(N, D, Nw) + tiles_work<I, I::R1, 1, acc_t>(N, D, Np - Nw)) +
+                 rows2_work<I, acc_t>(N, N, Dp) + 2 * reduce_work<I, acc_t>(N, Np, Dp));
+    }
+
+    pack_keys<I>(q + E, c.ns, N, D, c.scale, kt, Np);
+    pack_keys<I>(q + 2 * E, c.ns, N, D, acc_t(1), vt, Np);
+    pad_rows(q + E, c.ns, N, D, kp, Dp);
+    pad_rows(q, c.ns, N, D, qp, Dp);
+    pad_rows(go, c.gns, N, D, gp, Dp);
+
+    // S = Q K^T scale, then P = softmax(S) row by row (columns N..Np zero); dP = dO V^T (zero there too)
+    times_packed<I>(qp, N, D, Dp, kt, Np, P, ahead);
+    times_packed<I>(gp, N, D, Dp, vt, Np, dS, ahead);
+    const ScaledExp<acc_t, I::kBytes> exp1{acc_t(1)};
+    for (int64_t i = 0; i < N; ++i) {
+      acc_t *p = P + i * Np, *ds = dS + i * Np;
+      const vec inv = vec{} + softmax_row<I>(p, N, exp1);
+      std::fill(p + N, p + Np, acc_t(0));
+      vec dot = vec{};
+      for (int64_t j = 0; j < Np; j += L) {
+        const vec pj = S::load(p + j) * inv;
+        S::store(p + j, pj);
+        dot += pj * S::load(ds + j);
+      }
+      const vec d = vec{} + hsum<acc_t, I::kBytes>(dot), scale = vec{} + c.scale;
+      for (int64_t j = 0; j < Np; j += L) S::store(ds + j, scale * S::load(p + j) * (S::load(ds + j) - d));
+    }
+
+    // dQ = dS K, dK = dS^T Q, dV = P^T dO, each through `out` into the head's columns of grad_qkv
+    // (plain loops and always-inline helpers only: a lambda here would not be built for the task's instruction set)
+    acc_t* g = c.grad_qkv + b * N * 3 * E + h * D;
+    gemm_tiles<I, I::R2, I::C2, Epilogue::kPlain>(dS, Np, N, N, kp, Dp, Dp, out, Dp, none, none, 0, ahead, false);
+    unpad_rows(out, Dp, N, D, g, 3 * E);
+    gemm_reduce<I>(dS, Np, qp, Dp, N, Np, Dp, out, ahead);
+    unpad_rows(out, Dp, N, D, g + E, 3 * E);
+    gemm_reduce<I>(P, Np, gp, Dp, N, Np, Dp, out, ahead);
+    unpad_rows(out, Dp, N, D, g + 2 * E, 3 * E);
+  }
+};
+
+at::Tensor softmax_attention_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& qkv_in, int64_t num_heads,
+                                          double scale) {
+  TORCH_CHECK(qkv_in.dim() == 3 && num_heads > 0 && qkv_in.size(2) % (3 * num_heads) == 0,
+              "softmax_attention_backward (cpp): qkv must be (B, N, 3*num_heads*head_dim), got ", qkv_in.sizes(),
+              " with num_heads=", num_heads);
+  TORCH_CHECK(qkv_in.scalar_type() == at::kFloat || qkv_in.scalar_type() == at::kDouble,
+              "softmax_attention_backward (cpp): qkv must be float32 or float64, got ", qkv_in.scalar_type());
+  TORCH_CHECK(qkv_in.device().is_cpu() && grad_out_in.device().is_cpu(),
+              "softmax_attention_backward (cpp): qkv and grad_out must be on the CPU, got ", qkv_in.device(), " and ",
+              grad_out_in.device());
+  const int64_t B = qkv_in.size(0), N = qkv_in.size(1), E = qkv_in.size(2) / 3, D = E / num_heads;
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({B, N, E}) && grad_out_in.scalar_type() == qkv_in.scalar_type(),
+              "softmax_attention_backward (cpp): grad_out must be (B, N, num_heads*head_dim) = (", B, ", ", N, ", ",
+              E, ") in ", qkv_in.scalar_type(), ", got ", grad_out_in.sizes(), " ", grad_out_in.scalar_type());
+  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.stride(2) == 1 ? grad_out_in : grad_out_in.contiguous();
+  at::Tensor grad_qkv = at::empty({B, N, 3 * E}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
+  if (grad_qkv.numel() == 0) return grad_qkv;
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "softmax_attention_backward_cpu", [&] {
+    const int64_t Np = padded_keys<scalar_t>(N), Dp = padded_cols<scalar_t>(D);
+    const BackwardArgs<scalar_t> args{qkv.const_data_ptr<scalar_t>(), qkv.stride(0), qkv.stride(1),
+                                      grad_out.const_data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1),
+                                      grad_qkv.mutable_data_ptr<scalar_t>(), B, N, num_heads, D, Np, Dp,
+                                      static_cast<scalar_t>(scale)};
+    parallel_isa_tasks<AttentionBackwardTask>(cpu_isa(), args, B * num_heads, backward_scratch_size(N, D, Np, Dp));
+  });
+  return grad_qkv;
+}
+
 at::Tensor softmax_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, double scale) {
   TORCH_CHECK(qkv_in.dim() == 3, "softmax_attention (cpp): qkv must be (B, N, 3*num_heads*head_dim), got ",
               qkv_in.sizes());
@@ -224,6 +370,9 @@ at::Tensor softmax_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, do
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(t2t_kernels, CPU, m) { m.impl("softmax_attention", &softmax_attention_cpu); }
+TORCH_LIBRARY_IMPL(t2t_kernels, CPU, m) {
+  m.impl("softmax_attention", &softmax_attention_cpu);
+  m.impl("softmax_attention_backward", &softmax_attention_backward_cpu);
+}
 
 }  // namespace t2t_kernels

@@ -231,7 +231,7 @@ T2T_INLINE void transpose_block(const acc_t* src, int64_t ss, acc_t* dst, int64_
 // Issues prefetches (into L2) for the input rows of the task a thread runs next, a few at each step() of the
 // current task's loops, so that the reads from memory overlap the arithmetic.
 struct Prefetcher {
-  static constexpr int kMaxSources = 3;
+  static constexpr int kMaxSources = 4;
   const char* base[kMaxSources] = {};
   int64_t stride[kMaxSources] = {};  // bytes between rows
   int64_t sources = 0, rows = 0, lines_per_row = 0;

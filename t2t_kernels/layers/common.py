@@ -12,6 +12,7 @@ from ..ops import DROPOUT_ADD_BACKENDS, dropout_add, post_attention, softmax_att
 from ..ops._backends import check_backend_arg
 from ..ops._onednn import linear
 from ..ops.dropout_add import draw_seed
+from ..ops.softmax_attention import backward_kernel_applies
 from ..ops._registry import grad_enabled_for_path, needs_eager_autodiff
 from .recompute import gelu_linear, norm_linear, recomputes, run_checkpointed
 
@@ -227,15 +228,17 @@ class Attention(nn.Module):
         self.fused_attn = True  # F.scaled_dot_product_attention; False: the official formula (T2TViT.set_fused_attn)
 
     def attend(self, x, backend: str | None = "eager"):
-        """The heads' output (B, N, dim) before the projection. backend: the softmax_attention op's, for the blocks'
-        inference path (the op computes what attend_projected does with SDPA, minus the dropout)."""
-        if backend != "eager" and self.fused_attn and not (self.training and self.attn_drop > 0):
-            return softmax_attention(inference_linear(self.qkv, x), self.num_heads, self.scale, backend=backend)
-        return self.attend_projected(self.qkv(x))
+        """The heads' output (B, N, dim) before the projection. backend: the blocks' (attend_projected)."""
+        return self.attend_projected(self.qkv(x) if backend == "eager" else inference_linear(self.qkv, x), backend)
 
-    def attend_projected(self, qkv):
-        """attend() after the qkv projection."""
+    def attend_projected(self, qkv, backend: str | None = "eager"):
+        """attend() after the qkv projection: SDPA (or the official formula) on qkv's views, or with a CPU backend the
+        softmax_attention op on qkv itself (what SDPA computes, without dropout): in inference, and in training where
+        the op's backward kernel applies (float32/float64, up to BACKWARD_MAX_TOKENS tokens)."""
         drop = self.attn_drop if self.training else 0.0
+        if (backend in (None, "auto", "cpp") and self.fused_attn and drop == 0 and qkv.device.type == "cpu"
+                and (not (grad_enabled_for_path() and qkv.requires_grad) or backward_kernel_applies(qkv))):
+            return softmax_attention(qkv, self.num_heads, self.scale, backend=backend)
         return multihead_attention(qkv, self.num_heads, self.head_dim, self.scale, drop, self.fused_attn)[0]
 
     def attend_class_token(self, x, backend: str | None = "eager"):
@@ -278,14 +281,12 @@ class Block(nn.Module):
         if fuse and self._fuses_post_attention(x):
             return self._post_attention(attn.attend(self.norm1(x), self.backend), x)
         if fuse and recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)):
-            out = attn.attend_projected(norm_linear(self.norm1, attn.qkv, x))
+            out = attn.attend_projected(norm_linear(self.norm1, attn.qkv, x), self.backend)
             x = x + self.drop_path(attn.proj_drop(attn.proj(out)))
             return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
-        if fuse and self._infers_on_cpu(x):
-            # CPU inference that post_attention does not take (autocast): the attention alone as the op
-            x = x + self.drop_path(attn(self.norm1(x), backend=self.backend))
-        else:
-            x = x + self.drop_path(attn(self.norm1(x)))
+        # the attention as the op where it applies (attend_projected), e.g. CPU inference under autocast, where
+        # post_attention does not
+        x = x + self.drop_path(attn(self.norm1(x), backend=self.backend) if fuse else attn(self.norm1(x)))
         return x + self.drop_path(mlp(self.norm2(x)))
 
     def class_token(self, x):
@@ -299,11 +300,6 @@ class Block(nn.Module):
             return self._post_attention(out, x)
         x = x + self.drop_path(attn.proj_drop(attn.proj(out)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def _infers_on_cpu(self, x):
-        return (self.backend in (None, "auto", "cpp") and x.device.type == "cpu"
-                and not (grad_enabled_for_path() and (x.requires_grad or any(
-                    p.requires_grad for p in self.attn.qkv.parameters()))))
 
     def _fuses_post_attention(self, x):
         attn, mlp = self.attn, self.mlp

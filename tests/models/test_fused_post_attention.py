@@ -95,13 +95,18 @@ def _fused_count(model, x, op=FUSED, **autocast):
 
 @requires_cpp
 def test_attention_unfused_where_the_op_does_not_apply():
-    """The blocks attend through softmax_attention in CPU inference (where post_attention fuses, and under autocast,
-    where it does not), unless the layers' own attention is asked for: the official formula (set_fused_attn(False))
-    or attention dropout in training."""
+    """The blocks attend through softmax_attention on the CPU: in inference (where post_attention fuses, and under
+    autocast, where it does not) and in float32 training (the op's backward kernel), unless the layers' own attention
+    is asked for: the official formula (set_fused_attn(False)) or attention dropout in training; and not in bf16
+    training (the kernel's backward takes float32/float64)."""
     model = _perturbed(t2t_kernels.t2t_vit_7(img_size=32, num_classes=10))
     x = torch.randn(2, 3, 32, 32)
     attending = len(model.blocks) - 1  # the last block attends for the class token alone
-    assert _fused_count(model.train(), x, ATTENTION) == 0  # gradients wanted
+    assert _fused_count(model.train(), x, ATTENTION) == attending  # gradients wanted: the backward kernel
+    assert _fused_count(model.train(), x, ATTENTION, dtype=torch.bfloat16) == 0
+    model.blocks[0].attn.attn_drop = 0.1
+    assert _fused_count(model.train(), x, ATTENTION) == attending - 1
+    model.blocks[0].attn.attn_drop = 0.0
     with torch.no_grad():
         assert _fused_count(model.eval(), x, ATTENTION) == attending
         assert _fused_count(model.train(), x, ATTENTION) == attending  # no dropout anywhere by default

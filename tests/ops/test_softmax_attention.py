@@ -203,6 +203,49 @@ def test_opcheck():
     qkv = torch.randn(2, 9, 3 * 2 * 8, requires_grad=True)
     torch.library.opcheck(torch.ops.t2t_kernels.softmax_attention, (qkv, 2, 0.3))
     torch.library.opcheck(torch.ops.t2t_kernels.softmax_attention, (qkv[:, ::2], 4, 0.5))
+    for dtype in (torch.float32, torch.float64):
+        qkv = torch.randn(2, 9, 3 * 2 * 8, dtype=dtype)
+        torch.library.opcheck(torch.ops.t2t_kernels.softmax_attention_backward,
+                              (torch.randn(2, 9, 2 * 8, dtype=dtype), qkv, 2, 0.3))
+        # strided: grad_out's features (a copy in the op), qkv's tokens (read in place)
+        torch.library.opcheck(torch.ops.t2t_kernels.softmax_attention_backward,
+                              (torch.randn(2, 5, 4 * 8, dtype=dtype)[:, :, ::2], qkv[:, ::2], 2, 0.5))
+
+
+def _backward_ops(qkv, heads):
+    """The ops dispatched while the op's gradient of qkv is taken, and that gradient."""
+    from op_log import OpLog
+
+    leaf = qkv.detach().requires_grad_()
+    out = softmax_attention(leaf, heads, backend="cpp")
+    with OpLog() as log:
+        (grad,) = torch.autograd.grad(out, leaf, torch.randn_like(out))
+    return log.names, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_name)
+def test_backward_runs_the_kernel_up_to_its_token_limit(dtype):
+    """float32/float64 take the backward kernel up to BACKWARD_MAX_TOKENS tokens (the gradient's accuracy: the
+    float64 comparisons above, which run it); longer sequences and bf16 recompute the eager formula."""
+    from t2t_kernels.ops.softmax_attention import BACKWARD_MAX_TOKENS
+
+    skip_unless_available("cpp", dtype)
+    kernel = "t2t_kernels::softmax_attention_backward"
+    names, _ = _backward_ops(torch.randn(2, BACKWARD_MAX_TOKENS, 3 * 2 * 4, dtype=dtype), 2)
+    assert kernel in names and not any("scaled_dot_product" in n for n in names)
+    names, _ = _backward_ops(torch.randn(1, BACKWARD_MAX_TOKENS + 1, 3 * 2 * 4, dtype=dtype), 2)
+    assert kernel not in names and any("scaled_dot_product" in n for n in names)
+    if BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.bfloat16) is None:
+        names, _ = _backward_ops(torch.randn(2, 9, 3 * 2 * 4).bfloat16(), 2)
+        assert kernel not in names
+
+
+def test_backward_kernel_and_recompute_agree_on_long_sequences():
+    """Past the token limit the recomputed formula gives the gradient (checked against float64 like the kernel's)."""
+    from t2t_kernels.ops.softmax_attention import BACKWARD_MAX_TOKENS
+
+    skip_unless_available("cpp")
+    check_against_float64("cpp", *make_qkv("contiguous", 1, BACKWARD_MAX_TOKENS + 3, 3 * 2 * 8, torch.float32), 2)
 
 
 def test_compile_fullgraph_cpp():
@@ -227,21 +270,26 @@ def test_compile_fullgraph_cpp():
 
 @pytest.mark.parametrize("dtype", DTYPES["cpp"], ids=dtype_name)
 def test_cpp_deterministic_across_threads(dtype):
-    """Bitwise the same output with 1 and with 2 threads (one head of 300 queries: split into chunks by the thread
+    """Bitwise the same output (and gradient) with 1 and with 2 threads (one head of 300 queries: split into chunks by the thread
     count; four heads of 70: one task each), two runs each. The thread count is restored."""
     skip_unless_available("cpp", dtype)
     threads = torch.get_num_threads()
     for B, N, H in ((1, 300, 1), (2, 70, 2)):
         qkv = torch.randn(B, N, 3 * H * 16, dtype=dtype)
+        grad_out = torch.randn(B, N, H * 16, dtype=dtype)
         results = []
         for num_threads in (1, 2, 2, 1):
             torch.set_num_threads(num_threads)
             try:
-                results.append(softmax_attention(qkv, H, backend="cpp"))
+                leaf = qkv.clone().requires_grad_(dtype != torch.bfloat16)  # the backward kernel: fp32/fp64
+                out = softmax_attention(leaf, H, backend="cpp")
+                grad = torch.autograd.grad(out, leaf, grad_out)[0] if leaf.requires_grad else None
+                results.append((out.detach(), grad))
             finally:
                 torch.set_num_threads(threads)
-        for other in results[1:]:
-            assert torch.equal(results[0], other)
+        for out, grad in results[1:]:
+            assert torch.equal(results[0][0], out)
+            assert grad is None or torch.equal(results[0][1], grad)
     assert torch.get_num_threads() == threads
 
 
@@ -358,3 +406,14 @@ def test_compiled_op_rejects_bad_input():
         op(torch.randn(2, 5, 12), 0, 1.0)
     with pytest.raises(RuntimeError, match="qkv must be float32, float64 or bfloat16, got Half"):
         op(torch.randn(2, 5, 12).half(), 2, 1.0)
+    backward = torch.ops.t2t_kernels.softmax_attention_backward
+    with pytest.raises(RuntimeError, match=r"grad_out must be \(B, N, num_heads\*head_dim\) = \(2, 5, 4\) in Float, "
+                                           r"got \[2, 5, 12\] Float"):
+        backward(torch.randn(2, 5, 12), torch.randn(2, 5, 12), 2, 1.0)
+    with pytest.raises(RuntimeError, match=r"grad_out must be .* in Float, got \[2, 5, 4\] Double"):
+        backward(torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(2, 5, 12), 2, 1.0)
+    with pytest.raises(RuntimeError, match="qkv must be float32 or float64, got BFloat16"):
+        backward(torch.randn(2, 5, 4).bfloat16(), torch.randn(2, 5, 12).bfloat16(), 2, 1.0)
+    with pytest.raises(RuntimeError, match=r"qkv must be \(B, N, 3\*num_heads\*head_dim\), got \[2, 5, 12\] with "
+                                           r"num_heads=5"):
+        backward(torch.randn(2, 5, 4), torch.randn(2, 5, 12), 5, 1.0)
