@@ -295,12 +295,19 @@ def test_post_attention_cases_are_forward_only_and_providers_agree():
             torch.testing.assert_close(out, outputs["eager"], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_softmax_attention_case_is_forward_only_and_providers_agree():
-    """The model runs softmax_attention for inference only: one forward case (a backbone block's), and every provider
-    computes the same output, the official formula's."""
+def test_softmax_attention_cases_and_providers_agree():
+    """A backbone block's softmax_attention, forward and forward+backward; in the forward every provider computes the
+    official formula's output; the backward rows run, with the byte floor of both passes and the cpp op keeping
+    only qkv (the eager SDPA path keeps its output and log-sum-exp too)."""
     settings = Settings(**TINY, compile=False)
-    (case,) = op_cases(settings, ops=("softmax_attention",), passes=(FORWARD, FORWARD_BACKWARD))
-    assert case.name == "softmax_attention/backbone/forward"
+    case, train = op_cases(settings, ops=("softmax_attention",), passes=(FORWARD, FORWARD_BACKWARD))
+    assert (case.name, train.name) == ("softmax_attention/backbone/forward", "softmax_attention/backbone/forward+backward")
+    width = 1 * case.T * 384 * 4  # bytes of one (B, T, 384) fp32 tensor
+    assert (case.byte_floor(), train.byte_floor()) == (4 * width, 11 * width)
+    rows = {r["provider"]: r for r in runner.run_case(train, **FAST)}
+    assert rows["eager"]["status"] == "ok"
+    if "cpp" in rows:
+        assert rows["cpp"]["status"] == "ok" and rows["cpp"]["activation_bytes"] <= rows["eager"]["activation_bytes"]
     outputs = {p.name: case.build(p.name)() for p in case.providers() if p.reason is None and p.name != "compile"}
     qkv = torch.randn(1, case.T, 3 * 384, generator=torch.Generator().manual_seed(0))  # the case's input
     q, k, v = qkv.view(1, case.T, 3, 6, 64).permute(2, 0, 3, 1, 4)

@@ -415,13 +415,13 @@ class PostAttentionCase(OpCase):
 
 
 class SoftmaxAttentionCase(OpCase):
-    """softmax_attention in a T2T-ViT-14 block (forward: the model uses it for inference only): qkv (B, T, 3*384) from
-    the qkv projection, 6 heads of 64 on the (H/16, W/16) grid and the class token. Eager is what the model's eager
-    backend runs, F.scaled_dot_product_attention on the heads' views (the official formula written out, q k^T,
-    softmax, @ v, is ~3x slower on a CPU: not the baseline here)."""
+    """softmax_attention in a T2T-ViT-14 block: qkv (B, T, 3*384) from the qkv projection, 6 heads of 64 on the
+    (H/16, W/16) grid and the class token; forward (inference) and forward + backward (training: the gradient of qkv).
+    Eager is what the model's eager backend runs, F.scaled_dot_product_attention on the heads' views, with autograd's
+    stack and copy of their gradients into qkv's (the official formula written out, q k^T, softmax, @ v, is ~3x
+    slower on a CPU: not the baseline here)."""
 
     backends = SOFTMAX_ATTENTION_BACKENDS
-    passes = (FORWARD,)
     heads = 6
 
     def __init__(self, settings, stage, pass_):
@@ -440,13 +440,19 @@ class SoftmaxAttentionCase(OpCase):
         return lambda qkv: softmax_attention(qkv, self.heads, backend=backend)
 
     def byte_floor(self):
-        return 4 * self.settings.batch * self.T * BACKBONE_E * self.settings.dtype.itemsize  # qkv, out
+        # qkv, out; backward: the gradient of out read, qkv read again, its gradient written
+        widths = 4 + (1 + 3 + 3 if self.backward else 0)
+        return widths * self.settings.batch * self.T * BACKBONE_E * self.settings.dtype.itemsize
 
     def workload(self, fn):
         s = self.settings
         g = torch.Generator().manual_seed(0)
         qkv = torch.randn(s.batch, self.T, 3 * BACKBONE_E, generator=g).to(s.device, s.dtype)
-        return self.pass_workload(lambda: fn(qkv))
+        grad = None
+        if self.backward:
+            qkv.requires_grad_(True)
+            grad = torch.randn(s.batch, self.T, BACKBONE_E, generator=g).to(s.device, s.dtype)
+        return self.pass_workload(lambda: fn(qkv), (qkv,), grad)
 
 
 class DropoutAddCase(OpCase):

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "softmax_attention,dropout_add",
                    help="which op cases (comma list; soft_split+layer_norm: the split and the LayerNorm after it; "
                         "post_attention: a T2T layer's projection, norm2 and MLP, forward; softmax_attention: a "
-                        "backbone block's attention after its qkv projection, forward; dropout_add: a Performer "
+                        "backbone block's attention after its qkv projection; dropout_add: a Performer "
                         "layer's residual dropout in training)")
     p.add_argument("--cases", default=None,
                    help="only the cases whose name contains one of these (comma list), e.g. 't2t_vit_14/train step' "
