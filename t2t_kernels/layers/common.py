@@ -259,8 +259,9 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """A backbone layer. backend: "eager" keeps the official chain; the others run the attention as the
-    softmax_attention op and everything after it as the post_attention op where they apply (CPU inference:
-    fuses_post_attention) and, in training, keep the inputs of norm1, norm2 and the GELU for backward instead of
+    softmax_attention op where it applies (on the CPU: inference, and float32/float64 training through its backward
+    kernel; Attention.attend_projected), everything after it as the post_attention op in CPU inference
+    (fuses_post_attention) and, in training, keep the inputs of norm1, norm2 and the GELU for backward instead of
     their outputs (recompute.py)."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0, attn_drop=0.0,
