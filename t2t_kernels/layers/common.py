@@ -202,6 +202,14 @@ def attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return out.transpose(1, 2).reshape(B, Nq, heads * head_dim)
 
 
+def runs_attention_op(qkv: torch.Tensor, backend: str | None, fused_attn: bool, attn_drop: float) -> bool:
+    """Whether a layer's softmax attention over its packed qkv runs as the softmax_attention op: a CPU backend, the
+    layer's fused attention (SDPA's place, not the official formula), no attention dropout, CPU tensors, and either
+    no gradient wanted or the op's backward kernel taking it (float32/float64, up to BACKWARD_MAX_TOKENS tokens)."""
+    return (backend in (None, "auto", "cpp") and fused_attn and attn_drop == 0 and qkv.device.type == "cpu"
+            and (not (grad_enabled_for_path() and qkv.requires_grad) or backward_kernel_applies(qkv)))
+
+
 def multihead_attention(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, attn_drop: float,
                         fused: bool = True):
     """Multi-head attention of a packed qkv (B, N, 3*heads*head_dim) (attention_heads).
@@ -236,8 +244,7 @@ class Attention(nn.Module):
         softmax_attention op on qkv itself (what SDPA computes, without dropout): in inference, and in training where
         the op's backward kernel applies (float32/float64, up to BACKWARD_MAX_TOKENS tokens)."""
         drop = self.attn_drop if self.training else 0.0
-        if (backend in (None, "auto", "cpp") and self.fused_attn and drop == 0 and qkv.device.type == "cpu"
-                and (not (grad_enabled_for_path() and qkv.requires_grad) or backward_kernel_applies(qkv))):
+        if runs_attention_op(qkv, backend, self.fused_attn, drop):
             return softmax_attention(qkv, self.num_heads, self.scale, backend=backend)
         return multihead_attention(qkv, self.num_heads, self.head_dim, self.scale, drop, self.fused_attn)[0]
 

@@ -74,7 +74,9 @@ def test_model_runs_the_last_block_for_the_class_token_off_eager(name, monkeypat
         model.set_backend("eager")
         ref = model(x)
         assert len(calls) == 1  # eager is the official chain
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # the backends' logits agree to test_backends_agree's tolerance (the t-variants' T2T attention runs the
+    # softmax_attention kernel: 2.6e-6 from a float64 model here, eager's SDPA 1.8e-6, logits up to 2.1)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("where", ["last block", "last attn.qkv", "final norm", "global"])
