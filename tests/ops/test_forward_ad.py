@@ -124,10 +124,11 @@ def test_func_vjp_and_grad_match_eager(op, backend):
         results[name] = (out, vjp_fn(cotangent), grads)
     (out, vjps, grads), (want_out, want_vjps, want_grads) = results[backend], results["eager"]
     torch.testing.assert_close(out, want_out)
-    for got_vjp, got_grad, want in zip(vjps, grads, want_vjps):
+    for got_vjp, got_grad, want, want_grad in zip(vjps, grads, want_vjps, want_grads):
         assert want.abs().max() > 0
         torch.testing.assert_close(got_vjp, want)
-        torch.testing.assert_close(got_grad, want)
+        torch.testing.assert_close(got_grad, want_grad)
+        torch.testing.assert_close(want_grad, want)
 
 
 @pytest.mark.parametrize("op,backend", PARAMS)
