@@ -48,11 +48,13 @@ int64_t scratch_size(int64_t N, int64_t D, int64_t Np, int64_t Dp) {
   return D * Np + N * Dp + kRows * Np + kRows + kRows * Dp + N * D + kRows * D;
 }
 
-// n rows of D bfloat16 values, rows src_stride apart -> float rows dst_stride apart
-T2T_INLINE void widen_rows(const c10::BFloat16* src, int64_t src_stride, int64_t n, int64_t D, float* dst,
-                           int64_t dst_stride) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t d = 0; d < D; ++d) dst[i * dst_stride + d] = static_cast<float>(src[i * src_stride + d]);
+// rows (n, width) = x's n rows of D values (rows xs apart; bfloat16 widened to acc_t), zero from D to width
+template <typename src_t, typename acc_t>
+T2T_INLINE void pad_rows(const src_t* x, int64_t xs, int64_t n, int64_t D, acc_t* rows, int64_t width) {
+  for (int64_t j = 0; j < n; ++j) {
+    std::copy_n(x + j * xs, D, rows + j * width);
+    std::fill(rows + j * width + D, rows + (j + 1) * width, acc_t(0));
+  }
 }
 
 // kt (D, Np) = k (N, D)^T * scale, k rows ks apart; columns N..Np zero
@@ -150,13 +152,12 @@ struct AttentionTask {
     // the second product skip them; padded value columns give output columns that are dropped
     if (!c.bf16) {
       pack_keys<I>(q + E, c.ns, N, D, c.scale, kt, Np);
-      for (int64_t j = 0; j < N; ++j) std::copy_n(q + 2 * E + j * c.ns, D, vp + j * Dp);
+      pad_rows(q + 2 * E, c.ns, N, D, vp, Dp);
     } else if constexpr (std::is_same_v<acc_t, float>) {
-      widen_rows(qb + E, c.ns, N, D, kw, D);
+      pad_rows(qb + E, c.ns, N, D, kw, D);
       pack_keys<I>(kw, D, N, D, c.scale, kt, Np);
-      widen_rows(qb + 2 * E, c.ns, N, D, vp, Dp);
+      pad_rows(qb + 2 * E, c.ns, N, D, vp, Dp);
     }
-    for (int64_t j = 0; j < N; ++j) std::fill(vp + j * Dp + D, vp + (j + 1) * Dp, acc_t(0));
 
     const ScaledExp<acc_t, I::kBytes> exp1{acc_t(1)};
     const acc_t* none = nullptr;
@@ -167,7 +168,7 @@ struct AttentionTask {
       if (!c.bf16) {
         qr = q + r0 * c.ns, qs = c.ns;
       } else if constexpr (std::is_same_v<acc_t, float>) {
-        widen_rows(qb + r0 * c.ns, c.ns, n, D, qw, D);
+        pad_rows(qb + r0 * c.ns, c.ns, n, D, qw, D);
       }
       gemm_tiles<I, I::R1, I::C1, Epilogue::kPlain>(qr, qs, n, D, kt, Np, Nw, s, Np, none, none, 0, pf, false);
       if (Nw < Np)
@@ -212,15 +213,6 @@ struct BackwardArgs {
 // K^T scaled and V^T (D, Np); K, Q, dO rows (N, Dp); P and dS (N, Np); a product's result (Np, Dp)
 int64_t backward_scratch_size(int64_t N, int64_t D, int64_t Np, int64_t Dp) {
   return 2 * D * Np + 3 * N * Dp + 2 * N * Np + Np * Dp;
-}
-
-// rows (N, Dp) = x's N rows of D values (rows xs apart), zero-padded
-template <typename acc_t>
-T2T_INLINE void pad_rows(const acc_t* x, int64_t xs, int64_t N, int64_t D, acc_t* rows, int64_t Dp) {
-  for (int64_t j = 0; j < N; ++j) {
-    std::copy_n(x + j * xs, D, rows + j * Dp);
-    std::fill(rows + j * Dp + D, rows + (j + 1) * Dp, acc_t(0));
-  }
 }
 
 // x's N rows of D values (rows xs apart) <- rows (N, Dp)

@@ -31,6 +31,8 @@ from . import reference
 
 # the backward kernel keeps a head's probabilities and their gradient, 2 N^2 values, in each thread's scratch
 BACKWARD_MAX_TOKENS = 512
+# the extension's registrations do not change after import: asked once, not per layer call
+_HAS_BACKWARD_KERNEL = op_exists("t2t_kernels::softmax_attention_backward")
 
 BACKENDS = OpBackends(
     name="softmax_attention",
@@ -80,7 +82,7 @@ def _fake_backward(grad_out, qkv, num_heads, scale):
 def backward_kernel_applies(qkv: Tensor) -> bool:
     """Whether the op's backward runs the cpp kernel for this qkv (else it recomputes the eager formula)."""
     return (qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64)
-            and qkv.shape[1] <= BACKWARD_MAX_TOKENS and op_exists("t2t_kernels::softmax_attention_backward"))
+            and qkv.shape[1] <= BACKWARD_MAX_TOKENS and _HAS_BACKWARD_KERNEL)
 
 
 def _setup_context(ctx, inputs, output):
