@@ -102,24 +102,26 @@ class OpBackends:
         return None
 
     def auto_candidates(self, device_type: str, compiling: bool) -> tuple[str, ...]:
-        """The backends "auto" tries in order (then eager) on this device type, while torch.compile traces or not.
-        None while torch.onnx.export traces: ONNX has the eager formulas' ops, not the kernels (an explicit kernel
-        backend puts its custom op in the graph, which the exporter then cannot translate)."""
-        if _eager_by_request(self.name) or _onnx_exporting():
+        """The backends "auto" tries in order (then eager) on this device type, while torch.compile traces or not."""
+        if _eager_by_request(self.name):
             return ()
         orders = self.compiled_auto_order if compiling else {}
         return orders.get(device_type, self.auto_order.get(device_type, ()))
 
     def resolve(self, backend: str | None, x: torch.Tensor) -> str:
-        """The backend to run: the requested one (checked), or for None/"auto" the first available in auto_order."""
+        """The backend to run: the requested one (checked), or for None/"auto" the first available in auto_order.
+        Every request runs the eager formula while torch.onnx.export traces: ONNX has its ops, not the kernels' custom
+        ops (which compute the same function)."""
         explicit = backend is not None and backend != "auto"
-        if not explicit:
+        if explicit and backend not in BACKENDS:
+            raise ValueError(f"{self.name}: backend must be one of {BACKENDS + ('auto', None)}, got {backend!r}")
+        if _onnx_exporting():
+            backend = "eager"
+        elif not explicit:
             for candidate in self.auto_candidates(x.device.type, torch.compiler.is_compiling()):
                 if self.unavailable_reason(candidate, x.device, x.dtype) is None:
                     return candidate
             backend = "eager"
-        elif backend not in BACKENDS:
-            raise ValueError(f"{self.name}: backend must be one of {BACKENDS + ('auto', None)}, got {backend!r}")
         reason = self.unavailable_reason(backend, x.device, x.dtype)
         if reason is not None:
             # "auto" falls back to eager last: when even eager cannot take the input, no backend can

@@ -1,10 +1,11 @@
-"""torch.onnx.export (the dynamo exporter) of the fused model: "auto" runs the ops' eager formulas while the exporter
-traces (ONNX has their ops, not the kernels), so the graph holds standard ONNX ops only, and onnxruntime reproduces
-the PyTorch model's logits on non-square images with a dynamic batch."""
+"""torch.onnx.export (the dynamo exporter) of the fused model: every backend runs the ops' eager formulas while the
+exporter traces (ONNX has their ops, not the kernels), so the graph holds standard ONNX ops only, and onnxruntime
+reproduces the PyTorch model's logits (on its backend) on non-square images with a dynamic batch."""
 import pytest
 import torch
 
 from t2t_kernels import T2TViT
+from t2t_kernels.ops import PERFORMER_BACKENDS, SOFT_SPLIT_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
@@ -26,9 +27,15 @@ def _export(model, path):
     program.save(str(path))
 
 
-@pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
-def test_onnxruntime_matches_the_fused_model(tokens_type, tmp_path):
-    model = _model(tokens_type)
+# an explicit kernel backend too (before: its custom op reached the exporter, which has no translation for it)
+CASES = [("performer", "auto"), ("transformer", "auto")]
+CASES += [("performer", "cpp")] if all(
+    "cpp" in b.available("cpu") for b in (SOFT_SPLIT_BACKENDS, PERFORMER_BACKENDS, SOFT_SPLIT_LAYER_NORM_BACKENDS)) else []
+
+
+@pytest.mark.parametrize("tokens_type,backend", CASES)
+def test_onnxruntime_matches_the_fused_model(tokens_type, backend, tmp_path):
+    model = _model(tokens_type, backend)
     path = tmp_path / "t2t.onnx"
     _export(model, path)
     graph = onnx.load(str(path)).graph
