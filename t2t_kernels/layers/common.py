@@ -95,7 +95,8 @@ def fuses_post_attention(backend, x: torch.Tensor, proj: nn.Module, norm: nn.Mod
         return False
     if training and any(getattr(d, "p", getattr(d, "drop_prob", 0.0)) > 0 for d in dropouts):
         return False
-    params = [p for m in (*linears, norm) for p in m.parameters()]
+    # the exact classes hold just these (read directly: module.parameters() costs host time in every layer call)
+    params = [p for m in (*linears, norm) for p in (m.weight, m.bias) if p is not None]
     if any(p.dtype != x.dtype for p in params):
         return False
     return not (grad_enabled_for_path() and (x.requires_grad or any(p.requires_grad for p in params)))

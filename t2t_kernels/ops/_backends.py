@@ -1,6 +1,7 @@
 """Backend selection shared by the ops: which implementations exist, which one "auto" picks, clear errors."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -44,12 +45,18 @@ EAGER_OPS_ENV = "T2T_EAGER_OPS"
 def eager_by_request(op: str) -> bool:
     """Whether T2T_EAGER_OPS (a comma list of op names, or "all") asks "auto" to run `op` on its eager formula:
     for A/B timing, for debugging, and under torch.compile to let inductor generate the op's code."""
-    names = {n.strip() for n in os.environ.get(EAGER_OPS_ENV, "").split(",")} - {""}
+    names = _requested_eager_ops(os.environ.get(EAGER_OPS_ENV, ""))
+    return op in names or "all" in names
+
+
+@functools.lru_cache(maxsize=16)  # parsed once per value: every op call asks (an unknown name raises each time)
+def _requested_eager_ops(value: str) -> frozenset[str]:
+    names = {n.strip() for n in value.split(",")} - {""}
     unknown = sorted(names - set(OP_NAMES) - {"all"})
     if unknown:
         raise ValueError(f"{EAGER_OPS_ENV}: unknown op name(s) {', '.join(map(repr, unknown))}; "
                          f"expected a comma list of {', '.join(OP_NAMES)} or 'all'")
-    return op in names or "all" in names
+    return frozenset(names)
 
 
 # dynamo should not trace the environment lookup; read when a graph is traced (a change needs a new compile)
