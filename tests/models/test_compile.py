@@ -40,6 +40,37 @@ def test_compiled_model_fullgraph_matches_eager(backend, compiler):
         torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-3, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_compiled_with_dynamic_shapes(mode):
+    """torch.compile(dynamic=True, fullgraph=True): one graph serves three batch sizes (the modules' float
+    attributes, e.g. the attention's scale, are symbolic then: the ops' argument checks must trace on them; before,
+    softmax_attention's math.isfinite(scale) broke the graph), each with the uncompiled model's logits and
+    gradients (train mode with dropout off)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10, backend=_cpu_backends()[-1])
+    getattr(model, mode)()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 3, 32, 32)
+            results = []
+            for run in (compiled, model):
+                model.zero_grad()
+                out = run(x)
+                out.square().sum().backward()
+                results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.grad is not None}))
+            (out, grads), (expected, expected_grads) = results
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+            assert grads.keys() == expected_grads.keys()
+            for n, g in expected_grads.items():
+                torch.testing.assert_close(grads[n], g, rtol=1e-3, atol=1e-5, msg=n)
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 def test_export_on_the_fused_backend(strict):
     """torch.export of the fused model (its custom ops through their fake kernels, the class-token-only last

@@ -51,7 +51,7 @@ def check_softmax_attention_args(qkv: Tensor, num_heads: int, scale: float) -> N
         raise ValueError(f"softmax_attention: qkv must be (B, N, 3*num_heads*head_dim), got {tuple(qkv.shape)} "
                          f"with num_heads={num_heads}")
     number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if not (number and math.isfinite(scale)):
+    if not (number and -math.inf < scale < math.inf):  # NaN fails both; comparisons also trace (a symbolic float)
         raise ValueError(f"softmax_attention: scale must be a finite number, got {scale!r}")
 
 
