@@ -145,6 +145,31 @@ def test_func_grad_of_a_train_step_matches_backward(name):
 
 
 @pytest.mark.skipif(not CASES, reason="no fused CPU backend available (extension not built)")
+def test_func_grad_over_all_parameters():
+    """torch.func.grad over every parameter of the fused model, the Performer's fixed random features w included
+    (the usual `dict(model.named_parameters())`): the same gradients as the eager backend's, w's too (under torch.func
+    the Performer runs its eager formula, which differentiates w; it used to refuse any w that required a gradient)."""
+    torch.manual_seed(0)
+    model = _dropout_off(t2t_kernels.t2t_vit_7(img_size=32, num_classes=10)).train()
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss(params):
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), labels)
+
+    grads = {}
+    for backend in (CASES[0][1], "eager"):
+        model.set_backend(backend)
+        grads[backend] = torch.func.grad(loss)(params)
+    fused, eager = grads[CASES[0][1]], grads["eager"]
+    assert fused.keys() == params.keys()
+    assert fused["tokens_to_token.attention1.w"].abs().max() > 0
+    for k in params:
+        scale = eager[k].abs().max().item()
+        torch.testing.assert_close(fused[k], eager[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
+
+
+@pytest.mark.skipif(not CASES, reason="no fused CPU backend available (extension not built)")
 @pytest.mark.parametrize("transform", ["vjp", "jacrev", "vmap", "jvp", "dual"])
 def test_func_transforms_in_training_match_eager(transform):
     """The other torch.func transforms and forward-AD dual tensors through the fused model in training: the lean

@@ -47,11 +47,6 @@ def check_performer_args(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float)
     if len(devices) > 1:
         raise ValueError(f"performer_attention: q, k, v, w must be on one device, got {sorted(map(str, devices))}")
     check_eps(eps, "performer_attention", positive=True)
-    if w.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            "performer_attention: w is the fixed random-feature matrix and has no gradient here; "
-            "set w.requires_grad_(False) (Token_performer keeps it frozen)"
-        )
 
 
 def performer_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float = 1e-8,
@@ -65,8 +60,14 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float =
     check_performer_args(q, k, v, w, eps)
     name = BACKENDS.resolve(backend, q)
     if name == "eager" or q.numel() == 0 or needs_eager_autodiff(q, k, v, w):
-        # empty inputs (a 0 in the leading dims, T or E) have nothing to compute, and (-1, T, E) is ambiguous for them
+        # empty inputs (a 0 in the leading dims, T or E) have nothing to compute, and (-1, T, E) is ambiguous for them;
+        # the eager formula also differentiates w (e.g. torch.func.grad over all of a model's parameters)
         return reference.performer_attention(q, k, v, w, float(eps))
+    if w.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"performer_attention: w is the fixed random-feature matrix and backend {name!r} has no gradient for it; "
+            "set w.requires_grad_(False) (Token_performer keeps it frozen), or use backend='eager'"
+        )
     op = (torch.ops.t2t_kernels.performer_attention_triton if name == "triton"
           else torch.ops.t2t_kernels.performer_attention)
     T, E = q.shape[-2:]
