@@ -184,14 +184,18 @@ def test_performer_bad_input(call, error, fragments, backend):
 
 @pytest.mark.parametrize("backend", performer_backends())
 def test_performer_w_requiring_grad(backend):
-    """The kernels have no gradient for the fixed random features w: asked for one, they say so; the eager formula
-    differentiates w (also what every backend runs under torch.func, e.g. torch.func.grad over all parameters)."""
+    """The kernels have no gradient for the fixed random features w: asked for one, an explicit kernel backend says so
+    and "auto" warns and runs the eager formula, which differentiates w (also what every backend runs under
+    torch.func, e.g. torch.func.grad over all parameters)."""
     q, k, v, w = qkvw()
     w.requires_grad_()
     if backend != "eager":
         assert_raises_clearly(lambda: performer_attention(q, k, v, w, backend=backend), RuntimeError,
                               ["performer_attention", "w", f"backend {backend!r}", "no gradient",
                                "requires_grad_(False)"])
+        if PERFORMER_BACKENDS.resolve("auto", q) == backend:
+            with pytest.warns(UserWarning, match="w requires a gradient"):
+                performer_attention(q, k, v, w).square().sum().backward()
     grad_w = torch.func.grad(lambda w: performer_attention(q, k, v, w, backend=backend).square().sum())(w.detach())
     w64 = w.detach().double().requires_grad_()
     performer_attention(q.double(), k.double(), v.double(), w64, backend="eager").square().sum().backward()
@@ -199,6 +203,7 @@ def test_performer_w_requiring_grad(backend):
     torch.testing.assert_close(grad_w, w64.grad.float(), rtol=1e-4, atol=1e-5 * w64.grad.abs().max().item())
     if backend == "eager":
         performer_attention(q, k, v, w, backend="eager").square().sum().backward()
+    if w.grad is not None:  # eager's, or auto's on the kernel's device
         torch.testing.assert_close(w.grad, grad_w)
 
 

@@ -1,4 +1,6 @@
 """Every variant gives the same logits and parameter gradients on each available backend as on eager."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,6 +144,33 @@ def test_func_grad_of_a_train_step_matches_backward(name):
         scale = backward_grads[k].abs().max().item()
         torch.testing.assert_close(func_grads[k], backward_grads[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
         torch.testing.assert_close(func_grads[k], eager_func[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
+
+
+@pytest.mark.skipif(not CASES, reason="no fused CPU backend available (extension not built)")
+def test_training_with_the_random_features_unfrozen():
+    """model.requires_grad_(True) (common after a frozen phase) also unfreezes the Performers' w: the fused model
+    ("auto") trains it as the official one would, through the eager Performer formula, with a warning (none while
+    torch.compile traces: dynamo cannot trace warnings.warn, and fullgraph=True would fail), and gives the eager
+    backend's gradients, w's included (it used to raise)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _dropout_off(t2t_kernels.t2t_vit_7(img_size=32, num_classes=10)).train().requires_grad_(True)
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    grads = {}
+    for run, backend in ((model, "auto"), (compiled, "auto"), (model, "eager")):
+        model.set_backend(backend)
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run(x).square().mean().backward()
+        warned = any("w requires a gradient" in str(c.message) for c in caught)
+        assert warned == (run is model and backend == "auto")
+        grads[run is model, backend] = {k: p.grad for k, p in model.named_parameters()}
+    assert grads[True, "auto"]["tokens_to_token.attention1.w"].abs().max() > 0
+    for k, g in grads[True, "eager"].items():
+        for case in ((True, "auto"), (False, "auto")):
+            torch.testing.assert_close(grads[case][k], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=k)
 
 
 @pytest.mark.skipif(not CASES, reason="no fused CPU backend available (extension not built)")

@@ -6,6 +6,8 @@ Backends: "eager" (reference.py), "cpp" (the compiled op t2t_kernels::performer_
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -59,15 +61,23 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float =
     """
     check_performer_args(q, k, v, w, eps)
     name = BACKENDS.resolve(backend, q)
-    if name == "eager" or q.numel() == 0 or needs_eager_autodiff(q, k, v, w):
+    # the kernels have no gradient for w: a w that wants one takes the eager formula under "auto" (as the official
+    # model trains it, e.g. after model.requires_grad_(True)); an explicit kernel backend refuses it
+    w_wants_grad = w.requires_grad and torch.is_grad_enabled() and name != "eager" and q.numel() > 0 \
+        and not needs_eager_autodiff(q, k, v, w)
+    if w_wants_grad and backend not in (None, "auto"):
+        raise RuntimeError(
+            f"performer_attention: w is the fixed random-feature matrix and backend {name!r} has no gradient for it; "
+            "set w.requires_grad_(False) (Token_performer keeps it frozen), or use backend='eager' or 'auto'"
+        )
+    if w_wants_grad and not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn
+        warnings.warn("performer_attention: w requires a gradient, which the kernels do not compute: the eager "
+                      "formula runs instead (slower); w.requires_grad_(False) keeps the random features fixed, "
+                      "as Token_performer builds them", stacklevel=2)
+    if name == "eager" or q.numel() == 0 or w_wants_grad or needs_eager_autodiff(q, k, v, w):
         # empty inputs (a 0 in the leading dims, T or E) have nothing to compute, and (-1, T, E) is ambiguous for them;
         # the eager formula also differentiates w (e.g. torch.func.grad over all of a model's parameters)
         return reference.performer_attention(q, k, v, w, float(eps))
-    if w.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            f"performer_attention: w is the fixed random-feature matrix and backend {name!r} has no gradient for it; "
-            "set w.requires_grad_(False) (Token_performer keeps it frozen), or use backend='eager'"
-        )
     op = (torch.ops.t2t_kernels.performer_attention_triton if name == "triton"
           else torch.ops.t2t_kernels.performer_attention)
     T, E = q.shape[-2:]
