@@ -61,22 +61,22 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float =
     """
     check_performer_args(q, k, v, w, eps)
     name = BACKENDS.resolve(backend, q)
-    # the kernels have no gradient for w: a w that wants one takes the eager formula under "auto" (as the official
-    # model trains it, e.g. after model.requires_grad_(True)); an explicit kernel backend refuses it
-    w_wants_grad = w.requires_grad and torch.is_grad_enabled() and name != "eager" and q.numel() > 0 \
-        and not needs_eager_autodiff(q, k, v, w)
-    if w_wants_grad and backend not in (None, "auto"):
-        raise RuntimeError(
-            f"performer_attention: w is the fixed random-feature matrix and backend {name!r} has no gradient for it; "
-            "set w.requires_grad_(False) (Token_performer keeps it frozen), or use backend='eager' or 'auto'"
-        )
-    if w_wants_grad and not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn
-        warnings.warn("performer_attention: w requires a gradient, which the kernels do not compute: the eager "
-                      "formula runs instead (slower); w.requires_grad_(False) keeps the random features fixed, "
-                      "as Token_performer builds them", stacklevel=2)
-    if name == "eager" or q.numel() == 0 or w_wants_grad or needs_eager_autodiff(q, k, v, w):
+    if name == "eager" or q.numel() == 0 or needs_eager_autodiff(q, k, v, w):
         # empty inputs (a 0 in the leading dims, T or E) have nothing to compute, and (-1, T, E) is ambiguous for them;
         # the eager formula also differentiates w (e.g. torch.func.grad over all of a model's parameters)
+        return reference.performer_attention(q, k, v, w, float(eps))
+    if w.requires_grad and torch.is_grad_enabled():
+        # the kernels have no gradient for w: "auto" takes the eager formula (as the official model trains a w made
+        # trainable, e.g. by model.requires_grad_(True)); an explicit kernel backend refuses
+        if backend not in (None, "auto"):
+            raise RuntimeError(
+                f"performer_attention: w is the fixed random-feature matrix and backend {name!r} has no gradient for "
+                "it; set w.requires_grad_(False) (Token_performer keeps it frozen), or use backend='eager' or 'auto'"
+            )
+        if not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn
+            warnings.warn("performer_attention: w requires a gradient, which the kernels do not compute: the eager "
+                          "formula runs instead (slower); w.requires_grad_(False) keeps the random features fixed, "
+                          "as Token_performer builds them", stacklevel=2)
         return reference.performer_attention(q, k, v, w, float(eps))
     op = (torch.ops.t2t_kernels.performer_attention_triton if name == "triton"
           else torch.ops.t2t_kernels.performer_attention)
