@@ -22,7 +22,9 @@ Under torch.compile each pair is a selective activation checkpoint instead (keep
 dynamo does not trace the Function's backward (its torch.autograd.grad; trace_autograd_ops is off by default), and
 the compiler's own partitioner, left alone, kept 0.90x eager's activations for T2T-ViT-14's train step (CPU bench;
 0.57x with the checkpoints). In eager mode the Function is the better of the two: selective checkpointing kept 11%
-more (427 vs 385 MB at B=8) and ran 2-4% slower.
+more (427 vs 385 MB at B=8) and ran 2-4% slower. Where the first T2T layer's image needs no gradient, the compiled
+pair folds norm1's affine step into the kqv's weight and bias (_linear_of_folded_affine): autograd then skips the
+tokens' gradient as _grads_of_affine_input does (fp32 T2T module train step at B=8, one CPU thread: 217 vs 241 ms).
 """
 from __future__ import annotations
 
@@ -78,10 +80,8 @@ class _LinearOfRecomputed(torch.autograd.Function):
                                                                any(needs_inputs))
                 grad_inputs = f_backward(grad_a, needs_inputs) if grad_a is not None else [None] * len(inputs)
             return (None, grad_weight, grad_bias, *grad_inputs)
-        normalized = getattr(ctx.f, "normalized", None)
-        if (normalized is not None and not needs_inputs[0] and not create_graph and not enabled
-                and all(p is not None for p in f_params)):
-            # f is an affine norm whose input needs no gradient (the image into the first T2T layer)
+        normalized = _affine_of_constant(ctx.f, needs_inputs[0] or create_graph, enabled, f_params)
+        if normalized is not None:
             return (None, *_grads_of_affine_input(normalized(x), grad_out, weight, *f_params,
                                                   (needs_weight, needs_bias, *needs_inputs[1:])))
         wanted = [i for i, need in enumerate(needs_inputs) if need]
@@ -129,6 +129,25 @@ def _grads_of_affine_input(xhat, grad_out, weight, norm_weight, norm_bias, needs
             None, (weight * m).sum(0) if needs_norm_weight else None, s @ weight if needs_norm_bias else None)
 
 
+def _affine_of_constant(f, x_needs_grad: bool, autocast_on: bool, f_params):
+    """f's `normalized` (x -> the tokens before f's affine step) where f is an affine norm whose input needs no
+    gradient (the image into the first T2T layer), outside autocast (whose casts the Linear's gradients follow
+    otherwise); None where not."""
+    normalized = getattr(f, "normalized", None)
+    if normalized is None or x_needs_grad or autocast_on or any(p is None for p in f_params):
+        return None
+    return normalized
+
+
+def _linear_of_folded_affine(normalized, linear, x, norm_weight, norm_bias):
+    """linear(normalized(x) * norm_weight + norm_bias) with the affine step folded into the Linear's weight and bias
+    (the compiled form of _grads_of_affine_input): autograd then takes the weights' gradients from the normalised
+    tokens' product with the output's gradient and never forms the tokens' own gradient, which x does not need."""
+    weight, bias = linear.weight, linear.bias
+    folded_bias = torch.mv(weight, norm_bias) if bias is None else torch.addmv(bias, weight, norm_bias)
+    return F.linear(normalized(x), weight * norm_weight, folded_bias)
+
+
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -145,7 +164,9 @@ def _linear_of(f, linear, x, *f_params):
 def linear_of_recomputed(f: Callable[..., Tensor], linear: nn.Linear, x: Tensor, *f_params) -> Tensor:
     """linear(f(x, *f_params)), saving x and f_params instead of f's output (see the module docstring)."""
     if torch.compiler.is_compiling():
-        return checkpoint(_linear_of, f, linear, x, *f_params, use_reentrant=False,
+        normalized = _affine_of_constant(f, x.requires_grad, autocast_enabled(x.device.type), f_params)
+        fn, f = (_linear_of, f) if normalized is None else (_linear_of_folded_affine, normalized)
+        return checkpoint(fn, f, linear, x, *f_params, use_reentrant=False,
                           context_fn=partial(create_selective_checkpoint_contexts, _keep_products))
     if needs_eager_autodiff(x, linear.weight, linear.bias, *f_params):
         # torch.func transforms and forward-mode AD: the Function has no vmap or jvp rule, and torch.func.vjp calls

@@ -152,6 +152,42 @@ def test_split_norm_pair_without_an_input_gradient(wanted):
         assert_close_to(p, t, 128 * 2.0**-24, f"{name} (plain modules)")
 
 
+@pytest.mark.parametrize("image_grad", [False, True], ids=["image-no-grad", "image-grad"])
+def test_compiled_split_norm_pair_without_an_input_gradient(image_grad):
+    """The same saving under torch.compile (aot_eager, fullgraph), where the Function does not trace: an image that
+    needs no gradient folds norm1's affine step into the kqv's weight and bias (recompute._linear_of_folded_affine),
+    so the compiled backward runs no norm backward and forms no gradient of the normalised tokens; an image that wants
+    one keeps the plain pair (whose backward the log then shows). Gradients, the image's too, within 128 units of
+    roundoff of float64's relative to max(1, their largest)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    split, norm, linear = SoftSplit(3, 2, 1, backend="auto"), torch.nn.LayerNorm(45), torch.nn.Linear(45, 24)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    image64 = torch.randn(2, 5, 9, 7, dtype=torch.float64)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def pair(image):
+        return linear_of_recomputed(split.norm_fn(norm), linear, image, norm.weight, norm.bias)
+
+    image = image64.float().requires_grad_(image_grad)
+    out = pair(image)
+    grad_out = torch.randn_like(out)
+    wanted = [norm.weight, norm.bias, linear.weight, linear.bias] + ([image] if image_grad else [])
+    with OpLog() as log:
+        grads = torch.autograd.grad(out, wanted, grad_out)
+    norm_backward = {"aten::native_layer_norm_backward", "t2t_kernels::soft_split_layer_norm_backward"}
+    assert bool(norm_backward & set(log.names)) == image_grad, log.names
+    wanted64 = [t.detach().double().requires_grad_() for t in wanted]
+    norm_weight, norm_bias, weight, bias = wanted64[:4]
+    image64 = wanted64[4] if image_grad else image64
+    plain = F.linear(F.layer_norm(split(image64), (45,), norm_weight, norm_bias, norm.eps), weight, bias)
+    truth = torch.autograd.grad(plain, wanted64, grad_out.double())
+    for g, t, name in zip(grads, truth, ("norm_weight", "norm_bias", "weight", "bias", "image")):
+        assert_close_to(g, t, 128 * 2.0**-24, name)
+
+
 @pytest.mark.parametrize("kind", ["layer_norm", "gelu"])
 def test_gradgradcheck_float64(kind):
     """Double backward (gradient penalties): backward recomputes f from the saved inputs themselves and builds its
