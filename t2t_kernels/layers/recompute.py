@@ -180,28 +180,30 @@ def linear_of_recomputed(f: Callable[..., Tensor], linear: nn.Linear, x: Tensor,
 _AUTOCAST_LAYER_NORM_FP32 = {"cpu": False, "cuda": True}
 
 
-def _layer_norm(norm: nn.LayerNorm):
-    shape, eps = norm.normalized_shape, norm.eps
+class _LayerNormFn:
+    """(x, weight, bias) -> F.layer_norm with norm's shape and eps, and its vjp. A class, not a closure given a vjp
+    attribute: dynamo in torch 2.6 cannot trace setting an attribute on a function."""
 
-    def f(x, weight, bias):
-        return F.layer_norm(x, shape, weight, bias, eps)
+    def __init__(self, norm: nn.LayerNorm):
+        self.shape, self.eps = norm.normalized_shape, norm.eps
 
-    def vjp(autocast_enabled, x, weight, bias):
+    def __call__(self, x, weight, bias):
+        return F.layer_norm(x, self.shape, weight, bias, self.eps)
+
+    def vjp(self, autocast_enabled, x, weight, bias):
         """f's output and backward as autograd runs them for F.layer_norm (autocast's cast to fp32 included)."""
+        shape = self.shape
         inputs = (x, weight, bias)
         if autocast_enabled and _AUTOCAST_LAYER_NORM_FP32[x.device.type]:
             inputs = tuple(t.float() if t is not None and t.dtype != torch.float64 else t for t in inputs)  # as autocast
         xc, wc, bc = inputs
-        a, mean, rstd = torch.native_layer_norm(xc, shape, wc, bc, eps)
+        a, mean, rstd = torch.native_layer_norm(xc, shape, wc, bc, self.eps)
 
         def backward(grad_a, needs):
             mask = [bool(need) and t is not None for need, t in zip(needs, inputs)]
             grads = torch.ops.aten.native_layer_norm_backward(grad_a, xc, shape, mean, rstd, wc, bc, mask)
             return [_cast(g, t.dtype) if need else None for g, t, need in zip(grads, (x, weight, bias), mask)]
         return a, backward
-
-    f.vjp = vjp
-    return f
 
 
 def _gelu(h: Tensor) -> Tensor:
@@ -268,7 +270,7 @@ def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: Tensor) -> Tensor:
     if _cpp_pairs(x, norm_weight, norm_bias, weight, bias):
         return torch.ops.t2t_kernels.norm_linear.default(x, norm_weight, norm_bias, norm.normalized_shape, norm.eps,
                                                          weight, bias)
-    return linear_of_recomputed(_layer_norm(norm), linear, x, norm_weight, norm_bias)
+    return linear_of_recomputed(_LayerNormFn(norm), linear, x, norm_weight, norm_bias)
 
 
 def gelu_linear(linear: nn.Linear, h: Tensor) -> Tensor:

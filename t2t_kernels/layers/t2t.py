@@ -56,17 +56,29 @@ class SoftSplit(nn.Module):
             return norm(soft_split(x, self.kernel_size, self.stride, self.padding, backend=self.backend))
         return self.norm_fn(norm)(x, norm.weight, norm.bias)
 
-    def norm_fn(self, norm: nn.LayerNorm):
-        """(x, weight, bias) -> layer_norm(split(x)) with norm's eps: the fused op, for linear_of_recomputed. Its
-        `normalized` attribute gives the tokens before the affine step, x -> split_norm(x, None, None)."""
-        def split_norm(x, weight, bias):
-            return soft_split_layer_norm(x, self.kernel_size, self.stride, self.padding, weight, bias, norm.eps,
-                                         backend=self.backend)
-        split_norm.normalized = partial(split_norm, weight=None, bias=None)
-        return split_norm
+    def norm_fn(self, norm: nn.LayerNorm) -> SplitLayerNorm:
+        """(x, weight, bias) -> layer_norm(split(x)) with norm's eps: the fused op, for linear_of_recomputed."""
+        return SplitLayerNorm(self, norm.eps)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, backend={self.backend!r}"
+
+
+class SplitLayerNorm:
+    """(x, weight, bias) -> the fused soft_split_layer_norm of a SoftSplit with a LayerNorm's eps; `normalized(x)` gives
+    the tokens before the affine step. A class, not a closure given an attribute: dynamo in torch 2.6 cannot trace
+    setting an attribute on a function."""
+
+    def __init__(self, split: SoftSplit, eps: float):
+        self.split, self.eps = split, eps
+
+    def __call__(self, x, weight, bias):
+        split = self.split
+        return soft_split_layer_norm(x, split.kernel_size, split.stride, split.padding, weight, bias, self.eps,
+                                     backend=split.backend)
+
+    def normalized(self, x):
+        return self(x, None, None)
 
 
 class Token_performer(nn.Module):  # noqa: N801  (official class name)

@@ -32,16 +32,21 @@ def grad_enabled_for_path() -> bool:
     return torch.is_grad_enabled() and not torch.jit.is_tracing()
 
 
+def has_autocast(device_type: str) -> bool:
+    """Whether torch.autocast supports the device type (not meta tensors: shape inference, deferred
+    initialisation). CPU and CUDA are answered first: dynamo in torch 2.6 cannot trace is_autocast_available."""
+    return device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+
+
 def autocast_off(device_type: str):
-    """torch.autocast(device_type, enabled=False), or nothing for a device without autocast (meta tensors: shape
-    inference, deferred initialisation), whose torch.autocast raises."""
-    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
-        else nullcontext()
+    """torch.autocast(device_type, enabled=False), or nothing for a device without autocast, whose torch.autocast
+    raises."""
+    return torch.autocast(device_type, enabled=False) if has_autocast(device_type) else nullcontext()
 
 
 def autocast_enabled(device_type: str) -> bool:
     """torch.is_autocast_enabled(device_type), False for a device without autocast (where it raises)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return has_autocast(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def to_pair(value, name: str) -> tuple[int, int]:

@@ -97,15 +97,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _fsdp2_available():
+def _fsdp2_unavailable_reason():
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return "torch.distributed.fsdp.fully_shard is not in this torch"
+    if not hasattr(torch.cpu.Stream, "record_event"):  # what its CPU all-gather calls (absent in torch 2.6)
+        return f"FSDP2 does not run on CPU in torch {torch.__version__} (torch.cpu.Stream has no record_event)"
+    return None
 
 
-_needs_fsdp2 = pytest.mark.skipif(not _fsdp2_available(), reason="torch.distributed.fsdp.fully_shard is not in this torch")
+_needs_fsdp2 = pytest.mark.skipif(_fsdp2_unavailable_reason() is not None, reason=str(_fsdp2_unavailable_reason()))
 
 
 @pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp2", marks=_needs_fsdp2),

@@ -276,10 +276,10 @@ def test_vjp_backward_equals_the_nested_autograd_one(kind, mode):
     """The LayerNorm and GELU pairs backpropagate through f's own formula (native_layer_norm_backward, gelu_backward)
     instead of a nested torch.autograd.grad (host time: found on an H100, where the GPU train step waited for it):
     bitwise the same gradients, in fp32, with bf16 tokens beside fp32 norm parameters, and under autocast."""
-    from t2t_kernels.layers.recompute import _gelu, _layer_norm
+    from t2t_kernels.layers.recompute import _gelu, _LayerNormFn
 
-    f, shapes = {"layer_norm": (_layer_norm(torch.nn.LayerNorm(40)), [(40,), (40,)]),
-                 "layer_norm_no_affine": (_layer_norm(torch.nn.LayerNorm(40)), [None, None]),
+    f, shapes = {"layer_norm": (_LayerNormFn(torch.nn.LayerNorm(40)), [(40,), (40,)]),
+                 "layer_norm_no_affine": (_LayerNormFn(torch.nn.LayerNorm(40)), [None, None]),
                  "gelu": (_gelu, [])}[kind]
     x0 = torch.randn(3, 17, 40) * 2 + 0.5
     if mode == "bf16_tokens_fp32_params":
@@ -317,7 +317,7 @@ def test_vjp_cast_branch_is_the_gradient_of_layer_norm_on_fp32_casts(monkeypatch
     def f(x, weight, bias):  # what CUDA's autocast runs for F.layer_norm
         return F.layer_norm(x.float(), (40,), weight.float(), bias.float(), 1e-5)
 
-    f.vjp = recompute._layer_norm(torch.nn.LayerNorm(40)).vjp
+    f.vjp = recompute._LayerNormFn(torch.nn.LayerNorm(40)).vjp
     x0 = (torch.randn(3, 17, 40) * 2 + 0.5).bfloat16()
     (vjp_grads, vjp_calls), (nested_grads, nested_calls) = _vjp_and_nested(
         f, [(40,), (40,)], x0, autocast=True, param_dtype=torch.bfloat16)
@@ -328,10 +328,10 @@ def test_vjp_cast_branch_is_the_gradient_of_layer_norm_on_fp32_casts(monkeypatch
 
 @pytest.mark.parametrize("kind", ["layer_norm", "gelu"])
 def test_gradcheck_float64_through_the_vjps(kind):
-    from t2t_kernels.layers.recompute import _gelu, _layer_norm
+    from t2t_kernels.layers.recompute import _gelu, _LayerNormFn
 
     torch.manual_seed(0)
-    f = _layer_norm(torch.nn.LayerNorm(6)) if kind == "layer_norm" else _gelu
+    f = _LayerNormFn(torch.nn.LayerNorm(6)) if kind == "layer_norm" else _gelu
 
     def fn(x, weight, bias, *f_params):
         return _LinearOfRecomputed.apply(f, weight, bias, x, *f_params)

@@ -4,6 +4,7 @@ for compile errors, shared memory over the limit and register spills beyond a fe
 launches. The interpreter tests cannot see these: the interpreter runs the kernels as Python (it accepted a
 plain-string global inside a kernel that the compiler rejects). Runs in a subprocess without TRITON_INTERPRET, which
 this test session sets."""
+import inspect
 import os
 import subprocess
 import sys
@@ -16,7 +17,18 @@ triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "triton_aot_check.py"
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason=f"Triton's ptxas is not installed ({PTXAS})")
+
+def _aot_api_reason():
+    """Why the script cannot run on this Triton (it drives Triton's compiler internals), or None."""
+    if not PTXAS.exists():
+        return f"Triton's ptxas is not installed ({PTXAS})"
+    from triton.compiler import ASTSource
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        return f"triton {triton.__version__}'s ASTSource predates the script's (no constexprs argument)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_aot_api_reason() is not None, reason=str(_aot_api_reason()))
 
 
 def run_python(args, **kwargs):
