@@ -1,4 +1,5 @@
 """Small helpers the ops share for argument handling and custom-op registration."""
+import math
 from contextlib import nullcontext
 
 import torch
@@ -57,10 +58,15 @@ def to_pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
+def finite_number(value) -> bool:
+    """Whether value is a finite int or float (not a bool). Comparisons, not math.isfinite: under
+    torch.compile(dynamic=True) a module's float attribute is a symbolic float, which they trace on; NaN fails both."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -math.inf < value < math.inf
+
+
 def check_eps(eps, op: str, positive: bool = False) -> None:
     """eps must be a finite number (not a bool), >= 0 or, with positive, > 0; the error names the op and the value."""
-    number = isinstance(eps, (int, float)) and not isinstance(eps, bool)
-    if not (number and (0 < eps if positive else 0 <= eps) and eps != float("inf")):  # NaN fails both bounds
+    if not (finite_number(eps) and (0 < eps if positive else 0 <= eps)):
         raise ValueError(f"{op}: eps must be a {'positive (finite)' if positive else 'non-negative finite'} number, "
                          f"got {eps!r}")
 

@@ -20,13 +20,11 @@ layers' official formula (Attention.fused_attn = False) never takes the op.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .._backends import OpBackends
-from .._registry import needs_eager_autodiff, op_exists, recompute_grads
+from .._registry import finite_number, needs_eager_autodiff, op_exists, recompute_grads
 from . import reference
 
 # the backward kernel keeps a head's probabilities and their gradient, 2 N^2 values, in each thread's scratch
@@ -50,8 +48,7 @@ def check_softmax_attention_args(qkv: Tensor, num_heads: int, scale: float) -> N
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"softmax_attention: qkv must be (B, N, 3*num_heads*head_dim), got {tuple(qkv.shape)} "
                          f"with num_heads={num_heads}")
-    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if not (number and -math.inf < scale < math.inf):  # NaN fails both; comparisons also trace (a symbolic float)
+    if not finite_number(scale):
         raise ValueError(f"softmax_attention: scale must be a finite number, got {scale!r}")
 
 
