@@ -111,6 +111,8 @@ def main(argv=None) -> float:
         train_set, val_set, num_classes = digits_datasets(args.img_size, args.seed)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True)
     val_loader = DataLoader(val_set, batch_size=256)
+    if len(train_loader) == 0:  # drop_last would leave nothing to train on
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
 
     # the drop-in: a T2T-ViT from t2t_kernels instead of the official model
     model = create_model(args.model, img_size=args.img_size, num_classes=num_classes, backend=args.backend)

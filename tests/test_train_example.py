@@ -42,6 +42,33 @@ def test_train_example_compiled(tmp_path, train_script, capsys):
     assert "resumed from" in capsys.readouterr().out
 
 
+def test_train_example_image_folder(tmp_path, train_script, capsys):
+    """--data DIR trains on an ImageFolder (DIR/train/<class>/*, DIR/val/<class>/*) of images of any size: the
+    number of classes comes from its folders."""
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", 6), ("val", 3)):
+        for label in ("cat", "dog", "fox"):
+            os.makedirs(tmp_path / "data" / split / label)
+            for i in range(per_class):
+                h, w = torch.randint(24, 60, (2,), generator=generator).tolist()
+                pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=generator)
+                Image.fromarray(pixels.numpy()).save(tmp_path / "data" / split / label / f"{i}.png")
+    ckpt = str(tmp_path / "ckpt.pt")
+    accuracy = train_script.main(["--data", str(tmp_path / "data"), "--img-size", "32", "--batch-size", "4",
+                                  "--checkpoint", ckpt, "--no-progress", "--epochs", "1"])
+    assert 0.0 <= accuracy <= 1.0
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 4  # 18 training images in batches of 4, the last partial one dropped
+    assert state["model"]["head.weight"].shape[0] == 3
+    assert "(3 classes, chance 0.333)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--batch-size 32 is larger than the training set \(18 images\)"):
+        train_script.main(["--data", str(tmp_path / "data"), "--img-size", "32", "--batch-size", "32",
+                           "--checkpoint", ckpt, "--no-progress"])
+
+
 def test_warmup_cosine_schedule(train_script):
     f = train_script.warmup_cosine
     assert f(0, 100, 10) == pytest.approx(0.1)
