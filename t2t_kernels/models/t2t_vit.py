@@ -6,6 +6,7 @@ fused kernels (``backend``), timm-style helpers, and a checkpoint loader that ne
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -113,6 +114,8 @@ class T2TViT(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.default_cfg = _cfg(input_size=(in_chans, *self.img_size), num_classes=num_classes)
+        # what timm's feature extraction (features_only=True: FeatureGetterNet) reads: the blocks' token maps
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=16) for i in range(depth)]
         _trunc_normal_(self.cls_token)
         self.apply(self._init_weights)
 
@@ -149,6 +152,15 @@ class T2TViT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         return {"cls_token"}
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's name for default_cfg (its resolve_model_data_config reads this one)."""
+        return self.default_cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: dict):
+        self.default_cfg = cfg
 
     def get_classifier(self):
         return self.head
@@ -368,9 +380,38 @@ t2t_vit_t_24 = _factory("t2t_vit_t_24")
 t2t_vit_14_resnext = _factory("t2t_vit_14_resnext")
 t2t_vit_14_wide = _factory("t2t_vit_14_wide")
 
+__all__ = ["T2TViT", "T2T_ViT", "VARIANTS", "create_model", "list_models", "register_with_timm", "get_sinusoid_encoding",
+           "to_img_size", *VARIANTS]  # (timm's register_model appends its entries' names to the module's __all__)
+
+
+
+def _timm_entrypoint(name: str):
+    """timm.create_model's entry for a variant. timm passes every entry its pretrained-config arguments (dropped
+    here: there are no hub weights, so pretrained=True raises and a checkpoint path loads) and may pass device and
+    dtype; features_only=True wraps the model in timm's FeatureGetterNet, which reads forward_intermediates (out_indices
+    as there: the last n blocks for an int n, 3 by default as for timm's ViTs)."""
+    def entry(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, device=None,
+              dtype=None, features_only=False, out_indices=3, output_fmt="NCHW", **kwargs) -> nn.Module:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = create_model(name, pretrained=pretrained, **kwargs)
+        if dtype is not None:
+            model.to(dtype)
+        if pretrained_cfg_overlay:
+            model.pretrained_cfg = {**model.pretrained_cfg, **pretrained_cfg_overlay}
+        if not features_only:
+            return model
+        from timm.models._features import FeatureGetterNet
+
+        return FeatureGetterNet(model, out_indices=out_indices, output_fmt=output_fmt)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = globals()[name].__doc__
+    return entry
+
 
 def register_with_timm() -> bool:
-    """Adds the variants to timm's model registry when timm is installed (timm is not a dependency)."""
+    """Adds the variants to timm's model registry when timm is installed (timm is not a dependency):
+    timm.create_model("t2t_vit_14", ...) then builds this package's model."""
     import importlib.util
 
     if importlib.util.find_spec("timm") is None or os.environ.get("T2T_KERNELS_NO_TIMM") == "1":
@@ -381,7 +422,7 @@ def register_with_timm() -> bool:
 
         for name in VARIANTS:
             if not is_model(name):
-                register_model(globals()[name])
+                register_model(_timm_entrypoint(name))
     except Exception:  # a timm whose registry API differs must not break this package
         return False
     return True

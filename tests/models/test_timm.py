@@ -1,0 +1,70 @@
+"""timm integration (timm is not a dependency: these tests skip without it): the variants in timm's registry, built
+by timm.create_model with its arguments, timm's data config and its features_only wrapper."""
+import pytest
+import torch
+
+import t2t_kernels
+from t2t_kernels.models.t2t_vit import VARIANTS
+
+timm = pytest.importorskip("timm")
+
+
+def test_every_variant_is_in_timms_registry():
+    assert sorted(timm.list_models("t2t_vit*")) == sorted(VARIANTS)
+
+
+def test_timm_create_model_builds_the_same_model():
+    torch.manual_seed(0)
+    ours = t2t_kernels.t2t_vit_7(num_classes=5, img_size=(32, 48), drop_path_rate=0.1).eval()
+    torch.manual_seed(0)
+    model = timm.create_model("t2t_vit_7", num_classes=5, img_size=(32, 48), drop_path_rate=0.1).eval()
+    assert type(model) is t2t_kernels.T2TViT and model.num_classes == 5
+    theirs = model.state_dict()
+    assert theirs.keys() == ours.state_dict().keys()
+    assert all(torch.equal(theirs[k], v) for k, v in ours.state_dict().items())
+    x = torch.randn(2, 3, 32, 48)
+    torch.testing.assert_close(model(x), ours(x), rtol=0, atol=0)
+
+
+def test_timm_data_config_is_the_official_one():
+    model = timm.create_model("t2t_vit_7", img_size=64)
+    config = timm.data.resolve_model_data_config(model)
+    assert config["input_size"] == (3, 64, 64) and config["interpolation"] == "bicubic"
+    assert config["crop_pct"] == 0.9 and config["mean"] == (0.485, 0.456, 0.406)
+    model = timm.create_model("t2t_vit_7", img_size=64, pretrained_cfg_overlay={"crop_pct": 1.0})
+    assert timm.data.resolve_model_data_config(model)["crop_pct"] == 1.0
+    model.reset_classifier(3)
+    assert model.pretrained_cfg["num_classes"] == 3 and model.pretrained_cfg is model.default_cfg
+
+
+def test_timm_pretrained_is_a_local_checkpoint(tmp_path):
+    source = t2t_kernels.t2t_vit_7(num_classes=4, img_size=32)
+    path = tmp_path / "weights.pth"
+    torch.save({"state_dict_ema": source.state_dict()}, path)
+    model = timm.create_model("t2t_vit_7", pretrained=str(path), num_classes=4, img_size=32)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
+    with pytest.raises(ValueError, match="pretrained=True: there is nothing to download"):
+        timm.create_model("t2t_vit_7", pretrained=True)
+
+
+def test_timm_device_and_dtype():
+    model = timm.create_model("t2t_vit_7", img_size=32, device="meta", dtype=torch.bfloat16)
+    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("out_indices", [3, (0, -1)])
+def test_timm_features_only_reads_the_blocks(out_indices):
+    torch.manual_seed(0)
+    model = t2t_kernels.t2t_vit_7(img_size=(32, 64)).eval()
+    torch.manual_seed(0)
+    features = timm.create_model("t2t_vit_7", img_size=(32, 64), features_only=True, out_indices=out_indices).eval()
+    x = torch.randn(2, 3, 32, 64)
+    got = features(x)
+    want = model.forward_intermediates(x, indices=list(out_indices) if isinstance(out_indices, tuple) else out_indices,
+                                       intermediates_only=True)
+    assert len(got) == len(want) == (3 if out_indices == 3 else 2)
+    for g, w in zip(got, want):
+        assert g.shape == (2, 256, 2, 4)
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert features.feature_info.channels() == [256] * len(got)
+    assert features.feature_info.reduction() == [16] * len(got)
