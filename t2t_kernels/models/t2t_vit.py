@@ -162,6 +162,13 @@ class T2TViT(nn.Module):
     def pretrained_cfg(self, cfg: dict):
         self.default_cfg = cfg
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (layer-wise lr decay: timm.optim.create_optimizer_v2(model, layer_decay=...)): the
+        T2T module with the class token and positions as the stem, then each block, the final norm with the last."""
+        return dict(stem=r"^cls_token|pos_embed|tokens_to_token",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
     def get_classifier(self):
         return self.head
 

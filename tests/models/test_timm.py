@@ -68,3 +68,18 @@ def test_timm_features_only_reads_the_blocks(out_indices):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert features.feature_info.channels() == [256] * len(got)
     assert features.feature_info.reduction() == [16] * len(got)
+
+
+def test_timm_layer_decay_groups_the_t2t_module_as_the_stem():
+    model = timm.create_model("t2t_vit_7", img_size=32, num_classes=3)
+    from timm.optim import create_optimizer_v2
+
+    optimizer = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    scale_of = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+    scales = {n: scale_of[id(p)] for n, p in model.named_parameters() if p.requires_grad}
+    depth = len(model.blocks)  # stem 0, blocks 1..depth, head depth + 1: scale 0.5 ** (depth + 1 - layer)
+    assert scales["cls_token"] == scales["tokens_to_token.project.weight"] == 0.5 ** (depth + 1)
+    assert scales["tokens_to_token.attention1.kqv.weight"] == 0.5 ** (depth + 1)
+    assert scales["blocks.0.attn.qkv.weight"] == 0.5 ** depth
+    assert scales[f"blocks.{depth - 1}.mlp.fc2.weight"] == scales["norm.weight"] == 0.5
+    assert scales["head.weight"] == 1.0
