@@ -387,9 +387,9 @@ t2t_vit_t_24 = _factory("t2t_vit_t_24")
 t2t_vit_14_resnext = _factory("t2t_vit_14_resnext")
 t2t_vit_14_wide = _factory("t2t_vit_14_wide")
 
-__all__ = ["T2TViT", "T2T_ViT", "VARIANTS", "create_model", "list_models", "register_with_timm", "get_sinusoid_encoding",
-           "to_img_size", *VARIANTS]  # (timm's register_model appends its entries' names to the module's __all__)
-
+# explicit, since timm's register_model appends its entries' names to the module's __all__ (or makes one of them)
+__all__ = ["T2TViT", "T2T_ViT", "VARIANTS", "create_model", "list_models", "register_with_timm",
+           "get_sinusoid_encoding", "to_img_size", *VARIANTS]
 
 
 def _timm_entrypoint(name: str):
