@@ -119,7 +119,7 @@ class OpBackends:
         """The backend to run: the requested one (checked), or for None/"auto" the first available in auto_order.
         Every request runs the eager formula while torch.onnx.export traces: ONNX has its ops, not the kernels' custom
         ops (which compute the same function)."""
-        explicit = backend is not None and backend != "auto"
+        explicit = is_explicit(backend)
         if explicit and backend not in BACKENDS:
             raise ValueError(f"{self.name}: backend must be one of {BACKENDS + ('auto', None)}, got {backend!r}")
         if _onnx_exporting():
@@ -141,7 +141,12 @@ class OpBackends:
         return [b for b in BACKENDS if self.unavailable_reason(b, device, dtype) is None]
 
 
+def is_explicit(backend: str | None) -> bool:
+    """Whether backend names one implementation (not None or "auto", which let each op choose)."""
+    return backend is not None and backend != "auto"
+
+
 def check_backend_arg(backend) -> None:
     """Fails early (at module construction) on a misspelt backend name."""
-    if backend is not None and backend != "auto" and backend not in BACKENDS:
+    if is_explicit(backend) and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto', None)}, got {backend!r}")

@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .._backends import OpBackends
+from .._backends import OpBackends, is_explicit
 from .._registry import check_eps, needs_eager_autodiff, op_exists, recompute_grads
 from . import reference
 
@@ -68,7 +68,7 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float =
     if w.requires_grad and torch.is_grad_enabled():
         # the kernels have no gradient for w: "auto" takes the eager formula (as the official model trains a w made
         # trainable, e.g. by model.requires_grad_(True)); an explicit kernel backend refuses
-        if backend not in (None, "auto"):
+        if is_explicit(backend):
             raise RuntimeError(
                 f"performer_attention: w is the fixed random-feature matrix and backend {name!r} has no gradient for "
                 "it; set w.requires_grad_(False) (Token_performer keeps it frozen), or use backend='eager' or 'auto'"
