@@ -91,6 +91,26 @@ def test_export_on_the_fused_backend(strict):
             torch.testing.assert_close(program.module()(inputs), model(inputs), rtol=1e-5, atol=1e-6)
 
 
+def test_aot_inductor_package_of_the_fused_model(tmp_path):
+    """Deployment without Python model code: AOTInductor compiles the exported fused model (dynamic batch) into a
+    .pt2 package whose C++ calls the kernels' custom ops (registered by importing t2t_kernels); the loaded package
+    gives the model's logits at two batch sizes."""
+    torch.manual_seed(0)
+    backend = _cpu_backends()[-1]
+    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10, backend=backend).eval()
+    x = torch.randn(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+        if backend == "cpp":
+            ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+            assert {"t2t_kernels.soft_split_layer_norm.default", "t2t_kernels.performer_attention.default"} <= ops
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "t2t_vit_7.pt2"))
+        runner = torch._inductor.aoti_load_package(path)
+        for inputs in (x, torch.randn(5, 3, 32, 32)):
+            torch.testing.assert_close(runner(inputs), model(inputs), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("factory", ["t2t_vit_7", "t2t_vit_14", "t2t_vit_t_14"])
 def test_jit_trace_on_the_fused_backend(factory, grad):
