@@ -13,6 +13,14 @@ def test_every_variant_is_in_timms_registry():
     assert sorted(timm.list_models("t2t_vit*")) == sorted(VARIANTS)
 
 
+def test_registration_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("T2T_KERNELS_NO_TIMM", "1")
+    assert not t2t_kernels.models.register_with_timm()
+    monkeypatch.delenv("T2T_KERNELS_NO_TIMM")
+    assert t2t_kernels.models.register_with_timm()  # again: the names are registered already, nothing changes
+    assert sorted(timm.list_models("t2t_vit*")) == sorted(VARIANTS)
+
+
 def test_timm_create_model_builds_the_same_model():
     torch.manual_seed(0)
     ours = t2t_kernels.t2t_vit_7(num_classes=5, img_size=(32, 48), drop_path_rate=0.1).eval()
