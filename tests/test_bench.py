@@ -3,6 +3,7 @@ JSON, markdown and a PNG, skips a provider this machine lacks with the reason, r
 stopping, measures memory, and keeps one BENCHMARKS.md section per command and device."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -470,3 +471,27 @@ def test_the_package_switches_are_recorded_and_reported(monkeypatch):
     for name in [n for n in os.environ if n.startswith("T2T_")]:
         monkeypatch.delenv(name)
     assert "switches" not in runner.machine_info(torch.device("cpu"))
+
+
+def test_pytest_benchmark_suites_run(tmp_path):
+    """`pytest benchmarks/ --benchmark-only` (the pytest-benchmark suites over the same cases): every case collects
+    (10 providers per model case, an op case per backend), and the eager and fused providers run once each at a tiny
+    size (--benchmark-disable), in a child pytest with the suites' environment settings."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "T2T_BENCH_DEVICE": "cpu", "T2T_BENCH_BATCH": "1", "T2T_BENCH_IMG": "32",
+           "T2T_BENCH_MODELS": "t2t_vit_7"}
+    args = [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--benchmark-disable", "--rootdir", root, "--basetemp", str(tmp_path / "pytest")]
+    collected = subprocess.run(args + ["--collect-only"], cwd=root, env=env, capture_output=True, text=True)
+    assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
+    ids = [line for line in collected.stdout.splitlines() if "::" in line]
+    assert sum("bench_model.py::test_model[t2t_vit_7/" in i for i in ids) == 10
+    assert sum("bench_model.py::test_t2t_module[t2t_vit_7.tokens_to_token/" in i for i in ids) == 10
+    assert any("bench_ops.py::test_forward_backward[performer_attention/" in i for i in ids)
+    ran = subprocess.run(args + ["-k", "forward-eager or forward-fused or forward-cpp"], cwd=root, env=env,
+                         capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    passed = re.search(r"(\d+) passed", ran.stdout)
+    assert passed and int(passed.group(1)) >= 20 and " failed" not in ran.stdout, ran.stdout[-3000:]
