@@ -11,6 +11,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "cpu/onednn_linear.h"
+
 namespace t2t_kernels {
 namespace {
 
@@ -20,6 +22,19 @@ using torch::autograd::variable_list;
 
 Tensor cast_to(const Tensor& t, at::ScalarType dtype) {
   return !t.defined() || t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+// float32 CPU products through oneDNN (cpu/onednn_linear.h), outside CPU autocast (whose casts at::linear applies)
+// and double backward (the oneDNN op has no derivative); the weight's gradient stays ATen's (oneDNN would need
+// transposed copies of both activations)
+bool onednn_applies(const Tensor& x, const Tensor& weight) {
+  return weight.scalar_type() == at::kFloat && !at::GradMode::is_enabled() &&
+         !at::autocast::is_autocast_enabled(at::kCPU) && onednn_enabled_for(x);
+}
+
+Tensor linear_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  return onednn_applies(x, weight) ? onednn_linear(x.contiguous(), weight, bias.value_or(Tensor()))
+                                   : at::linear(x, weight, bias);
 }
 
 // The Linear's gradients from grad_out and the input it consumed (a, before autocast's cast): weight and bias in the
@@ -41,7 +56,9 @@ LinearGrads linear_grads(const Tensor& grad_out, const Tensor& a, const Tensor& 
   if (needs_input) {
     auto sizes = grad_out.sizes().vec();
     sizes.back() = weight.size(1);
-    out.input = cast_to(g2.mm(cast_to(weight, dtype)), a.scalar_type()).view(sizes);
+    const Tensor w = cast_to(weight, dtype);  // g W = linear(g, W^T): oneDNN takes the transposed view as it is
+    out.input = cast_to(onednn_applies(g2, w) ? onednn_linear(g2.contiguous(), w.t(), Tensor()) : g2.mm(w),
+                        a.scalar_type()).view(sizes);
   }
   return out;
 }
@@ -73,7 +90,7 @@ class NormLinear : public torch::autograd::Function<NormLinear> {
                         const std::optional<Tensor>& norm_bias, at::IntArrayRef shape, double eps,
                         const Tensor& weight, const std::optional<Tensor>& bias) {
     const Tensor nw = norm_weight.value_or(Tensor()), nb = norm_bias.value_or(Tensor());
-    const Tensor out = at::linear(at::layer_norm(x, shape, nw, nb, eps), weight, bias);
+    const Tensor out = linear_forward(at::layer_norm(x, shape, nw, nb, eps), weight, bias);
     ctx->save_for_backward({x, nw, nb, weight});
     ctx->saved_data["shape"] = shape.vec();
     ctx->saved_data["eps"] = eps;
@@ -113,7 +130,7 @@ class GeluLinear : public torch::autograd::Function<GeluLinear> {
   // exact (erf) GELU; autocast leaves GELU in its input's dtype on every device
   static Tensor forward(AutogradContext* ctx, const Tensor& h, const Tensor& weight,
                         const std::optional<Tensor>& bias) {
-    const Tensor out = at::linear(at::gelu(h), weight, bias);
+    const Tensor out = linear_forward(at::gelu(h), weight, bias);
     ctx->save_for_backward({h, weight});
     ctx->saved_data["edges"] = edges_of({true, true, bias.has_value() && bias->defined()});
     return out;

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "onednn_linear.h"
 #include "tiles.h"
 
 namespace t2t_kernels {
@@ -214,44 +215,10 @@ struct PostAttentionTask {
 // whole-matrix GEMMs and fuse what lies between them.
 constexpr int64_t kWideWeightBytes = int64_t(1) << 20;  // weights above this (about half an L2) take the wide path
 
-// float32, where torch has oneDNN: its fused linear (mkldnn::_linear_pointwise, what inductor's CPU freezing path
-// calls) with the bias, skip, GELU and residual in the products' epilogues, and ATen's LayerNorm between them:
+// float32, where torch has oneDNN (onednn_linear.h): its fused linear with the bias, skip, GELU and residual in the
+// products' epilogues, and ATen's LayerNorm between them:
 //   x = y Wp^T + bp + skip;  h = gelu(layer_norm(x) W1^T + b1);  out = h W2^T + b2 + x.
-// Its GEMMs beat MKL's (what at::mm calls) by 15-35% at the backbone's shapes on AMD Zen 4 (ops/_onednn.py).
-// T2T_ONEDNN=0 or torch.backends.mkldnn.enabled = False turns this off (the path below instead).
-
-// the op's two overloads, looked up once: absent where torch was built without oneDNN
-const std::optional<c10::OperatorHandle>& linear_pointwise(bool binary) {
-  static const std::optional<c10::OperatorHandle> plain =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  static const std::optional<c10::OperatorHandle> with_other =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"});
-  return binary ? with_other : plain;
-}
-
-bool onednn_wide_path(const at::Tensor& y) {
-  const char* env = std::getenv("T2T_ONEDNN");
-  return linear_pointwise(false) && linear_pointwise(true) && y.scalar_type() == at::kFloat && at::hasMKLDNN() &&
-         at::globalContext().userEnabledMkldnn() && !(env && std::string(env) == "0");
-}
-
-// boxed: the op's C++ signature (string_view, Scalar lists) has changed across torch versions, its schema has not
-at::Tensor call_boxed(bool binary, std::vector<c10::IValue> args) {
-  torch::jit::Stack stack(std::make_move_iterator(args.begin()), std::make_move_iterator(args.end()));
-  linear_pointwise(binary)->callBoxed(&stack);
-  return stack.back().toTensor();
-}
-
-// x W^T + b, then epilogue "none" or "gelu" (exact, erf)
-at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const char* epilogue) {
-  return call_boxed(false, {x, w, b, std::string(epilogue), c10::List<std::optional<at::Scalar>>(),
-                            std::string(std::strcmp(epilogue, "gelu") == 0 ? "none" : "")});
-}
-
-// x W^T + b + other
-at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other, const at::Tensor& w, const at::Tensor& b) {
-  return call_boxed(true, {x, other, w, b, std::string("add")});
-}
+bool onednn_wide_path(const at::Tensor& y) { return onednn_enabled_for(y) && linear_pointwise(true); }
 
 at::Tensor post_attention_onednn(const at::Tensor& y, const at::Tensor& skip, const at::Tensor* p, double eps) {
   const at::Tensor x = onednn_linear_add(y, skip.contiguous(), p[0], p[1]);

@@ -16,7 +16,9 @@ activations of a T2T-ViT block drop from 14 to 9 widths per token (fp32); T2T-Vi
 With the extension, the LayerNorm and GELU pairs run as its C++ autograd ops t2t_kernels::norm_linear and
 gelu_linear (csrc/recompute.cpp: the same ops as the Function's vjp path, bitwise the same results, without the
 Python Function's host time: about 70 us per pair on a 2-core CPU, where a GPU train step waits on the host); the
-Function below serves the soft split + norm pairs, and every pair without the extension.
+Function below serves the soft split + norm pairs, and every pair without the extension. Both run the Linear's
+product and its input's gradient through oneDNN in float32 on the CPU (ops/_onednn.py; the weight's gradient stays
+ATen's), outside autocast and double backward.
 
 Under torch.compile each pair is a selective activation checkpoint instead (keep the Linear's product, recompute f):
 dynamo does not trace the Function's backward (its torch.autograd.grad; trace_autograd_ops is off by default), and
@@ -40,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .._extension import has_kernel
+from ..ops import _onednn as onednn
 from ..ops._registry import autocast_enabled, autocast_off, grad_enabled_for_path, needs_eager_autodiff
 
 # the C++ autograd ops of the LayerNorm/GELU -> Linear pairs (csrc/recompute.cpp), when the extension has them
@@ -52,7 +55,7 @@ class _LinearOfRecomputed(torch.autograd.Function):
     # host time per pair (a block's fwd+bwd at tiny size: 1006 vs 797 us); under torch.func the plain modules run
     @staticmethod
     def forward(ctx, f, weight, bias, x, *f_params):
-        out = F.linear(f(x, *f_params), weight, bias)
+        out = onednn.linear(f(x, *f_params), weight, bias)
         device = x.device.type
         ctx.f = f
         enabled = autocast_enabled(device)
@@ -111,7 +114,9 @@ def _linear_grads(grad_out, a, weight, needs_weight, needs_bias, needs_a):
     if needs_bias:  # False for a missing bias
         grad_bias = _cast(g2.sum(0), weight.dtype)
     if needs_a:
-        grad_a = _cast(torch.mm(g2, _cast(weight, dtype)), a.dtype).view(*grad_out.shape[:-1], weight.shape[1])
+        # g W = linear(g, W^T): oneDNN where it applies (float32 CPU outside double backward), as the C++ pairs
+        grad_a = _cast(onednn.linear(g2, _cast(weight, dtype).t()), a.dtype)
+        grad_a = grad_a.view(*grad_out.shape[:-1], weight.shape[1])
     return grad_weight, grad_bias, grad_a
 
 

@@ -1,8 +1,9 @@
-"""oneDNN's linear for the CPU inference paths: torch's mkldnn::_linear_pointwise (what inductor's CPU freezing path
+"""oneDNN's linear for float32 CPU products: torch's mkldnn::_linear_pointwise (what inductor's CPU freezing path
 calls), whose float32 GEMMs beat MKL's (what F.linear calls) by 15-35% at the model's shapes on AMD Zen 4 (on an
-Intel Xeon, oneDNN with prepacked weights had shown no gain over MKL). The post_attention op's wide path
-(csrc/cpu/post_attention.cpp) uses the same op, with the same switches: T2T_ONEDNN=0 or
-torch.backends.mkldnn.enabled = False turns both off."""
+Intel Xeon, oneDNN with prepacked weights had shown no gain over MKL). The inference paths take it for the products
+before the fused ops, the training pairs (layers/recompute.py) for their forward product and their input's gradient.
+The post_attention op's wide path and the pairs' C++ ops (csrc/cpu/onednn_linear.h) use the same op, with the same
+switches: T2T_ONEDNN=0 or torch.backends.mkldnn.enabled = False turns all of them off."""
 from __future__ import annotations
 
 import os

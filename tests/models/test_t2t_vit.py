@@ -9,6 +9,7 @@ from perturb import perturbed
 import t2t_kernels
 from t2t_kernels import T2TViT, create_model, list_models
 from t2t_kernels.models.t2t_vit import VARIANTS, get_sinusoid_encoding
+from t2t_kernels.ops._onednn import ONEDNN_ENV
 
 # DESIGN §3: total parameters (incl. pos_embed and Performer w) at 224, in millions
 PARAM_TOTALS_M = {
@@ -146,7 +147,10 @@ AFFINE_INPUT_GRADS = ("tokens_to_token.attention1.kqv.weight", "tokens_to_token.
                       "tokens_to_token.attention1.norm1.bias")
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
+    # the same GEMMs on both sides: by default the lean pairs' float32 CPU products go through oneDNN, the checkpointed
+    # plain modules' through MKL (other roundings; the pairs against float64: test_backends_agree, test_recompute)
+    monkeypatch.setenv(ONEDNN_ENV, "0")
     torch.manual_seed(0)
     model = perturbed(t2t_kernels.t2t_vit_7(img_size=32), 0.05).eval()  # eval: no dropout randomness
     x = torch.randn(2, 3, 32, 32)

@@ -1,6 +1,8 @@
 """ops._onednn.linear (F.linear through oneDNN's linear for float32 CPU inference) against the float64 product, and
 where it falls back to F.linear: a gradient wanted, another dtype, T2T_ONEDNN=0, oneDNN off in torch, torch.compile,
-torch.jit.trace."""
+torch.jit.trace. The training pairs' oneDNN products (forward and input gradient) at the end."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,3 +136,58 @@ def test_jit_trace_records_f_linear():
         fresh = torch.randn(9, 8, generator=generator)
         torch.testing.assert_close(traced(fresh), F.linear(fresh, weight, b), rtol=0, atol=0)
     assert "aten::linear" in {node.kind() for node in traced.graph.nodes()}
+
+
+@needs_onednn
+@pytest.mark.parametrize("cpp", [True, False], ids=["cpp-op", "python-function"])
+@pytest.mark.parametrize("kind", ["layer_norm", "gelu"])
+def test_training_pairs_take_onednn_for_the_product_and_the_input_gradient(kind, cpp, monkeypatch):
+    """The lean LayerNorm/GELU -> Linear pairs of training (layers/recompute.py: the C++ autograd ops, or the Python
+    Function without them) run their forward product and their input's gradient (g W = linear(g, W^T)) through
+    oneDNN in float32, the weight's gradient through ATen; all within fp32 rounding of float64. ATen's products
+    instead under T2T_ONEDNN=0, CPU autocast, and in a double backward's differentiable backward."""
+    from t2t_kernels.layers import recompute
+
+    if cpp and not recompute._HAS_CPP_PAIRS:
+        pytest.skip("the extension has no norm_linear/gelu_linear ops")
+    monkeypatch.setattr(recompute, "_HAS_CPP_PAIRS", cpp)
+    torch.manual_seed(0)
+    norm, fc = torch.nn.LayerNorm(96), torch.nn.Linear(96, 160)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+        norm.bias.normal_(0, 0.3)
+    params = [*norm.parameters(), *fc.parameters()] if kind == "layer_norm" else [*fc.parameters()]
+    x = (torch.randn(3, 37, 96) * 2 + 0.5).requires_grad_()
+    grad_out = torch.randn(3, 37, 160)
+
+    def pair(x, norm, fc):
+        return recompute.norm_linear(norm, fc, x) if kind == "layer_norm" else recompute.gelu_linear(fc, x)
+
+    def step():
+        out = pair(x, norm, fc)
+        return out, torch.autograd.grad(out, [x, *params], grad_out)
+
+    (out, grads), onednn, aten = products(step)
+    assert onednn == 2 and aten >= 1  # forward and input gradient; the weight's gradient
+    norm64, fc64 = copy.deepcopy(norm).double(), copy.deepcopy(fc).double()
+    x64 = x.detach().double().requires_grad_()
+    params64 = [*norm64.parameters(), *fc64.parameters()] if kind == "layer_norm" else [*fc64.parameters()]
+    act = norm64(x64) if kind == "layer_norm" else F.gelu(x64)
+    want = fc64(act)
+    want_grads = torch.autograd.grad(want, [x64, *params64], grad_out.double())
+    assert_close_to(out, want, TOLERANCE, "out")
+    for i, (g, w) in enumerate(zip(grads, want_grads)):  # sums over 111 rows or 160 outputs
+        assert_close_to(g, w, TOLERANCE, f"gradient {i}")
+
+    monkeypatch.setenv(ONEDNN_ENV, "0")
+    assert products(step)[1] == 0
+    monkeypatch.delenv(ONEDNN_ENV)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert products(step)[1] == 0
+
+    def double_backward():
+        out = pair(x, norm, fc)
+        (gx,) = torch.autograd.grad(out, [x], grad_out, create_graph=True)
+        return gx.square().sum().backward()
+
+    assert products(double_backward)[1] == 1  # the forward product only

@@ -1,0 +1,56 @@
+// oneDNN's linear for float32 CPU products: torch's mkldnn::_linear_pointwise (what inductor's CPU freezing path
+// calls), whose GEMMs beat MKL's (what at::linear and at::mm call) by 15-35% at the model's shapes on AMD Zen 4
+// (t2t_kernels/ops/_onednn.py; on an Intel Xeon, with prepacked weights, it had shown no gain). Used by
+// post_attention's wide path (with fused epilogues) and by the LayerNorm/GELU -> Linear pairs' forward product and
+// input gradient (recompute.cpp). T2T_ONEDNN=0 or torch.backends.mkldnn.enabled = False turns both off.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace t2t_kernels {
+
+// the op's two overloads (x W^T + b, and + other), looked up once: absent where torch was built without oneDNN
+inline const std::optional<c10::OperatorHandle>& linear_pointwise(bool binary) {
+  static const std::optional<c10::OperatorHandle> plain =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  static const std::optional<c10::OperatorHandle> with_other =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"});
+  return binary ? with_other : plain;
+}
+
+// whether x's products may go through oneDNN: float32 on the CPU, torch has it and was not told otherwise
+inline bool onednn_enabled_for(const at::Tensor& x) {
+  const char* env = std::getenv("T2T_ONEDNN");
+  return linear_pointwise(false) && x.device().is_cpu() && x.scalar_type() == at::kFloat && at::hasMKLDNN() &&
+         at::globalContext().userEnabledMkldnn() && !(env && std::string(env) == "0");
+}
+
+// boxed: the op's C++ signature (string_view, Scalar lists) has changed across torch versions, its schema has not
+inline at::Tensor call_linear_pointwise(bool binary, std::vector<c10::IValue> args) {
+  torch::jit::Stack stack(std::make_move_iterator(args.begin()), std::make_move_iterator(args.end()));
+  linear_pointwise(binary)->callBoxed(&stack);
+  return stack.back().toTensor();
+}
+
+// x W^T + b (b may be undefined), then epilogue "none" or "gelu" (exact, erf). W may be a transposed view.
+inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                const char* epilogue = "none") {
+  const bool gelu = std::string(epilogue) == "gelu";
+  return call_linear_pointwise(false, {x, w, b.defined() ? c10::IValue(b) : c10::IValue(), std::string(epilogue),
+                                       c10::List<std::optional<at::Scalar>>(), std::string(gelu ? "none" : "")});
+}
+
+// x W^T + b + other
+inline at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other, const at::Tensor& w,
+                                    const at::Tensor& b) {
+  return call_linear_pointwise(true, {x, other, w, b, std::string("add")});
+}
+
+}  // namespace t2t_kernels
