@@ -28,6 +28,23 @@ def test_info_macs_scale_with_image_size(capsys):
     assert macs("64,128") > 1.8 * macs("64")
 
 
+def test_info_macs_include_the_attention_products():
+    """T2T-ViT-14 at 224x224: the official code's 4.8 GMACs, the blocks' attention products (2 N^2 E MACs each) among
+    them, however the model runs its attention; the model's attention setting is left as it was."""
+    from t2t_kernels.__main__ import count_macs
+
+    model = t2t_kernels.t2t_vit_14(backend="eager").eval()
+    x = torch.randn(1, 3, 224, 224)
+    macs = count_macs(model, x)
+    assert round(macs / 1e9, 1) == 4.8
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+    attention = 14 * 2 * 197**2 * 384
+    model.blocks = model.blocks[:0]  # what the blocks add beyond their Linears is their attention products
+    linears = sum(197 * m.in_features * m.out_features for m in t2t_kernels.t2t_vit_14().blocks.modules()
+                  if isinstance(m, torch.nn.Linear))
+    assert macs - count_macs(model, x) == linears + attention
+
+
 def test_info_bad_arguments(capsys):
     assert main(["--model", "t2t_vit_7", "--img-size", "100", "--steps", "0"]) == 2
     assert "multiples of 16" in capsys.readouterr().err
