@@ -16,6 +16,7 @@ from t2t_kernels.layers.common import maybe_checkpoint, mlp_after_fc1
 from t2t_kernels.layers.recompute import _LinearOfRecomputed, gelu_linear, linear_of_recomputed, norm_linear
 from t2t_kernels.layers.t2t import SoftSplit
 from t2t_kernels.ops import SOFT_SPLIT_LAYER_NORM_BACKENDS
+from t2t_kernels.ops._onednn import ONEDNN_ENV
 
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
 HAS_CPP_PAIRS = recompute._HAS_CPP_PAIRS
@@ -79,8 +80,9 @@ def _cases(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", range(4))
-def test_same_output_and_gradients_as_the_plain_modules(case, dtype, pairs):
-    torch.manual_seed(case)
+def test_same_output_and_gradients_as_the_plain_modules(case, dtype, pairs, monkeypatch):
+    monkeypatch.setenv(ONEDNN_ENV, "0")  # the plain Linear's GEMM (MKL) on both sides: the pairs' oneDNN products
+    torch.manual_seed(case)              # round otherwise (against float64: test_onednn_linear)
     cases, modules = _cases(dtype)
     name, lean, plain, x0 = cases[case]
     params = [p for m in modules for p in m.parameters()]
@@ -359,6 +361,7 @@ def test_a_block_saves_nine_widths_per_token_instead_of_fourteen(pairs, attentio
     rounds differently."""
     if attention == "sdpa":
         monkeypatch.setenv("T2T_EAGER_OPS", "softmax_attention")
+    monkeypatch.setenv(ONEDNN_ENV, "0")  # the plain block's GEMMs in the lean pairs too (bitwise comparable)
     E, tokens = 64, 2 * 50
     block, eager, x = _lean_and_plain_blocks(E)
     lean, out = saved_activation_bytes(lambda: block(x), block)
