@@ -407,8 +407,13 @@ def _timm_entrypoint(name: str):
             model.pretrained_cfg = {**model.pretrained_cfg, **pretrained_cfg_overlay}
         if not features_only:
             return model
-        from timm.models._features import FeatureGetterNet
+        try:
+            from timm.models._features import FeatureGetterNet
+        except ImportError as err:
+            import timm
 
+            raise ImportError(f"features_only=True wraps the model in timm's FeatureGetterNet, which timm "
+                              f"{timm.__version__} lacks (timm 1.0 has it)") from err
         return FeatureGetterNet(model, out_indices=out_indices, output_fmt=output_fmt)
 
     entry.__name__ = entry.__qualname__ = name
@@ -424,8 +429,7 @@ def register_with_timm() -> bool:
     if importlib.util.find_spec("timm") is None or os.environ.get("T2T_KERNELS_NO_TIMM") == "1":
         return False
     try:
-        from timm.models import register_model
-        from timm.models._registry import is_model
+        from timm.models import is_model, register_model  # (both exported there since timm 0.3)
 
         for name in VARIANTS:
             if not is_model(name):

@@ -36,11 +36,11 @@ def test_timm_create_model_builds_the_same_model():
 
 def test_timm_data_config_is_the_official_one():
     model = timm.create_model("t2t_vit_7", img_size=64)
-    config = timm.data.resolve_model_data_config(model)
+    config = timm.data.resolve_data_config({}, model=model)
     assert config["input_size"] == (3, 64, 64) and config["interpolation"] == "bicubic"
     assert config["crop_pct"] == 0.9 and config["mean"] == (0.485, 0.456, 0.406)
     model = timm.create_model("t2t_vit_7", img_size=64, pretrained_cfg_overlay={"crop_pct": 1.0})
-    assert timm.data.resolve_model_data_config(model)["crop_pct"] == 1.0
+    assert timm.data.resolve_data_config({}, model=model)["crop_pct"] == 1.0
     model.reset_classifier(3)
     assert model.pretrained_cfg["num_classes"] == 3 and model.pretrained_cfg is model.default_cfg
 
@@ -60,6 +60,15 @@ def test_timm_device_and_dtype():
     assert all(p.is_meta and p.dtype == torch.bfloat16 for p in model.parameters())
 
 
+def _has_feature_getter() -> bool:
+    try:
+        from timm.models._features import FeatureGetterNet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_feature_getter(), reason="this timm has no FeatureGetterNet (timm 1.0 has it)")
 @pytest.mark.parametrize("out_indices", [3, (0, -1)])
 def test_timm_features_only_reads_the_blocks(out_indices):
     torch.manual_seed(0)
@@ -91,3 +100,11 @@ def test_timm_layer_decay_groups_the_t2t_module_as_the_stem():
     assert scales["blocks.0.attn.qkv.weight"] == 0.5 ** depth
     assert scales[f"blocks.{depth - 1}.mlp.fc2.weight"] == scales["norm.weight"] == 0.5
     assert scales["head.weight"] == 1.0
+
+
+def test_timm_features_only_without_feature_getter_says_so(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm.models._features", None)  # what a timm before FeatureGetterNet gives
+    with pytest.raises(ImportError, match=f"FeatureGetterNet, which timm {timm.__version__} lacks"):
+        timm.create_model("t2t_vit_7", img_size=32, features_only=True)
