@@ -49,8 +49,9 @@ TORCH_LIBRARY(t2t_kernels, m) {
   // its gradient: grad_out (B, N, num_heads*head_dim), qkv -> grad_qkv (B, N, 3*num_heads*head_dim) contiguous
   m.def("softmax_attention_backward(Tensor grad_out, Tensor qkv, int num_heads, float scale) -> Tensor");
   // residual + x * mask / (1 - p) (x * mask / (1 - p) without residual), the mask a function of (seed, element index):
-  // Philox4x32-10 (csrc/cpu/dropout_add.cpp); x and residual contiguous, one shape and dtype, 0 < p < 1
-  m.def("dropout_add(Tensor x, Tensor? residual, float p, int seed) -> Tensor");
+  // Philox4x32-10 (csrc/cpu/dropout_add.cpp); x and residual contiguous, one shape and dtype, 0 < p < 1; the seed a
+  // 0-dim int64 CPU tensor, so a compiled graph can draw it (torch.randint) instead of baking a Python int in
+  m.def("dropout_add(Tensor x, Tensor? residual, float p, Tensor seed) -> Tensor");
   // linear(layer_norm(x)) and linear(gelu(h)) (exact GELU) keeping x (h) for backward, not the Linear's input:
   // autograd kernels for every device (csrc/recompute.cpp), the training path of t2t_kernels/layers/recompute.py
   m.def(

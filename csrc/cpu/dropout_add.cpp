@@ -87,8 +87,12 @@ struct DropoutAddRange {
   }
 };
 
-at::Tensor dropout_add_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p, int64_t seed) {
+at::Tensor dropout_add_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual, double p,
+                            const at::Tensor& seed) {
   TORCH_CHECK(p > 0.0 && p < 1.0, "dropout_add: the kernel takes 0 < p < 1, got p=", p);
+  TORCH_CHECK(seed.dim() == 0 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "dropout_add: seed must be a 0-dim int64 CPU tensor, got ", seed.sizes(), " ", seed.scalar_type(), " on ",
+              seed.device());
   TORCH_CHECK(x.is_contiguous(), "dropout_add: x must be contiguous");
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) {
@@ -102,7 +106,7 @@ at::Tensor dropout_add_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   if (numel == 0) return out;
   // kept iff word >= floor(p 2^32): P(kept) = 1 - floor(p 2^32) / 2^32, within 2^-32 of 1 - p
   const uint32_t threshold = static_cast<uint32_t>(p * 4294967296.0);
-  const auto useed = static_cast<uint64_t>(seed);
+  const auto useed = static_cast<uint64_t>(seed.item<int64_t>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_add_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // the scale in x's dtype, as F.dropout's mask / (1 - p) holds it

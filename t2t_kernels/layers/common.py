@@ -140,12 +140,13 @@ def residual_dropout(skip: torch.Tensor, x: torch.Tensor, dropout: nn.Module, ba
     """skip + dropout(x). An active nn.Dropout (training, 0 < p < 1) on CPU tensors of the CPU backends runs as the
     dropout_add op: one pass for F.dropout's Bernoulli draw, division and product and the sum, no mask kept for
     backward. Its seed comes from torch's generator, so torch.manual_seed and checkpointing's RNG replay hold; its
-    masks are not F.dropout's draws (the same distribution). The module runs instead under torch.compile (inductor
-    draws its own), torch.jit.trace (a seed would be frozen into the graph) and torch.func transforms or forward-mode
-    AD (vmap's randomness options apply to torch's random ops)."""
+    masks are not F.dropout's draws (the same distribution). Under torch.compile the graph draws the seed (from
+    inductor's generator, as it would nn.Dropout's mask) and calls the op: inductor's own CPU dropout is slower than
+    the eager one. The module runs instead under torch.jit.trace and torch.func transforms or forward-mode AD (vmap's
+    randomness options apply to torch's random ops)."""
     if (type(dropout) is nn.Dropout and dropout.training and 0.0 < dropout.p < 1.0 and backend in (None, "auto", "cpp")
             and x.device.type == "cpu" and x.shape == skip.shape and x.dtype == skip.dtype
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch.jit.is_tracing()
             and not needs_eager_autodiff(x, skip) and DROPOUT_ADD_BACKENDS.resolve("auto", x) == "cpp"):
         return dropout_add(x, skip, dropout.p, draw_seed(), backend="cpp")
     return skip + dropout(x)

@@ -94,8 +94,11 @@ def test_switches_keep_torch_dropout(switch, monkeypatch):
     assert set(TORCH_DROPOUT) & set(names), "the T2T layers' dropouts should still run"
 
 
-def test_compiled_residual_dropout_is_torch_dropout():
-    """Under torch.compile the helper traces nn.Dropout (inductor draws its own masks), not the op."""
+@needs_cpp
+def test_compiled_residual_dropout_runs_the_op():
+    """Under torch.compile the helper calls the op with a seed the graph draws (torch.randint: inductor's generator,
+    itself seeded from torch's): a fresh mask at every call, reproducible under torch.manual_seed, and backward
+    regenerates the forward's mask."""
     targets = []
 
     def recording_backend(gm, example_inputs):
@@ -104,8 +107,21 @@ def test_compiled_residual_dropout_is_torch_dropout():
 
     torch._dynamo.reset()
     dropout = torch.nn.Dropout(0.5).train()
-    compiled = torch.compile(lambda skip, x: residual_dropout(skip, x, dropout, "auto"), fullgraph=True,
-                             backend=recording_backend)
-    out = compiled(torch.zeros(64), torch.ones(64))
-    assert set(out.unique().tolist()) <= {0.0, 2.0}
-    assert any("dropout" in t for t in targets) and not any("dropout_add" in t for t in targets), targets
+    fn = lambda skip, x: residual_dropout(skip, x, dropout, "auto")  # noqa: E731
+    torch.compile(fn, fullgraph=True, backend=recording_backend)(torch.zeros(64), torch.ones(64))
+    assert "t2t_kernels.dropout_add" in targets and not any("dropout" in t and "t2t" not in t for t in targets), targets
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    skip, x = torch.randn(2, 300), torch.randn(2, 300).abs_().add_(0.5).requires_grad_()
+    outs, grads = [], []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        out = compiled(skip, x)
+        grads.append(torch.autograd.grad(out.sum(), x)[0])
+        outs.append(out.detach())
+    kept = grads[0] != 0
+    assert set(grads[0].unique().tolist()) == {0.0, 2.0} and 0.3 < kept.float().mean() < 0.7
+    torch.testing.assert_close(outs[0], torch.where(kept, skip + 2 * x.detach(), skip), rtol=0, atol=0)
+    assert torch.equal(outs[1], outs[0]) and torch.equal(grads[1], grads[0])  # torch.manual_seed reproduces it
+    assert not torch.equal(grads[2], grads[0])  # another seed, another mask

@@ -137,8 +137,9 @@ def test_backward_matches_eager_bitwise():
 def test_opcheck():
     skip_unless("cpp")
     x, r = torch.randn(4, 33, requires_grad=True), torch.randn(4, 33, requires_grad=True)
-    torch.library.opcheck(torch.ops.t2t_kernels.dropout_add, (x, r, 0.3, 17))
-    torch.library.opcheck(torch.ops.t2t_kernels.dropout_add, (x, None, 0.3, 17))
+    seed = torch.tensor(17)
+    torch.library.opcheck(torch.ops.t2t_kernels.dropout_add, (x, r, 0.3, seed))
+    torch.library.opcheck(torch.ops.t2t_kernels.dropout_add, (x, None, 0.3, seed))
 
 
 def test_compile_fullgraph():
@@ -169,10 +170,22 @@ def test_forward_mode_tangent():
 
 def test_draw_seed_follows_torch_manual_seed():
     torch.manual_seed(3)
-    first = [draw_seed() for _ in range(3)]
+    first = [draw_seed().item() for _ in range(3)]
     torch.manual_seed(3)
-    assert [draw_seed() for _ in range(3)] == first
+    assert [draw_seed().item() for _ in range(3)] == first
     assert len(set(first)) == 3
+
+
+@pytest.mark.parametrize("seed", [5, -(2**63), 2**63 - 1], ids=["small", "min", "max"])
+def test_a_seed_tensor_gives_its_value_s_mask(seed):
+    """A 0-dim int64 seed tensor (draw_seed's) and the int it holds give the same mask, in the kernel and the
+    eager formula (whose key words stay tensors then)."""
+    skip_unless("cpp")
+    x, r = torch.randn(3, 101), torch.randn(3, 101)
+    want = reference.dropout_add(x, r, 0.3, seed)
+    assert torch.equal(reference.dropout_add(x, r, 0.3, torch.tensor(seed)), want)
+    assert torch.equal(dropout_add(x, r, 0.3, torch.tensor(seed), backend="cpp"), want)
+    assert torch.equal(dropout_add(x, r, 0.3, seed, backend="cpp"), want)
 
 
 @pytest.mark.parametrize("case,error,match", [
@@ -182,8 +195,11 @@ def test_draw_seed_follows_torch_manual_seed():
     ("p-negative", ValueError, r"p must be a probability in \[0, 1\], got -0.1"),
     ("p-nan", ValueError, "p must be a probability"),
     ("p-bool", ValueError, "p must be a probability"),
-    ("seed-float", ValueError, r"seed must be an int in \[-2\^63, 2\^63\), got 1.5"),
+    ("seed-float", ValueError, r"seed must be an int in \[-2\^63, 2\^63\) or a 0-dim int64 CPU tensor, got 1.5"),
     ("seed-too-large", ValueError, "seed must be an int"),
+    ("seed-tensor-float", ValueError, r"a seed tensor must be a 0-dim int64 CPU tensor .*got shape \(\), "
+                                      "torch.float32"),
+    ("seed-tensor-1d", ValueError, r"a seed tensor must be a 0-dim int64 CPU tensor .*got shape \(1,\)"),
 ])
 def test_bad_input_names_the_argument(case, error, match):
     x, r, p, seed = torch.randn(4, 5), torch.randn(4, 5), 0.1, 1
@@ -203,5 +219,9 @@ def test_bad_input_names_the_argument(case, error, match):
         seed = 1.5
     elif case == "seed-too-large":
         seed = 2**63
+    elif case == "seed-tensor-float":
+        seed = torch.tensor(1.0)
+    elif case == "seed-tensor-1d":
+        seed = torch.tensor([1])
     with pytest.raises(error, match=match):
         dropout_add(x, r, p, seed)

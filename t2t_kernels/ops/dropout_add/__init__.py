@@ -29,7 +29,7 @@ BACKENDS = OpBackends(
 )
 
 
-def check_dropout_add_args(x: Tensor, residual: Tensor | None, p: float, seed: int) -> None:
+def check_dropout_add_args(x: Tensor, residual: Tensor | None, p: float, seed: int | Tensor) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"dropout_add: x must be a floating-point Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if residual is not None:
@@ -42,26 +42,37 @@ def check_dropout_add_args(x: Tensor, residual: Tensor | None, p: float, seed: i
                             f"{residual.dtype} on {residual.device}")
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:  # NaN fails the bounds
         raise ValueError(f"dropout_add: p must be a probability in [0, 1], got {p!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
-        raise ValueError(f"dropout_add: seed must be an int in [-2^63, 2^63), got {seed!r}")
+    if isinstance(seed, Tensor):
+        if seed.shape != () or seed.dtype != torch.int64 or seed.device.type != "cpu":
+            raise ValueError(f"dropout_add: a seed tensor must be a 0-dim int64 CPU tensor (what draw_seed returns), "
+                             f"got shape {tuple(seed.shape)}, {seed.dtype} on {seed.device}")
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+        raise ValueError(f"dropout_add: seed must be an int in [-2^63, 2^63) or a 0-dim int64 CPU tensor, "
+                         f"got {seed!r}")
 
 
-def dropout_add(x: Tensor, residual: Tensor | None, p: float, seed: int, backend: str | None = None) -> Tensor:
+def dropout_add(x: Tensor, residual: Tensor | None, p: float, seed: int | Tensor,
+                backend: str | None = None) -> Tensor:
     """``residual + x * mask / (1 - p)`` (``x * mask / (1 - p)`` when residual is None): dropout in training mode
     with its mask from (seed, element index), and the residual sum. x and residual: one shape, dtype and device,
-    any strides. Returns a contiguous tensor. p = 0 keeps everything, p = 1 drops everything (x * 0).
+    any strides. seed: an int in [-2^63, 2^63) or a 0-dim int64 CPU tensor holding one (draw_seed's; the same mask
+    for the same value). Returns a contiguous tensor. p = 0 keeps everything, p = 1 drops everything (x * 0).
     backend: "eager", "cpp", or None/"auto" for the best one available for x."""
     check_dropout_add_args(x, residual, p, seed)
     name = BACKENDS.resolve(backend, x)
     if name == "eager" or not 0.0 < p < 1.0 or needs_eager_autodiff(x, residual):
         return reference.dropout_add(x, residual, float(p), seed).contiguous()
+    if not isinstance(seed, Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64)
     return torch.ops.t2t_kernels.dropout_add(x.contiguous(), None if residual is None else residual.contiguous(),
                                              float(p), seed)
 
 
-def draw_seed() -> int:
-    """A seed from torch's default CPU generator (so torch.manual_seed makes it reproducible)."""
-    return int(torch.empty((), dtype=torch.int64).random_())
+def draw_seed() -> Tensor:
+    """A seed, as a 0-dim int64 CPU tensor, from torch's default CPU generator (so torch.manual_seed makes it
+    reproducible). torch.randint, not Tensor.random_ or .item(): torch.compile traces it, and the compiled graph then
+    draws a fresh seed from inductor's generator at every call."""
+    return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
 
 
 def _fake(x, residual, p, seed):
@@ -69,13 +80,14 @@ def _fake(x, residual, p, seed):
 
 
 def _setup_context(ctx, inputs, output):
-    _, residual, ctx.p, ctx.seed = inputs
+    _, residual, ctx.p, seed = inputs
+    ctx.save_for_backward(seed)
     ctx.has_residual = residual is not None
 
 
 def _backward(ctx, grad):
     # d out / d x is the same mask and scale: the op again, without a residual (itself differentiable: double backward)
-    grad_x = (torch.ops.t2t_kernels.dropout_add(grad.contiguous(), None, ctx.p, ctx.seed)
+    grad_x = (torch.ops.t2t_kernels.dropout_add(grad.contiguous(), None, ctx.p, ctx.saved_tensors[0])
               if ctx.needs_input_grad[0] else None)
     grad_residual = grad if ctx.has_residual and ctx.needs_input_grad[1] else None
     return grad_x, grad_residual, None, None

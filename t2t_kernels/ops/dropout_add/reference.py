@@ -19,9 +19,9 @@ def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return mid >> 16, ((mid & 0xFFFF) << 16) | (low_product & 0xFFFF)
 
 
-def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
+def philox4x32_10(counter: Tensor, key: tuple[int | Tensor, int | Tensor]) -> Tensor:
     """Philox4x32-10 (Salmon et al., SC 2011): counter (..., 4) int64 words (each < 2^32, low word first) and the
-    key's two words -> (..., 4) int64 words."""
+    key's two words (ints or 0-dim int64 tensors) -> (..., 4) int64 words."""
     c0, c1, c2, c3 = counter.unbind(-1)
     k0, k1 = key
     for _ in range(10):
@@ -32,8 +32,9 @@ def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
     return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
-def keep_mask(shape, p: float, seed: int, device=None) -> Tensor:
-    """The kernel's mask: element e (row-major) kept when word e % 4 of Philox(e // 4) is >= floor(p 2^32)."""
+def keep_mask(shape, p: float, seed: int | Tensor, device=None) -> Tensor:
+    """The kernel's mask: element e (row-major) kept when word e % 4 of Philox(e // 4) is >= floor(p 2^32). seed:
+    an int or a 0-dim int64 tensor (the key's words stay tensors then: no .item(), so torch.compile traces it)."""
     numel = math.prod(shape)
     calls = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
     zeros = torch.zeros_like(calls)
@@ -42,7 +43,7 @@ def keep_mask(shape, p: float, seed: int, device=None) -> Tensor:
     return (words >= int(p * 2.0**32)).reshape(shape)
 
 
-def dropout_add(x: Tensor, residual: Tensor | None, p: float, seed: int) -> Tensor:
+def dropout_add(x: Tensor, residual: Tensor | None, p: float, seed: int | Tensor) -> Tensor:
     """residual + x * mask / (1 - p) (x * mask / (1 - p) without residual) with the scale in x's dtype, as
     F.dropout keeps it; p = 0 is the identity on x and p = 1 drops everything (x * 0)."""
     if p <= 0.0:
