@@ -92,6 +92,8 @@ def test_resize_pos_embed_same_grid_is_identity_and_errors():
         resize_pos_embed(pos, (4, 4))
     with pytest.raises(CheckpointError, match="old_grid"):
         resize_pos_embed(pos, (4, 4), old_grid=(2, 5))
+    with pytest.raises(CheckpointError, match=r"pos_embed must be \(1, 1 \+ N, E\), got \(13, 8\)"):
+        resize_pos_embed(pos[0], (4, 4))
 
 
 def test_safetensors(tmp_path, source):

@@ -8,6 +8,8 @@ from perturb import perturbed
 
 import t2t_kernels
 from t2t_kernels import T2TViT, create_model, list_models
+from t2t_kernels.layers.common import Attention
+from t2t_kernels.layers.t2t import TokenAttention
 from t2t_kernels.models.t2t_vit import VARIANTS, get_sinusoid_encoding
 from t2t_kernels.ops._onednn import ONEDNN_ENV
 
@@ -195,6 +197,18 @@ def test_set_backend_reaches_every_layer():
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         T2TViT(**{"embed_dim": 64, "depth": 1, "num_heads": 4, **kwargs})
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: Attention(dim=250, num_heads=4), r"Attention: dim 250 must be divisible by num_heads 4"),
+    (lambda: TokenAttention(dim=147, in_dim=250, num_heads=4),
+     r"TokenAttention: in_dim 250 must be divisible by num_heads 4"),
+])
+def test_layers_built_alone_reject_indivisible_heads(build, match):
+    """The layers are public (official class names): built directly, not through T2TViT's checks, they still say
+    which sizes do not divide."""
+    with pytest.raises(ValueError, match=match):
+        build()
 
 
 def test_unknown_variant():

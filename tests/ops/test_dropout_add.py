@@ -191,6 +191,7 @@ def test_a_seed_tensor_gives_its_value_s_mask(seed):
 @pytest.mark.parametrize("case,error,match", [
     ("residual-shape", ValueError, r"residual must have x's shape \(4, 5\), got \(5, 4\)"),
     ("residual-dtype", TypeError, "residual must have x's dtype"),
+    ("residual-not-tensor", TypeError, "residual must be a Tensor or None, got list"),
     ("integer-x", TypeError, "x must be a floating-point Tensor"),
     ("p-negative", ValueError, r"p must be a probability in \[0, 1\], got -0.1"),
     ("p-nan", ValueError, "p must be a probability"),
@@ -207,6 +208,8 @@ def test_bad_input_names_the_argument(case, error, match):
         r = torch.randn(5, 4)
     elif case == "residual-dtype":
         r = r.double()
+    elif case == "residual-not-tensor":
+        r = r.tolist()
     elif case == "integer-x":
         x = torch.ones(4, 5, dtype=torch.int64)
     elif case == "p-negative":
