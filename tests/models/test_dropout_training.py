@@ -98,7 +98,7 @@ def test_switches_keep_torch_dropout(switch, monkeypatch):
 def test_compiled_residual_dropout_runs_the_op():
     """Under torch.compile the helper calls the op with a seed the graph draws (torch.randint: inductor's generator,
     itself seeded from torch's): a fresh mask at every call, reproducible under torch.manual_seed, and backward
-    regenerates the forward's mask."""
+    regenerates the forward's mask; with inductor's fallback_random, eager's mask."""
     targets = []
 
     def recording_backend(gm, example_inputs):
@@ -125,3 +125,12 @@ def test_compiled_residual_dropout_runs_the_op():
     torch.testing.assert_close(outs[0], torch.where(kept, skip + 2 * x.detach(), skip), rtol=0, atol=0)
     assert torch.equal(outs[1], outs[0]) and torch.equal(grads[1], grads[0])  # torch.manual_seed reproduces it
     assert not torch.equal(grads[2], grads[0])  # another seed, another mask
+
+    # with inductor's fallback_random the graph draws the seed from torch's generator, as the uncompiled call does:
+    # the same mask as eager for the same torch.manual_seed
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(7)
+        compiled_out = torch.compile(fn, fullgraph=True)(skip, x.detach())
+    torch.manual_seed(7)
+    torch.testing.assert_close(compiled_out, fn(skip, x.detach()), rtol=0, atol=0)
