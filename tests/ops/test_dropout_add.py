@@ -174,6 +174,9 @@ def test_draw_seed_follows_torch_manual_seed():
     torch.manual_seed(3)
     assert [draw_seed().item() for _ in range(3)] == first
     assert len(set(first)) == 3
+    with torch.device("meta"):  # a default device elsewhere (torch.set_default_device) leaves the seed on the CPU
+        seed = draw_seed()
+    assert seed.device.type == "cpu" and seed.shape == () and seed.dtype == torch.int64
 
 
 @pytest.mark.parametrize("seed", [5, -(2**63), 2**63 - 1], ids=["small", "min", "max"])

@@ -63,16 +63,16 @@ def dropout_add(x: Tensor, residual: Tensor | None, p: float, seed: int | Tensor
     if name == "eager" or not 0.0 < p < 1.0 or needs_eager_autodiff(x, residual):
         return reference.dropout_add(x, residual, float(p), seed).contiguous()
     if not isinstance(seed, Tensor):
-        seed = torch.tensor(seed, dtype=torch.int64)
+        seed = torch.tensor(seed, dtype=torch.int64, device="cpu")  # not torch.set_default_device's
     return torch.ops.t2t_kernels.dropout_add(x.contiguous(), None if residual is None else residual.contiguous(),
                                              float(p), seed)
 
 
 def draw_seed() -> Tensor:
-    """A seed, as a 0-dim int64 CPU tensor, from torch's default CPU generator (so torch.manual_seed makes it
-    reproducible). torch.randint, not Tensor.random_ or .item(): torch.compile traces it, and the compiled graph then
-    draws a fresh seed from inductor's generator at every call."""
-    return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
+    """A seed, as a 0-dim int64 CPU tensor (whatever torch.set_default_device says), from torch's default CPU
+    generator (so torch.manual_seed makes it reproducible). torch.randint, not Tensor.random_ or .item():
+    torch.compile traces it, and the compiled graph then draws a fresh seed from inductor's generator at every call."""
+    return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device="cpu")
 
 
 def _fake(x, residual, p, seed):
