@@ -145,6 +145,10 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
             del x
             v, y = self.attend_projected(kqv)
             return fused_post_attention(y, v, self.proj, self.norm2, fc1, fc2)
+        if fuse:  # the modules in their order, each residual dropout one op where it applies (checkpointing, no_grad)
+            v, y = self.attend(x)
+            x = residual_dropout(v, self.proj(y), self.dp, self.backend)
+            return residual_dropout(x, fc2(act(fc1(self.norm2(x)))), drop, self.backend)
         x = self.single_attn(x)
         return x + self.mlp(self.norm2(x))
 

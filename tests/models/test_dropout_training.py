@@ -77,21 +77,63 @@ def test_model_training_is_reproducible_and_drops(fresh_seed):
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("switch", ["eager-backend", "T2T_EAGER_OPS", "no-grad", "checkpointing"])
+@pytest.mark.parametrize("switch", ["eager-backend", "T2T_EAGER_OPS", "hooked-dropout"])
 def test_switches_keep_torch_dropout(switch, monkeypatch):
-    """The eager backend, T2T_EAGER_OPS=dropout_add, training without gradients (the modules run: the fused
-    inference path needs inactive dropouts) and gradient checkpointing (plain modules) keep nn.Dropout."""
+    """The eager backend, T2T_EAGER_OPS=dropout_add and a hook on a layer's module (the layer then calls its modules,
+    so the hook fires) keep nn.Dropout."""
     model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10,
                                   backend="eager" if switch == "eager-backend" else "auto").train()
     if switch == "T2T_EAGER_OPS":
         monkeypatch.setenv("T2T_EAGER_OPS", "dropout_add")
-    if switch == "checkpointing":
-        model.set_grad_checkpointing(True)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.set_grad_enabled(switch != "no-grad"):
-        _, names = _train_forward(model, x, 0)
+    hooked = []
+    if switch == "hooked-dropout":
+        for layer in (model.tokens_to_token.attention1, model.tokens_to_token.attention2):
+            layer.dp.register_forward_hook(lambda *args: hooked.append(True))
+    _, names = _train_forward(model, torch.randn(2, 3, 32, 32), 0)
     assert DROPOUT_OP not in names
     assert set(TORCH_DROPOUT) & set(names), "the T2T layers' dropouts should still run"
+    assert len(hooked) == (2 if switch == "hooked-dropout" else 0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("switch", ["no-grad", "checkpointing", "T2T_RECOMPUTE_PAIRS=0"])
+def test_plain_training_paths_run_the_op(switch, monkeypatch):
+    """Where a Performer layer trains without its lean pairs (training without gradients, gradient checkpointing,
+    T2T_RECOMPUTE_PAIRS=0) its two residual dropouts still run as the op."""
+    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10).train()
+    if switch == "checkpointing":
+        model.set_grad_checkpointing(True)
+    if switch == "T2T_RECOMPUTE_PAIRS=0":
+        monkeypatch.setenv("T2T_RECOMPUTE_PAIRS", "0")
+    with torch.set_grad_enabled(switch != "no-grad"):
+        _, names = _train_forward(model, torch.randn(2, 3, 32, 32), 0)
+    assert names.count(DROPOUT_OP) == 4 and not set(TORCH_DROPOUT) & set(names), names
+
+
+@needs_cpp
+def test_checkpointed_training_gives_the_same_loss_and_gradients(monkeypatch, fresh_seed):
+    """With gradient checkpointing the dropouts draw the same seeds as without it (the checkpoint replays torch's
+    generator in the recomputation), so one torch.manual_seed gives one training step: the same loss and gradients
+    (the same GEMMs on both sides, T2T_ONEDNN=0: see test_grad_checkpointing_gives_the_same_gradients)."""
+    monkeypatch.setenv("T2T_ONEDNN", "0")
+    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10).train()
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([3, 8])
+
+    def step(checkpointing):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        torch.manual_seed(fresh_seed)
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = step(False)
+    loss, checkpointed = step(True)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
+    assert checkpointed.keys() == plain.keys() and len(plain) > 0
+    for name, grad in plain.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 @needs_cpp
