@@ -22,6 +22,7 @@ from torch.autograd import DeviceType
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository's package
 
 from t2t_kernels.bench.cases import model_cases  # noqa: E402
+from t2t_kernels.__main__ import _device  # noqa: E402
 from t2t_kernels.bench.cli import DTYPES, settings_from_args  # noqa: E402
 from t2t_kernels.bench.runner import synchronize  # noqa: E402
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--providers", default="eager,fused")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=_device, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)

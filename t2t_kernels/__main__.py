@@ -30,6 +30,17 @@ def _count(minimum: int, what: str):
     return parse
 
 
+def _device(text: str) -> torch.device:
+    """An argparse type: a torch device this machine has (a CUDA one only where torch sees a GPU)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available (torch {torch.__version__})")
+    return device
+
+
 def count_macs(model, images) -> float:
     """Multiply-accumulates of one eval forward, from torch's flop counter (2 flops per MAC). The softmax attention
     runs written out while it counts: the counter has no formula for SDPA's CPU kernel, which would leave the
@@ -74,7 +85,7 @@ def cmd_info(args) -> int:
     from . import EXTENSION_LOADED_TEXT, create_model
     from .ops._backends import triton_import_error
 
-    device = torch.device(args.device)
+    device = args.device
     model = create_model(args.model, img_size=args.img_size, backend="eager").eval()
     images = torch.randn(1, 3, *model.img_size)
     params = sum(p.numel() for p in model.parameters())
@@ -109,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (parser, info):  # `info` is the default command, so its options also work without the word
         p.add_argument("--model", default="t2t_vit_14", choices=list_models())
         p.add_argument("--img-size", type=_img_size, default=224, help="224 or 224,320 (H,W); multiples of 16")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--backend", default="auto", choices=["auto", "eager", "cpp", "cuda", "triton"])
         p.add_argument("--batch", type=_count(1, "positive"), default=8)
         p.add_argument("--steps", type=_count(0, "non-negative"), default=5, help="timed forwards (0: skip the measurement)")

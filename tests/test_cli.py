@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import t2t_kernels
@@ -48,6 +49,20 @@ def test_info_macs_include_the_attention_products():
 def test_info_bad_arguments(capsys):
     assert main(["--model", "t2t_vit_7", "--img-size", "100", "--steps", "0"]) == 2
     assert "multiples of 16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["info"], ["bench", "--no-progress"]])
+def test_bad_devices_are_argument_errors(command, capsys):
+    """An unknown device string, or CUDA where torch sees no GPU: an argument error naming --device, before any work
+    (info had printed its table, then torch's driver error)."""
+    devices = ["tpu:x"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        try:
+            code = main([*command, "--device", device])
+        except SystemExit as exit_:  # argparse's own exit (bench's parser)
+            code = exit_.code
+        err = capsys.readouterr()
+        assert code == 2 and "argument --device" in err.err and err.out == "", (device, err)
 
 
 def test_package_works_without_the_extension(tmp_path):

@@ -26,7 +26,7 @@ def _models(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..__main__ import _img_size
+    from ..__main__ import _device, _img_size
 
     p = argparse.ArgumentParser(prog="python -m t2t_kernels bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of variants or 'all' (t2t_vit_7,14,24); default: t2t_vit_14 on CPU, all on GPU")
     p.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 128 on GPU")
     p.add_argument("--img-size", type=_img_size, default=None, help="224 or H,W (multiples of 16); default 224")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="op input dtype and model autocast dtype (float32 = no autocast); default fp32 on CPU, "
                         "bf16 on GPU")
@@ -83,11 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args):
     from .cases import Settings
 
-    device = torch.device(args.device) if args.device else None
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
     return Settings.defaults(
-        device, dtype=DTYPES[args.dtype] if args.dtype else None, batch=args.batch, img_size=args.img_size,
+        args.device, dtype=DTYPES[args.dtype] if args.dtype else None, batch=args.batch, img_size=args.img_size,
         models=args.model, compile=not args.no_compile, compile_backend=args.compile_backend,
         compile_mode=args.compile_mode,
         checkpointing=not args.no_checkpointing, timm=args.timm,
