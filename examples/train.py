@@ -77,28 +77,39 @@ def evaluate(model, loader, device, autocast) -> float:
     return correct / max(1, total)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="t2t_vit_7", choices=list_models())
     p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/ (needs torchvision)")
     p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=positive_int, default=6)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--backend", default="auto", help="t2t_kernels backend of the T2T module")
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "cpp", "cuda", "triton"],
+                   help="t2t_kernels backend of the T2T module")
     p.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
                    help="train and evaluate through torch.compile with this mode (off: eager)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"], help="autocast dtype on GPU")
     p.add_argument("--checkpoint", default="t2t_train_ckpt.pt", help="saved after every epoch")
     p.add_argument("--resume", default=None, help="a checkpoint written by this script")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available")
+    return args
 
 
 def main(argv=None) -> float:

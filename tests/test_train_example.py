@@ -76,3 +76,15 @@ def test_warmup_cosine_schedule(train_script):
     assert f(10, 100, 10) == pytest.approx(1.0)
     assert f(55, 100, 10) == pytest.approx(0.5)
     assert f(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+    (["--batch-size", "-2"], "argument --batch-size: must be at least 1, got -2"),
+    (["--backend", "fast"], "argument --backend: invalid choice: 'fast'"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: no CUDA device is available")]))
+def test_train_example_rejects_bad_arguments(train_script, args, match, capsys):
+    """Argument errors before any work (--epochs 0 had "trained" zero steps and reported chance accuracy)."""
+    with pytest.raises(SystemExit) as exit_:
+        train_script.main(args + ["--no-progress"])
+    assert exit_.value.code == 2 and match in capsys.readouterr().err
