@@ -292,6 +292,10 @@ class Block(nn.Module):
             return self._post_attention(attn.attend(self.norm1(x), self.backend), x)
         if fuse and recomputes(self.backend, (self.norm1, attn.qkv), (self.norm2, mlp.fc1)):
             out = attn.attend_projected(norm_linear(self.norm1, attn.qkv, x), self.backend)
+            if type(self.drop_path) is nn.Identity:  # each residual with its dropout as one op (residual_dropout)
+                x = residual_dropout(x, attn.proj(out), attn.proj_drop, self.backend)
+                return mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training, skip=x,
+                                     backend=self.backend)
             x = x + self.drop_path(attn.proj_drop(attn.proj(out)))
             return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
         # the attention as the op where it applies (attend_projected), e.g. CPU inference under autocast, where

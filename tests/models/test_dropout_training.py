@@ -77,6 +77,27 @@ def test_model_training_is_reproducible_and_drops(fresh_seed):
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
 
 
+@needs_cpp
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.1])
+def test_blocks_residual_dropouts_run_the_op(drop_path_rate):
+    """With drop_rate > 0 a training backbone block's two residual dropouts (attention projection, MLP output) run as
+    the op too, where no DropPath sits between them and the sum; the MLP's dropout after its GELU stays nn.Dropout.
+    Reproducible under torch.manual_seed; the loss trains."""
+    depth = 7
+    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10, drop_rate=0.2, drop_path_rate=drop_path_rate).train()
+    x = torch.randn(2, 3, 32, 32)
+    first, names = _train_forward(model, x, 5)
+    # the last block runs the class token's row alone (its tiny dropouts stay nn.Dropout); the DropPath rates rise
+    # linearly from 0, so the first block has none
+    blocks_ops = 2 * (depth - 1) if drop_path_rate == 0.0 else 2
+    assert names.count(DROPOUT_OP) == 4 + blocks_ops, names.count(DROPOUT_OP)
+    assert set(TORCH_DROPOUT) & set(names)  # the GELU's dropout (and with DropPath the residual ones)
+    again, _ = _train_forward(model, x, 5)
+    assert torch.equal(first, again)
+    F.cross_entropy(first, torch.tensor([1, 7])).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("switch", ["eager-backend", "T2T_EAGER_OPS", "hooked-dropout"])
 def test_switches_keep_torch_dropout(switch, monkeypatch):
     """The eager backend, T2T_EAGER_OPS=dropout_add and a hook on a layer's module (the layer then calls its modules,
