@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from t2t_kernels import create_model, list_models
+from t2t_kernels.ops import BACKENDS
 
 
 def digits_datasets(img_size: int, seed: int = 0):
@@ -95,7 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--backend", default="auto", choices=["auto", "eager", "cpp", "cuda", "triton"],
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="t2t_kernels backend of the T2T module")
     p.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
                    help="train and evaluate through torch.compile with this mode (off: eager)")

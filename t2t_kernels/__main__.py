@@ -110,6 +110,7 @@ def cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .models import list_models
+    from .ops import BACKENDS
 
     parser = argparse.ArgumentParser(prog="python -m t2t_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="t2t_vit_14", choices=list_models())
         p.add_argument("--img-size", type=_img_size, default=224, help="224 or 224,320 (H,W); multiples of 16")
         p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--backend", default="auto", choices=["auto", "eager", "cpp", "cuda", "triton"])
+        p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
         p.add_argument("--batch", type=_count(1, "positive"), default=8)
         p.add_argument("--steps", type=_count(0, "non-negative"), default=5, help="timed forwards (0: skip the measurement)")
         p.add_argument("--no-progress", action="store_true")
