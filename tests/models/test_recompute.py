@@ -3,6 +3,7 @@ norm -> kqv Linear pairs (t2t_kernels/layers/recompute.py): the same outputs and
 fewer saved activations (counted through saved_tensors_hooks: no timing, no allocator)."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -508,7 +509,8 @@ def test_cpp_pair_ops_opcheck_gradcheck_gradgradcheck(kind, affine):
 def test_cpp_pairs_equal_the_python_function_bitwise(kind, mode, device, monkeypatch):
     """The C++ ops are the Python Function op for op (the ops a GPU step's host time was spent in Python for): the
     same outputs and gradients bit for bit, and norm_linear/gelu_linear take them (their grad_fn) by default. On
-    CUDA, autocast runs layer_norm in fp32, which both recompute as it did."""
+    CUDA, autocast runs layer_norm in fp32, which both recompute as it did. What eager refuses (CUDA's layer_norm
+    takes no fp32 weight for bf16 tokens) both refuse with eager's message."""
     torch.manual_seed(0)
     norm, linear = torch.nn.LayerNorm(40).to(device), torch.nn.Linear(40, 24).to(device)
     with torch.no_grad():
@@ -519,16 +521,30 @@ def test_cpp_pairs_equal_the_python_function_bitwise(kind, mode, device, monkeyp
         x0, linear = x0.bfloat16(), linear.bfloat16()
     call = (lambda x: norm_linear(norm, linear, x)) if kind == "layer_norm" else (lambda x: gelu_linear(linear, x))
     params = [*norm.parameters(), *linear.parameters()] if kind == "layer_norm" else [*linear.parameters()]
+    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "autocast_bf16")  # noqa: E731
+    eager = (lambda x: linear(norm(x))) if kind == "layer_norm" else (lambda x: linear(F.gelu(x)))
+    try:
+        with autocast():
+            eager(x0)
+        eager_error = None
+    except RuntimeError as err:  # CUDA's layer_norm takes no fp32 weight for bf16 tokens (CPU's does)
+        eager_error = str(err).splitlines()[0]
     results = []
     for cpp in (True, False):
         monkeypatch.setattr(recompute, "_HAS_CPP_PAIRS", cpp)
         x = x0.clone().requires_grad_()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "autocast_bf16"):
+        if eager_error is not None:  # both paths refuse what eager refuses, with its message
+            with pytest.raises(RuntimeError, match=re.escape(eager_error)), autocast():
+                call(x)
+            continue
+        with autocast():
             out = call(x)
         expected = "GeluLinear" if kind == "gelu" else "NormLinear"
         assert (expected in type(out.grad_fn).__name__ or expected in out.grad_fn.name()) == cpp, out.grad_fn.name()
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
         results.append((out, torch.autograd.grad(out, [x, *params], grad_out)))
+    if eager_error is not None:
+        return
     (out, grads), (ref, ref_grads) = results
     assert out.dtype == ref.dtype and torch.equal(out, ref)
     for g, r in zip(grads, ref_grads):
