@@ -100,13 +100,16 @@ def test_matches_float64_reference(backend, dtype, shape):
 def test_triton_programs_sum_several_blocks(monkeypatch, dtype):
     """The reducing Triton kernels (forward state, backward query pass) sum up to 4 blocks of rows per program once
     B * blocks reaches TARGET_PROGRAMS (1024, model shapes on a GPU); here a target of 1 makes them do so at T = 300:
-    three programs per batch element, the third with 44 rows and 2 blocks past T (masked)."""
+    with 32-row blocks three programs per batch element, the third with 44 rows and 2 blocks past T (masked); with
+    the split-bf16 forward's 64-row blocks two, the second with 44 rows and 3 blocks past T."""
     skip_unless_available("triton", dtype)
     from t2t_kernels.ops.performer_attention import triton as performer_triton
 
     monkeypatch.setattr(performer_triton, "TARGET_PROGRAMS", 1)
-    n_blocks, n_chunks, blocks_per_program, meta = performer_triton._launch_config(2, 300, 64, 32, dtype)
-    assert (meta["BLOCK_T"], n_blocks, blocks_per_program, n_chunks) == (32, 10, 4, 3)
+    for forward in (True, False):
+        n_blocks, n_chunks, blocks_per_program, meta = performer_triton._launch_config(2, 300, 64, 32, dtype, forward)
+        expected = (64, 5, 4, 2) if forward and dtype == torch.bfloat16 else (32, 10, 4, 3)
+        assert (meta["BLOCK_T"], n_blocks, blocks_per_program, n_chunks) == expected, forward
     _, (q, k, v), w = make_inputs((2,), 300, 64, 32, dtype)
     y, grads, grad_y = run_and_grads("triton", q, k, v, w)
     y_ref, grads_ref = reference_with_grads(q, k, v, w, grad_y)
@@ -154,13 +157,40 @@ def test_tile_override_sets_every_launch_and_rejects_malformed_tiles(monkeypatch
     pytest.importorskip("triton")
     from t2t_kernels.ops.performer_attention import triton as performer_triton
 
-    monkeypatch.setenv("T2T_PERFORMER_TILE", "64,4")
-    n_blocks, _, _, meta = performer_triton._launch_config(2, 300, 64, 32, torch.bfloat16)
-    assert (meta["BLOCK_T"], meta["num_warps"], n_blocks) == (64, 4, 5)
+    monkeypatch.setenv("T2T_PERFORMER_TILE", "128,2")
+    for dtype in (torch.bfloat16, torch.float32):
+        for forward in (True, False):
+            n_blocks, _, _, meta = performer_triton._launch_config(2, 300, 64, 32, dtype, forward)
+            assert (meta["BLOCK_T"], meta["num_warps"], n_blocks) == (128, 2, 3), (dtype, forward)
     for bad in ("48,4", "64", "64,3", "8,4", "a,b"):
         monkeypatch.setenv("T2T_PERFORMER_TILE", bad)
         with pytest.raises(ValueError, match="T2T_PERFORMER_TILE"):
-            performer_triton._launch_config(2, 300, 64, 32, torch.bfloat16)
+            performer_triton._launch_config(2, 300, 64, 32, torch.bfloat16, True)
+
+
+@pytest.mark.parametrize("dtype,E,split_env,forward,tile", [
+    (torch.bfloat16, 64, None, True, (64, 4)),  # split-bf16 forward: the H100's fastest (_default_tile)
+    (torch.bfloat16, 32, None, True, (64, 4)),
+    (torch.bfloat16, 64, None, False, (32, 8)),  # its backward: 64 rows spill
+    (torch.bfloat16, 64, "0", True, (32, 8)),  # bf16 on the FMA path
+    (torch.float16, 64, None, True, (32, 8)),
+    (torch.float32, 64, None, True, (32, 8)),
+    (torch.bfloat16, 128, None, True, (16, 8)),
+    (torch.float32, 128, None, False, (16, 8)),
+], ids=str)
+def test_default_tiles(monkeypatch, dtype, E, split_env, forward, tile):
+    """The tile each launch takes without T2T_PERFORMER_TILE, by dtype, width, product path and pass."""
+    pytest.importorskip("triton")
+    from t2t_kernels.ops.performer_attention import triton as performer_triton
+
+    monkeypatch.delenv("T2T_PERFORMER_TILE", raising=False)
+    if split_env is None:
+        monkeypatch.delenv("T2T_PERFORMER_SPLIT_BF16", raising=False)
+    else:
+        monkeypatch.setenv("T2T_PERFORMER_SPLIT_BF16", split_env)
+    _, _, _, meta = performer_triton._launch_config(2, 4096, E, E // 2, dtype, forward)
+    assert (meta["BLOCK_T"], meta["num_warps"]) == tile
+    assert meta["SPLIT"] == (dtype == torch.bfloat16 and split_env != "0")
 
 
 def test_tune_script_checks_and_times_every_tile(tmp_path):

@@ -219,26 +219,38 @@ def _performer_bwd_key_value_kernel(
 TARGET_PROGRAMS = 1024
 
 
-def _launch_config(B: int, T: int, E: int, m: int, dtype: torch.dtype):
-    """(blocks of rows, programs of the reducing kernels, blocks per such program, kernel meta) for the shape and
-    input dtype (SPLIT: bf16 inputs take the split-bf16 tensor-core products, see the module doc).
+def _default_tile(block_e: int, split: bool, forward: bool) -> tuple[int, int]:
+    """(rows, warps) of a launch when T2T_PERFORMER_TILE is unset. The forward's two kernels with split-bf16
+    products take 64 rows and 4 warps at E <= 64: on the H100 (2026-11-27, scripts/tune_performer.py, B=128, E=64)
+    the op's forward ran 1.90x faster at T=3136 (259 vs 494 us) and within 3% at T=784 (host-bound there, every
+    tile alike), forward + backward 1.21x at T=3136, and ptxas spills nothing there (158 and 179 registers); the
+    backward's kernels at that tile spill 36-108 bytes a thread."""
+    if forward and split and block_e <= 64:
+        return 64, 4
+    return (32 if block_e <= 64 else 16), 8
 
-    tl.dot needs every block dim >= 16. The tiles (32 rows at E <= 64, 16 beyond) and 8 warps compile for sm_90
-    without register pressure at E <= 64 in every kernel and dtype, with Triton 3.6 and 3.8
-    (scripts/triton_aot_check.py: at most 20 bytes a thread spilled by ptxas's own occupancy choice; the former 64
-    rows and 4 warps spilled up to 1.4 KB; E = 128 spills a few dozen bytes). The reducing
+
+def _launch_config(B: int, T: int, E: int, m: int, dtype: torch.dtype, forward: bool):
+    """(blocks of rows, programs of the reducing kernels, blocks per such program, kernel meta) for the shape,
+    input dtype (SPLIT: bf16 inputs take the split-bf16 tensor-core products, see the module doc) and pass.
+
+    tl.dot needs every block dim >= 16. The default tiles (_default_tile; else 32 rows at E <= 64, 16 beyond, and
+    8 warps) compile for sm_90 without register pressure at E <= 64 in every kernel and dtype, with Triton 3.6 and
+    3.8 (scripts/triton_aot_check.py: at most 20 bytes a thread spilled by ptxas's own occupancy choice; 64 rows and
+    4 warps spilled up to 1.4 KB in the FMA products and the backward; E = 128 spills a few dozen bytes). The
+    reducing
     kernels (the forward's state, the backward's query pass) sum up to 4 blocks per program (8 spilled in fp16 with
     Triton 3.6): each program writes one (m, E) fp32 partial, at 32 rows as large as the rows' k and v, so fewer
     partials save memory traffic, while B * T / rows stays near TARGET_PROGRAMS or above. A power of two and a
     constexpr: three variants (a runtime loop bound also trips Triton 3.6's interpreter under NumPy 2)."""
     block_e = max(16, triton.next_power_of_2(E))
     block_m = max(16, triton.next_power_of_2(m))
-    rows, warps = tile_override() or (32 if block_e <= 64 else 16, 8)
+    split = dtype == torch.bfloat16 and os.environ.get("T2T_PERFORMER_SPLIT_BF16", "1") != "0"
+    rows, warps = tile_override() or _default_tile(block_e, split, forward)
     block_t = max(16, min(rows, triton.next_power_of_2(max(T, 1))))
     n_blocks = max(1, triton.cdiv(T, block_t))
     blocks_per_program = 1 << (max(1, min(4, B * n_blocks // TARGET_PROGRAMS)).bit_length() - 1)  # 1, 2, 4
     n_chunks = triton.cdiv(n_blocks, blocks_per_program)
-    split = dtype == torch.bfloat16 and os.environ.get("T2T_PERFORMER_SPLIT_BF16", "1") != "0"
     meta = dict(BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_M=block_m, SPLIT=split,
                 PART=tl.float32 if triton_interpreting() else tl.bfloat16, num_warps=warps)
     return n_blocks, n_chunks, blocks_per_program, meta
@@ -278,7 +290,7 @@ def performer_attention_forward(q, k, v, w, eps):
     m = w.shape[0]
     w32 = w.to(torch.float32).contiguous()
     scale = 1.0 / math.sqrt(m)
-    n_blocks, n_chunks, blocks_per_program, meta = _launch_config(B, T, E, m, q.dtype)
+    n_blocks, n_chunks, blocks_per_program, meta = _launch_config(B, T, E, m, q.dtype, forward=True)
     part_kv = torch.empty((B, n_chunks, m, E), device=q.device, dtype=torch.float32)
     part_ksum = torch.empty((B, n_chunks, m), device=q.device, dtype=torch.float32)
     _performer_fwd_state_kernel[(B * n_chunks,)](k, v, w32, part_kv, part_ksum, T, E, m, scale, n_chunks,
@@ -299,7 +311,7 @@ def performer_attention_backward(grad_y, q, k, v, w, kv_state, k_sum, eps):
     w32 = w.to(torch.float32).contiguous()
     kv_state, k_sum = kv_state.to(torch.float32).contiguous(), k_sum.to(torch.float32).contiguous()
     scale = 1.0 / math.sqrt(m)
-    n_blocks, n_chunks, blocks_per_program, meta = _launch_config(B, T, E, m, q.dtype)
+    n_blocks, n_chunks, blocks_per_program, meta = _launch_config(B, T, E, m, q.dtype, forward=False)
     gq, gk, gv = (torch.empty((B, T, E), device=q.device, dtype=q.dtype) for _ in range(3))
     part_gkv = torch.empty((B, n_chunks, m, E), device=q.device, dtype=torch.float32)
     part_gksum = torch.empty((B, n_chunks, m), device=q.device, dtype=torch.float32)
