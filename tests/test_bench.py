@@ -159,9 +159,15 @@ def test_record_keeps_one_section_per_command_and_device(tmp_path):
     report.record(str(path), result)
     report.record(str(path), _synthetic_result("python -m t2t_kernels bench", 0.25), note="rerun")
     report.record(str(path), _synthetic_result("python -m t2t_kernels bench --batch 2", 0.5))
+    # the same command under other run-time switches (one side of an A/B pair) is a section of its own, twice
+    for _ in range(2):
+        switched = _synthetic_result("python -m t2t_kernels bench", 0.5)
+        switched["meta"]["switches"] = {"T2T_RECOMPUTE_PAIRS": "0"}
+        report.record(str(path), switched)
     text = path.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n")
-    assert text.count("<!-- bench-run: ") == 2
+    assert text.count("<!-- bench-run: ") == 3
+    assert "<!-- bench-run: python -m t2t_kernels bench [T2T_RECOMPUTE_PAIRS=0] @ " in text
     assert "rerun" in text and "| 2.00 |" in text  # the rerun replaced the first section (x eager 1/0.25 / 2)
     assert "`python -m t2t_kernels bench --batch 2`" in text
 

@@ -206,8 +206,10 @@ def markdown(result: dict, note: str | None = None) -> str:
 
 
 def _section_key(result: dict) -> str:
+    """The command, its run-time switches (an A/B pair of runs differs only there) and the device."""
     m = result["meta"]
-    return f"{m['command']} @ {m['device_name']}"
+    switches = " ".join(f"{k}={v}" for k, v in m.get("switches", {}).items())
+    return f"{m['command']}{f' [{switches}]' if switches else ''} @ {m['device_name']}"
 
 
 _SECTION = re.compile(r"<!-- bench-run: (?P<key>.*?) -->\n.*?<!-- /bench-run -->\n", re.S)
@@ -215,7 +217,7 @@ _SECTION = re.compile(r"<!-- bench-run: (?P<key>.*?) -->\n.*?<!-- /bench-run -->
 
 def record(path: str, result: dict, note: str | None = None) -> str:
     """Puts this run's markdown into the file at `path`, replacing the section of an earlier run of the same command
-    on the same device (older runs of other commands stay). Returns the key."""
+    with the same switches on the same device (older runs of others stay). Returns the key."""
     key = _section_key(result).replace("-->", "- ->")
     section = f"<!-- bench-run: {key} -->\n{markdown(result, note)}<!-- /bench-run -->\n"
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
