@@ -14,11 +14,13 @@
 #                   target of issue 5 in one run, the compile providers with GPU_SESSION_COMPILE_MODE (default
 #                   reduce-overhead: CUDA graphs, since without them both compiled steps wait on the host) (bench/)
 #   4. variants     compile-eager and compile-fused under each of GPU_SESSION_VARIANTS' switch sets
-#                   (bench-variant-N/): what the compiled fused model should run; by default no lean pairs
-#                   (T2T_RECOMPUTE_PAIRS=0: more memory, no LayerNorm/GELU recompute) and the plain soft split as
-#                   inductor's code (T2T_EAGER_OPS=soft_split)
+#                   (bench-variant-N/): what the compiled fused model should run; by default the Performer's
+#                   tile before 2026-11-27 in both passes (T2T_PERFORMER_TILE=32,8), the model-level A/B of the
+#                   split-bf16 forward's 64-row tile. (No gain on 2026-11-27: T2T_RECOMPUTE_PAIRS=0, no lean pairs;
+#                   T2T_EAGER_OPS=soft_split, the plain soft split as inductor's code.)
 #   5. tune         scripts/tune_performer.py: the Triton Performer's tiles (rows, warps) timed against its default
-#                   at the model's shapes (tune/tune_performer.json; split-bf16 tuned once, 2026-11-27)
+#                   at the model's shapes by wall and kernel time (tune/tune_performer.json; split-bf16 tuned
+#                   once, 2026-11-27, by wall time: T=784 was host-bound)
 #   (profile)       not by default: scripts/profile_step.py on the train step, GPU_SESSION_PROFILE_PROVIDERS
 #                   (default compile-eager,compile-fused): which kernels make the gap (85 s for both)
 #   (ops)           not by default: the soft split + LayerNorm and Performer op cases with torch.compile of the eager
@@ -55,7 +57,7 @@ export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
 declare -A LIMIT=([build]=75 [checks]=150 [bench]=160 [variants]=140 [tune]=60 [profile]=85 [ops]=110
                   [op-tests]=80 [gpu-tests]=80 [graphs]=240 [performer-ab]=60 [train]=60)
 STEPS=" ${GPU_SESSION_STEPS:-build checks bench variants tune} "
-VARIANTS=${GPU_SESSION_VARIANTS:-"T2T_RECOMPUTE_PAIRS=0; T2T_EAGER_OPS=soft_split"}
+VARIANTS=${GPU_SESSION_VARIANTS:-"T2T_PERFORMER_TILE=32,8"}
 COMPILE_MODE=${GPU_SESSION_COMPILE_MODE:-reduce-overhead}
 MODE_ARGS=()
 [[ "$COMPILE_MODE" != default ]] && MODE_ARGS=(--compile-mode "$COMPILE_MODE")

@@ -14,17 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-
-import torch
-from torch.autograd import DeviceType
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository's package
 
 from t2t_kernels.bench.cases import model_cases  # noqa: E402
 from t2t_kernels.__main__ import _device  # noqa: E402
 from t2t_kernels.bench.cli import DTYPES, settings_from_args  # noqa: E402
-from t2t_kernels.bench.runner import synchronize  # noqa: E402
+from t2t_kernels.bench.runner import profile_calls  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,27 +46,18 @@ def main(argv=None) -> int:
     case, device = cases[args.case], settings.device
     on_gpu = device.type == "cuda"
     sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     summary = []
     for name in args.providers.split(","):
         workload = case.build(name)
         for _ in range(2):  # compile, autotune, allocator caches
             workload()
-        synchronize(device)
-        with torch.profiler.profile(activities=activities) as prof:
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                workload()
-            synchronize(device)
-            wall = (time.perf_counter() - start) / args.steps
+        prof, wall, kernels = profile_calls(workload, device, args.steps)
         events = prof.key_averages()
-        # the kernels' own events (the ops' rows repeat their kernels' time), as the table's "Self CUDA time total"
-        device_total = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA
-                           and not e.is_user_annotation) / 1e6 / args.steps
         table = events.table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60)
-        print(f"\n=== {args.case} / {name}: wall {wall * 1e3:.1f} ms per step, device time {device_total * 1e3:.1f} ms "
-              f"per step (profiled; profiling slows the host)\n{table}")
-        summary.append(f"{name:>14}: wall {wall * 1e3:8.1f} ms/step, device {device_total * 1e3:8.1f} ms/step")
+        device_text = f"{kernels * 1e3:.1f} ms" if kernels is not None else "-"
+        print(f"\n=== {args.case} / {name}: wall {wall * 1e3:.1f} ms per step, device time {device_text} per step "
+              f"(profiled; profiling slows the host)\n{table}")
+        summary.append(f"{name:>14}: wall {wall * 1e3:8.1f} ms/step, device {device_text:>10}/step")
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             stem = os.path.join(args.out, name.replace("+", "_"))

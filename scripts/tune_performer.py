@@ -7,7 +7,9 @@ For each T2T stage (T = 3136 and 784 at 224x224) and pass (forward, forward+back
 workload runs with each tile (T2T_PERFORMER_TILE) and with the default one, interleaved round by round so a drifting
 machine hits them alike. Before timing, every tile's y and gradients are checked against the default tile's on the
 same inputs (a tile that compiles to something wrong fails here, not in a model). Prints median times and each
-tile's speed over the default's; --out gets tune_performer.json with the device, versions and date.
+tile's speed over the default's, by wall time and, on a GPU, by its kernels' time under torch.profiler (a small
+case's wall time is the host's, alike for every tile); --out gets tune_performer.json with the device, versions
+and date.
 On a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1): a smoke test at small sizes, not a timing.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 DEFAULT = "default"
+KERNEL_CALLS = 10  # calls per tile profiled for the kernels' time (CUDA)
 
 
 def parse_args(argv):
@@ -87,7 +90,7 @@ def check_tile(tile: str, case) -> str | None:
 def main(argv=None) -> int:
     from t2t_kernels.bench.cases import FORWARD, FORWARD_BACKWARD, Settings, op_cases
     from t2t_kernels.bench.cli import DTYPES
-    from t2t_kernels.bench.runner import machine_info, summarize, synchronize, time_round_robin
+    from t2t_kernels.bench.runner import machine_info, profile_calls, summarize, synchronize, time_round_robin
     from t2t_kernels.ops.performer_attention.triton import parse_tile
 
     args = parse_args(argv)
@@ -117,14 +120,21 @@ def main(argv=None) -> int:
         case_rows = {r["tile"]: r for r in rows if r["case"] == case.name}
         for tile, ts in times.items():
             case_rows[tile].update(summarize(ts))
-        base = case_rows[DEFAULT].get("median_s")
+            # the kernels' own time: a small case's wall time is the host's (launches, Python), alike for every tile
+            calls = KERNEL_CALLS if settings.device.type == "cuda" else 1  # None off CUDA: one call will do
+            case_rows[tile]["kernel_s"] = profile_calls(workloads[tile], settings.device, calls)[2]
+        base, kernel_base = case_rows[DEFAULT].get("median_s"), case_rows[DEFAULT].get("kernel_s")
         print(f"\n{case.name}")
         for tile, row in case_rows.items():
             if row["status"] != "ok":
                 print(f"  {tile:>8}  {row['status']}: {row['reason']}")
                 continue
             row["vs_default"] = base / row["median_s"] if base else None
-            print(f"  {tile:>8}  {row['median_s'] * 1e6:9.1f} us  x default {row['vs_default']:.2f}")
+            line = f"  {tile:>8}  {row['median_s'] * 1e6:9.1f} us  x default {row['vs_default']:.2f}"
+            if row["kernel_s"] is not None:  # CUDA
+                row["kernel_vs_default"] = kernel_base / row["kernel_s"] if kernel_base else None
+                line += f"   kernels {row['kernel_s'] * 1e6:9.1f} us  x default {row['kernel_vs_default']:.2f}"
+            print(line)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         meta = {**machine_info(settings.device), "command": "python scripts/tune_performer.py "

@@ -58,6 +58,28 @@ def time_call(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def profile_calls(fn, device: torch.device, calls: int):
+    """fn() `calls` times under torch.profiler: (the profiler, wall seconds per call, kernel seconds per call). The
+    kernel time is the summed self time of the device's kernels (the ops' rows repeat their kernels' time; user
+    annotations excluded), None off CUDA: the GPU's share where a wall time is the host's (launches, Python)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        wall = (time.perf_counter() - start) / calls
+    kernels = None
+    if on_gpu:
+        kernels = sum(e.self_device_time_total for e in prof.key_averages()
+                      if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6 / calls
+    return prof, wall, kernels
+
+
 def page_faults() -> int | None:
     """This process's minor page faults so far (None where the OS does not count them). A CPU call that faults
     thousands of pages is taking back memory the allocator handed to the OS after the last call (glibc does that
