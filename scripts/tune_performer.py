@@ -32,7 +32,8 @@ def parse_args(argv):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiles", default="16,4 32,4 64,4 64,8 128,8",
-                   help="'rows,warps' candidates (the default tiles, _default_tile in the op's triton.py, are timed beside them)")
+                   help="'rows,warps' candidates (the default tiles, _default_tile in the op's triton.py, are "
+                        "timed beside them)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--batch", type=int, default=None)

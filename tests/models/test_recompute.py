@@ -521,7 +521,10 @@ def test_cpp_pairs_equal_the_python_function_bitwise(kind, mode, device, monkeyp
         x0, linear = x0.bfloat16(), linear.bfloat16()
     call = (lambda x: norm_linear(norm, linear, x)) if kind == "layer_norm" else (lambda x: gelu_linear(linear, x))
     params = [*norm.parameters(), *linear.parameters()] if kind == "layer_norm" else [*linear.parameters()]
-    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "autocast_bf16")  # noqa: E731
+
+    def autocast():
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "autocast_bf16")
+
     eager = (lambda x: linear(norm(x))) if kind == "layer_norm" else (lambda x: linear(F.gelu(x)))
     try:
         with autocast():

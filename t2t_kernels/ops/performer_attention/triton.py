@@ -238,10 +238,9 @@ def _launch_config(B: int, T: int, E: int, m: int, dtype: torch.dtype, forward: 
     8 warps) compile for sm_90 without register pressure at E <= 64 in every kernel and dtype, with Triton 3.6 and
     3.8 (scripts/triton_aot_check.py: at most 20 bytes a thread spilled by ptxas's own occupancy choice; 64 rows and
     4 warps spilled up to 1.4 KB in the FMA products and the backward; E = 128 spills a few dozen bytes). The
-    reducing
-    kernels (the forward's state, the backward's query pass) sum up to 4 blocks per program (8 spilled in fp16 with
-    Triton 3.6): each program writes one (m, E) fp32 partial, at 32 rows as large as the rows' k and v, so fewer
-    partials save memory traffic, while B * T / rows stays near TARGET_PROGRAMS or above. A power of two and a
+    reducing kernels (the forward's state, the backward's query pass) sum up to 4 blocks per program (8 spilled in
+    fp16 with Triton 3.6): each program writes one (m, E) fp32 partial, at 32 rows as large as the rows' k and v, so
+    fewer partials save memory traffic, while B * T / rows stays near TARGET_PROGRAMS or above. A power of two and a
     constexpr: three variants (a runtime loop bound also trips Triton 3.6's interpreter under NumPy 2)."""
     block_e = max(16, triton.next_power_of_2(E))
     block_m = max(16, triton.next_power_of_2(m))
