@@ -121,9 +121,9 @@ def main(argv=None) -> int:
         case_rows = {r["tile"]: r for r in rows if r["case"] == case.name}
         for tile, ts in times.items():
             case_rows[tile].update(summarize(ts))
-            # the kernels' own time: a small case's wall time is the host's (launches, Python), alike for every tile
-            calls = KERNEL_CALLS if settings.device.type == "cuda" else 1  # None off CUDA: one call will do
-            case_rows[tile]["kernel_s"] = profile_calls(workloads[tile], settings.device, calls)[2]
+            # the kernels' own time (a GPU's): a small case's wall time is the host's, alike for every tile
+            case_rows[tile]["kernel_s"] = (profile_calls(workloads[tile], settings.device, KERNEL_CALLS)[2]
+                                           if settings.device.type == "cuda" else None)
         base, kernel_base = case_rows[DEFAULT].get("median_s"), case_rows[DEFAULT].get("kernel_s")
         print(f"\n{case.name}")
         for tile, row in case_rows.items():
