@@ -169,9 +169,10 @@ def test_tile_override_sets_every_launch_and_rejects_malformed_tiles(monkeypatch
 
 
 @pytest.mark.parametrize("dtype,E,split_env,forward,tile", [
-    (torch.bfloat16, 64, None, True, (64, 4)),  # split-bf16 forward: the H100's fastest (_default_tile)
+    (torch.bfloat16, 64, None, True, (64, 4)),  # split-bf16, both passes: the H100's fastest (_default_tile)
     (torch.bfloat16, 32, None, True, (64, 4)),
-    (torch.bfloat16, 64, None, False, (32, 8)),  # its backward: 64 rows spill
+    (torch.bfloat16, 64, None, False, (64, 4)),
+    (torch.float16, 64, None, False, (32, 8)),  # the FMA path's backward
     (torch.bfloat16, 64, "0", True, (32, 8)),  # bf16 on the FMA path
     (torch.float16, 64, None, True, (32, 8)),
     (torch.float32, 64, None, True, (32, 8)),

@@ -220,12 +220,13 @@ TARGET_PROGRAMS = 1024
 
 
 def _default_tile(block_e: int, split: bool, forward: bool) -> tuple[int, int]:
-    """(rows, warps) of a launch when T2T_PERFORMER_TILE is unset. The forward's two kernels with split-bf16
-    products take 64 rows and 4 warps at E <= 64: on the H100 (2026-11-27, scripts/tune_performer.py, B=128, E=64)
-    the op's forward ran 1.90x faster at T=3136 (259 vs 494 us) and within 3% at T=784 (host-bound there, every
-    tile alike), forward + backward 1.21x at T=3136, and ptxas spills nothing there (158 and 179 registers); the
-    backward's kernels at that tile spill 36-108 bytes a thread."""
-    if forward and split and block_e <= 64:
+    """(rows, warps) of a launch when T2T_PERFORMER_TILE is unset. With split-bf16 products at E <= 64 every kernel,
+    forward and backward, takes 64 rows and 4 warps: on the H100 (scripts/tune_performer.py, B=128, E=64) the op's
+    forward ran 1.90x faster at T=3136 (259 vs 494 us; 2026-11-27, no ptxas spills: 158 and 179 registers), and the
+    backward's kernels at that tile too made forward + backward's kernel time 1.97x shorter at T=3136 (493 vs 972
+    us) and 1.69x at T=784 (173 vs 293 us; 2026-11-27, late) than with them at 32 rows and 8 warps, though ptxas
+    spills 36-108 bytes a thread in them. The pass is kept as an argument for tiles that differ by pass."""
+    if split and block_e <= 64:
         return 64, 4
     return (32 if block_e <= 64 else 16), 8
 
