@@ -35,11 +35,12 @@ IEEE = tl.constexpr("ieee")
 
 @triton.jit
 def _load_rows(ptr, stride_t, t_offs, e_offs, T, E):
-    """Rows t_offs of one sequence (ptr: its first row) of a tensor with unit last stride, as fp32 (zeros outside).
+    """Rows t_offs of one sequence (ptr: its first row) of a tensor with unit last stride, in its dtype (zeros
+    outside): bf16 rows stay bf16, exact in one part for _dot's split products and half the registers of fp32.
     The row offsets are int64: t * stride_t passes 2^31 in long sequences and in views of larger tensors."""
     mask = (t_offs[:, None] < T) & (e_offs[None, :] < E)
     ptrs = ptr + t_offs[:, None].to(tl.int64) * stride_t + e_offs[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -69,22 +70,33 @@ def _split_bf16(a, PART: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, SPLIT: tl.constexpr, PART: tl.constexpr):
-    """a @ b of fp32 tiles, accumulated in fp32: FMA products, or SPLIT, three products of bf16 parts on the tensor
-    cores (see the module doc)."""
+    """a @ b of fp32 (or input-dtype) tiles, accumulated in fp32: FMA products, or SPLIT, three products of bf16
+    parts on the tensor cores (see the module doc). A bf16 operand (an input's rows) is its own hi part with a zero
+    lo part, so the product of its lo part is skipped: the same sum, one tensor-core product fewer."""
     if SPLIT:
-        a_hi, a_lo = _split_bf16(a, PART)
-        b_hi, b_lo = _split_bf16(b, PART)
-        acc = tl.dot(a_lo, b_hi, input_precision=IEEE, out_dtype=tl.float32)  # the small terms first
-        acc = tl.dot(a_hi, b_lo, acc, input_precision=IEEE, out_dtype=tl.float32)
-        return tl.dot(a_hi, b_hi, acc, input_precision=IEEE, out_dtype=tl.float32)
+        if a.dtype == tl.bfloat16:
+            b_hi, b_lo = _split_bf16(b, PART)
+            acc = tl.dot(a.to(PART), b_lo, input_precision=IEEE, out_dtype=tl.float32)
+            return tl.dot(a.to(PART), b_hi, acc, input_precision=IEEE, out_dtype=tl.float32)
+        elif b.dtype == tl.bfloat16:
+            a_hi, a_lo = _split_bf16(a, PART)
+            acc = tl.dot(a_lo, b.to(PART), input_precision=IEEE, out_dtype=tl.float32)
+            return tl.dot(a_hi, b.to(PART), acc, input_precision=IEEE, out_dtype=tl.float32)
+        else:
+            a_hi, a_lo = _split_bf16(a, PART)
+            b_hi, b_lo = _split_bf16(b, PART)
+            acc = tl.dot(a_lo, b_hi, input_precision=IEEE, out_dtype=tl.float32)  # the small terms first
+            acc = tl.dot(a_hi, b_lo, acc, input_precision=IEEE, out_dtype=tl.float32)
+            return tl.dot(a_hi, b_hi, acc, input_precision=IEEE, out_dtype=tl.float32)
     else:
-        return tl.dot(a, b, input_precision=IEEE)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=IEEE)
 
 
 @triton.jit
 def _features(x, w, t_offs, m_offs, T, m, scale, SPLIT: tl.constexpr, PART: tl.constexpr):
     """phi(x) = exp(x w^T - |x|^2 / 2) * scale, zero on padded rows and features (they must not enter any sum)."""
     xw = _dot(x, tl.trans(w), SPLIT, PART)
+    x = x.to(tl.float32)
     half_sq = 0.5 * tl.sum(x * x, axis=1)
     phi = tl.exp(xw - half_sq[:, None]) * scale
     return tl.where((t_offs[:, None] < T) & (m_offs[None, :] < m), phi, 0.0)
@@ -94,7 +106,7 @@ def _features(x, w, t_offs, m_offs, T, m, scale, SPLIT: tl.constexpr, PART: tl.c
 def _feature_grad(G, phi, w, x, SPLIT: tl.constexpr, PART: tl.constexpr):
     """Gradient through phi for upstream G: (G * phi) w - x * rowsum(G * phi)."""
     gp = G * phi
-    return _dot(gp, w, SPLIT, PART) - x * tl.sum(gp, axis=1)[:, None]
+    return _dot(gp, w, SPLIT, PART) - x.to(tl.float32) * tl.sum(gp, axis=1)[:, None]
 
 
 @triton.jit
@@ -181,7 +193,7 @@ def _performer_bwd_query_kernel(
     for i in range(BLOCKS_PER_PROGRAM):
         t_offs = (chunk * BLOCKS_PER_PROGRAM + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         q = _load_rows(q_ptr + b * stride_qb, stride_qt, t_offs, e_offs, T, E)
-        g = _load_rows(g_ptr + b * stride_gb, stride_gt, t_offs, e_offs, T, E)
+        g = _load_rows(g_ptr + b * stride_gb, stride_gt, t_offs, e_offs, T, E).to(tl.float32)
         phi = _features(q, w, t_offs, m_offs, T, m, scale, SPLIT, PART)
         inv_den = 1.0 / (tl.sum(phi * ksum[None, :], axis=1) + eps)
         y = _dot(phi, kv, SPLIT, PART) * inv_den[:, None]  # recomputed, not saved
@@ -208,11 +220,12 @@ def _performer_bwd_key_value_kernel(
     w = _load_matrix(w_ptr, m, E, m_offs, e_offs)
     g_kv, g_ksum = _load_state(gkv_ptr, gksum_ptr, b, m, E, m_offs, e_offs)
     k = _load_rows(k_ptr + b * stride_kb, stride_kt, t_offs, e_offs, T, E)
-    v = _load_rows(v_ptr + b * stride_vb, stride_vt, t_offs, e_offs, T, E)
     phi = _features(k, w, t_offs, m_offs, T, m, scale, SPLIT, PART)
+    # gv first and v loaded late: fewer tiles live at once (at 64 rows and 4 warps the other order spilled 108 B)
+    _store_rows(gv_ptr + b * T * E, _dot(phi, g_kv, SPLIT, PART), T, E, t_offs, e_offs)
+    v = _load_rows(v_ptr + b * stride_vb, stride_vt, t_offs, e_offs, T, E)
     g_phi = _dot(v, tl.trans(g_kv), SPLIT, PART) + g_ksum[None, :]
     _store_rows(gk_ptr + b * T * E, _feature_grad(g_phi, phi, w, k, SPLIT, PART), T, E, t_offs, e_offs)
-    _store_rows(gv_ptr + b * T * E, _dot(phi, g_kv, SPLIT, PART), T, E, t_offs, e_offs)
 
 
 # programs the reducing kernels aim for (a few per SM of a large GPU) before they sum several blocks per program
@@ -225,7 +238,8 @@ def _default_tile(block_e: int, split: bool, forward: bool) -> tuple[int, int]:
     forward ran 1.90x faster at T=3136 (259 vs 494 us; 2026-11-27, no ptxas spills: 158 and 179 registers), and the
     backward's kernels at that tile too made forward + backward's kernel time 1.97x shorter at T=3136 (493 vs 972
     us) and 1.69x at T=784 (173 vs 293 us; 2026-11-27, late) than with them at 32 rows and 8 warps, though ptxas
-    spills 36-108 bytes a thread in them. The pass is kept as an argument for tiles that differ by pass."""
+    spilled 36-108 bytes a thread in them then (16-60 since the bf16 rows stay bf16, Triton 3.8). The pass is kept
+    as an argument for tiles that differ by pass."""
     if split and block_e <= 64:
         return 64, 4
     return (32 if block_e <= 64 else 16), 8
@@ -235,10 +249,11 @@ def _launch_config(B: int, T: int, E: int, m: int, dtype: torch.dtype, forward: 
     """(blocks of rows, programs of the reducing kernels, blocks per such program, kernel meta) for the shape,
     input dtype (SPLIT: bf16 inputs take the split-bf16 tensor-core products, see the module doc) and pass.
 
-    tl.dot needs every block dim >= 16. The default tiles (_default_tile; else 32 rows at E <= 64, 16 beyond, and
-    8 warps) compile for sm_90 without register pressure at E <= 64 in every kernel and dtype, with Triton 3.6 and
-    3.8 (scripts/triton_aot_check.py: at most 20 bytes a thread spilled by ptxas's own occupancy choice; 64 rows and
-    4 warps spilled up to 1.4 KB in the FMA products and the backward; E = 128 spills a few dozen bytes). The
+    tl.dot needs every block dim >= 16. The FMA paths' default tiles (32 rows at E <= 64, 16 beyond, and 8 warps)
+    compile for sm_90 without register pressure at E <= 64 in every kernel and dtype, with Triton 3.6 and 3.8
+    (scripts/triton_aot_check.py: at most 20 bytes a thread spilled by ptxas's own occupancy choice; 64 rows and 4
+    warps spilled up to 1.4 KB in the FMA products; E = 128 spills a few dozen bytes); the split-bf16 kernels take
+    64 rows and 4 warps (_default_tile: measured faster despite the backward's small spills). The
     reducing kernels (the forward's state, the backward's query pass) sum up to 4 blocks per program (8 spilled in
     fp16 with Triton 3.6): each program writes one (m, E) fp32 partial, at 32 rows as large as the rows' k and v, so
     fewer partials save memory traffic, while B * T / rows stays near TARGET_PROGRAMS or above. A power of two and a
