@@ -6,21 +6,23 @@
 #
 #   1. build        the extension with its CUDA kernels for sm_90 only (~60 s on 16 cores)
 #   2. checks       the GPU checks of the newest code first: the Performer at the model's shapes in every dtype
-#                   (the split-bf16 forward's 64-row tile, default since 2026-11-27, not yet run in a test on a GPU),
-#                   the C++ LayerNorm/GELU -> Linear pair ops against the Python Function (on CUDA, bf16 tokens
+#                   (the split-bf16 kernels at 64 rows and 4 warps in both passes: the model's shapes passed on
+#                   an H100 on 2026-11-27), the C++ LayerNorm/GELU -> Linear pair ops against the Python Function (on CUDA, bf16 tokens
 #                   into an fp32 LayerNorm must fail as eager does), the whole model against float64 (uncompiled,
-#                   and torch.compile(fullgraph=True) of it); pytest-xdist workers where installed
+#                   and torch.compile(fullgraph=True) of it: the compiled ones did not finish in 155 s beside
+#                   the others on 12 xdist workers on 2026-11-27); pytest-xdist workers where installed
 #   3. bench        T2T-ViT-14's whole-model train step with every provider, then timm's ViT-S train step: every GPU
 #                   target of issue 5 in one run, the compile providers with GPU_SESSION_COMPILE_MODE (default
 #                   reduce-overhead: CUDA graphs, since without them both compiled steps wait on the host) (bench/)
 #   4. variants     compile-eager and compile-fused under each of GPU_SESSION_VARIANTS' switch sets
 #                   (bench-variant-N/): what the compiled fused model should run; by default the Performer's
 #                   tile before 2026-11-27 in both passes (T2T_PERFORMER_TILE=32,8), the model-level A/B of the
-#                   split-bf16 forward's 64-row tile. (No gain on 2026-11-27: T2T_RECOMPUTE_PAIRS=0, no lean pairs;
-#                   T2T_EAGER_OPS=soft_split, the plain soft split as inductor's code.)
+#                   split-bf16 kernels' 64-row tile (2026-11-27: 25.1 ms at 32,8 vs 24.3 at 64,4, two leases).
+#                   (No gain on 2026-11-27: T2T_RECOMPUTE_PAIRS=0, no lean pairs; T2T_EAGER_OPS=soft_split, the
+#                   plain soft split as inductor's code.)
 #   5. tune         scripts/tune_performer.py: the Triton Performer's tiles (rows, warps) timed against its default
 #                   at the model's shapes by wall and kernel time (tune/tune_performer.json; split-bf16 tuned
-#                   once, 2026-11-27, by wall time: T=784 was host-bound)
+#                   twice on 2026-11-27: the forward's tile by wall time, then the backward's by kernel time)
 #   (profile)       not by default: scripts/profile_step.py on the train step, GPU_SESSION_PROFILE_PROVIDERS
 #                   (default compile-eager,compile-fused): which kernels make the gap (85 s for both)
 #   (ops)           not by default: the soft split + LayerNorm and Performer op cases with torch.compile of the eager
@@ -37,9 +39,9 @@
 #
 # Env: GPU_SESSION_STEPS="build checks bench variants tune" (the default; add "profile", "ops", "op-tests", ...,
 #      or drop steps a second call does not need: the build is needed on every fresh machine),
-#      GPU_SESSION_LIMITS="build=75 checks=150 bench=160 variants=140 tune=60" (seconds per step, these the
-#      defaults: 585 in all; on an H100 (2026-11-27) the build took 43 s, the bench 111 s, two variants 103 s, the
-#      tune 31 s; the checks passed 120 s in one process), GPU_SESSION_GPU_TESTS (the
+#      GPU_SESSION_LIMITS="build=75 checks=200 bench=150 variants=70 tune=50" (seconds per step, these the
+#      defaults: 545 in all; on an H100 (2026-11-27, second lease) the build took 60 s, the bench 139 s, one variant
+#      48 s, the tune 40 s; the checks' compiled-model tests passed 155 s), GPU_SESSION_GPU_TESTS (the
 #      gpu-tests step's pytest arguments; default tests/gpu without what the checks step ran), GPU_SESSION_VARIANTS
 #      (switch sets separated by ';', each of space-separated NAME=VALUE), GPU_SESSION_COMPILE_MODE ("default" for
 #      torch's), GPU_SESSION_PROFILE_PROVIDERS.
@@ -54,7 +56,7 @@ mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
-declare -A LIMIT=([build]=75 [checks]=150 [bench]=160 [variants]=140 [tune]=60 [profile]=85 [ops]=110
+declare -A LIMIT=([build]=75 [checks]=200 [bench]=150 [variants]=70 [tune]=50 [profile]=85 [ops]=110
                   [op-tests]=80 [gpu-tests]=80 [graphs]=240 [performer-ab]=60 [train]=60)
 STEPS=" ${GPU_SESSION_STEPS:-build checks bench variants tune} "
 VARIANTS=${GPU_SESSION_VARIANTS:-"T2T_PERFORMER_TILE=32,8"}
