@@ -6,25 +6,26 @@
 #
 #   1. build        the extension with its CUDA kernels for sm_90 only (~60 s on 16 cores)
 #   2. checks       the GPU checks of the newest code first: the Performer at the model's shapes in every dtype
-#                   (the split-bf16 kernels at 64 rows and 4 warps in both passes: the model's shapes passed on
-#                   an H100 on 2026-11-27), the C++ LayerNorm/GELU -> Linear pair ops against the Python Function (on CUDA, bf16 tokens
-#                   into an fp32 LayerNorm must fail as eager does), the whole model against float64 (uncompiled,
-#                   and torch.compile(fullgraph=True) of it: the compiled ones did not finish in 155 s beside
-#                   the others on 12 xdist workers on 2026-11-27); pytest-xdist workers where installed
+#                   (its split-bf16 products skip the zero lo part of bf16 rows since 2026-11-27, late: bitwise the
+#                   same in the interpreter, not yet run on a GPU), the C++ LayerNorm/GELU -> Linear pair ops
+#                   against the Python Function (on CUDA, bf16 tokens into an fp32 LayerNorm must fail as eager
+#                   does), the whole model against float64 (uncompiled, and torch.compile(fullgraph=True) of it:
+#                   the compiled ones had not finished after 155 s beside the others on 12 xdist workers on
+#                   2026-11-27); pytest-xdist workers where installed
 #   3. bench        T2T-ViT-14's whole-model train step with every provider, then timm's ViT-S train step: every GPU
 #                   target of issue 5 in one run, the compile providers with GPU_SESSION_COMPILE_MODE (default
 #                   reduce-overhead: CUDA graphs, since without them both compiled steps wait on the host) (bench/)
-#   4. variants     compile-eager and compile-fused under each of GPU_SESSION_VARIANTS' switch sets
-#                   (bench-variant-N/): what the compiled fused model should run; by default the Performer's
-#                   tile before 2026-11-27 in both passes (T2T_PERFORMER_TILE=32,8), the model-level A/B of the
-#                   split-bf16 kernels' 64-row tile (2026-11-27: 25.1 ms at 32,8 vs 24.3 at 64,4, two leases).
-#                   (No gain on 2026-11-27: T2T_RECOMPUTE_PAIRS=0, no lean pairs; T2T_EAGER_OPS=soft_split, the
-#                   plain soft split as inductor's code.)
+#   4. profile      scripts/profile_step.py on the train step, GPU_SESSION_PROFILE_PROVIDERS (default
+#                   compile-eager,compile-fused): which kernels make the gap (83 s for both on 2026-11-27; the last
+#                   profile predates the Performer's 64-row tiles)
 #   5. tune         scripts/tune_performer.py: the Triton Performer's tiles (rows, warps) timed against its default
 #                   at the model's shapes by wall and kernel time (tune/tune_performer.json; split-bf16 tuned
 #                   twice on 2026-11-27: the forward's tile by wall time, then the backward's by kernel time)
-#   (profile)       not by default: scripts/profile_step.py on the train step, GPU_SESSION_PROFILE_PROVIDERS
-#                   (default compile-eager,compile-fused): which kernels make the gap (85 s for both)
+#   (variants)      not by default: compile-eager and compile-fused under each of GPU_SESSION_VARIANTS' switch sets
+#                   (bench-variant-N/), each in its own process; by default the Performer's tile before 2026-11-27
+#                   in both passes (T2T_PERFORMER_TILE=32,8: 25.1 ms vs 24.3 at the 64-row default, two leases of
+#                   2026-11-27). No gain on 2026-11-27 either: T2T_RECOMPUTE_PAIRS=0 (no lean pairs),
+#                   T2T_EAGER_OPS=soft_split (the plain soft split as inductor's code). ~50 s a set
 #   (ops)           not by default: the soft split + LayerNorm and Performer op cases with torch.compile of the eager
 #                   formula beside the Triton kernels (bench-ops/)
 #   (op-tests)      not by default: the CUDA/Triton op and model tests (pytest-xdist, fixed Triton tiles)
@@ -37,11 +38,11 @@
 #   (train)         not by default: the train step, eager and fused only (no compile, no checkpointing), into
 #                   bench-train/
 #
-# Env: GPU_SESSION_STEPS="build checks bench variants tune" (the default; add "profile", "ops", "op-tests", ...,
+# Env: GPU_SESSION_STEPS="build checks bench profile tune" (the default; add "variants", "ops", "op-tests", ...,
 #      or drop steps a second call does not need: the build is needed on every fresh machine),
-#      GPU_SESSION_LIMITS="build=75 checks=200 bench=150 variants=70 tune=50" (seconds per step, these the
-#      defaults: 545 in all; on an H100 (2026-11-27, second lease) the build took 60 s, the bench 139 s, one variant
-#      48 s, the tune 40 s; the checks' compiled-model tests passed 155 s), GPU_SESSION_GPU_TESTS (the
+#      GPU_SESSION_LIMITS="build=75 checks=200 bench=150 profile=85 tune=50" (seconds per step, these the
+#      defaults: 560 in all; on an H100 (2026-11-27) the build took 60 s, the bench 139 s, the profile 83 s, the
+#      tune 40 s; the checks' compiled-model tests passed 155 s), GPU_SESSION_GPU_TESTS (the
 #      gpu-tests step's pytest arguments; default tests/gpu without what the checks step ran), GPU_SESSION_VARIANTS
 #      (switch sets separated by ';', each of space-separated NAME=VALUE), GPU_SESSION_COMPILE_MODE ("default" for
 #      torch's), GPU_SESSION_PROFILE_PROVIDERS.
@@ -56,9 +57,9 @@ mkdir -p "$OUT_DIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} T2T_CUDA_ARCH_LIST=${T2T_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16} T2T_TRITON_AUTOTUNE=${T2T_TRITON_AUTOTUNE:-0}
-declare -A LIMIT=([build]=75 [checks]=200 [bench]=150 [variants]=70 [tune]=50 [profile]=85 [ops]=110
+declare -A LIMIT=([build]=75 [checks]=200 [bench]=150 [variants]=110 [tune]=50 [profile]=85 [ops]=110
                   [op-tests]=80 [gpu-tests]=80 [graphs]=240 [performer-ab]=60 [train]=60)
-STEPS=" ${GPU_SESSION_STEPS:-build checks bench variants tune} "
+STEPS=" ${GPU_SESSION_STEPS:-build checks bench profile tune} "
 VARIANTS=${GPU_SESSION_VARIANTS:-"T2T_PERFORMER_TILE=32,8"}
 COMPILE_MODE=${GPU_SESSION_COMPILE_MODE:-reduce-overhead}
 MODE_ARGS=()
@@ -89,7 +90,7 @@ CHECKS=(tests/ops/test_performer_attention.py::test_cuda_model_shapes
 # pytest-xdist workers and a per-test timeout where the plugins are there (the device image has both)
 PARALLEL=() TIMEOUT=() CHECK_TIMEOUT=()
 "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 12)
-"$PYTHON" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 60) CHECK_TIMEOUT=(--timeout 120)
+"$PYTHON" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 60) CHECK_TIMEOUT=(--timeout 190)
 run checks "$PYTHON" -m pytest "${CHECKS[@]}" "${PARALLEL[@]}" "${CHECK_TIMEOUT[@]}" -q -rfE -p no:cacheprovider
 # the gpu-tests step skips what the checks ran (unless told what to run)
 GPU_TESTS=(tests/gpu)
