@@ -403,6 +403,29 @@ def test_triton_bf16_split_products_as_accurate_as_fp32_products(monkeypatch, de
         assert split_error <= 1.1 * fma_error + 1e-4, (name, split_error, fma_error)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_triton_split_products_of_bf16_rows_skip_only_zero_terms(device):
+    """_dot takes an input's bf16 rows as they are and runs two split products instead of three (the product of
+    their lo part, exactly zero, is skipped): the result equals, bitwise, that of the same rows widened to fp32 on
+    the three-product path, with the bf16 tile on either side."""
+    skip_unless_available("triton", torch.bfloat16, device)
+    import triton.language as tl
+    from performer_dot_probe import split_products
+
+    from t2t_kernels.ops.performer_attention.triton import triton_interpreting
+
+    n = 32
+    a = torch.randn(n, n, device=device).to(torch.bfloat16)
+    b = torch.randn(n, n, device=device) * 3
+    out = torch.full((4, n, n), float("nan"), device=device)
+    part = tl.float32 if triton_interpreting() else tl.bfloat16  # as the op's kernels take it
+    split_products[(1,)](a, b, out, N=n, PART=part)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[2], out[3])
+    # and they are the products: within the split's ~2^-16 of the float64 ones
+    for got, want in ((out[0], a.double() @ b.double()), (out[2], b.double() @ a.double())):
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-4
+
+
 # --- bad input -------------------------------------------------------------------------------------------------
 
 
