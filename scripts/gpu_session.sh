@@ -6,8 +6,9 @@
 #
 #   1. build        the extension with its CUDA kernels for sm_90 only (~60 s on 16 cores)
 #   2. checks       the GPU checks of the newest code first: the Performer at the model's shapes in every dtype
-#                   (its split-bf16 products skip the zero lo part of bf16 rows since 2026-11-27, late: bitwise the
-#                   same in the interpreter, not yet run on a GPU), the C++ LayerNorm/GELU -> Linear pair ops
+#                   and its split products of bf16 rows against those of the rows widened to fp32 (the zero lo
+#                   part's product skipped since 2026-11-27, late: bitwise the same in the interpreter, not yet run
+#                   on a GPU), the C++ LayerNorm/GELU -> Linear pair ops
 #                   against the Python Function (on CUDA, bf16 tokens into an fp32 LayerNorm must fail as eager
 #                   does), the whole model against float64 (uncompiled, and torch.compile(fullgraph=True) of it:
 #                   the compiled ones had not finished after 155 s beside the others on 12 xdist workers on
@@ -85,6 +86,7 @@ WORK=$(mktemp -d -t t2t_gpu_session.XXXXXX)
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$WORK/device.txt"
 run build "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 CHECKS=(tests/ops/test_performer_attention.py::test_cuda_model_shapes
+        tests/ops/test_performer_attention.py::test_triton_split_products_of_bf16_rows_skip_only_zero_terms
         tests/models/test_recompute.py::test_cpp_pairs_equal_the_python_function_bitwise
         tests/gpu/test_gpu_model.py)
 # pytest-xdist workers and a per-test timeout where the plugins are there (the device image has both)
