@@ -10,7 +10,8 @@ All math is fp32, products included, because an error in x w^T is a relative err
 depends on the input dtype (SPLIT):
 - fp32 and fp16 inputs: fp32 FMA (tl.dot input_precision="ieee"), full fp32 accuracy.
 - bf16 inputs: each fp32 operand is split into bf16 hi + lo parts (bf16 inputs exactly: their lo is zero), and
-  a @ b is the three tensor-core products hi hi + hi lo + lo hi, accumulated in fp32: each operand to about 16 bits.
+  a @ b is the three tensor-core products hi hi + hi lo + lo hi, accumulated in fp32: each operand to about 16 bits
+  (two products where an operand is an input's bf16 rows, kept as they are: its lo product is zero and skipped).
   The FMA path ran at about 5% of the H100's copy bandwidth at the model's shapes (the backward's query kernel
   723 us at B=128, T=3136), bound by its fp32 products; split, the op ran 2.5x faster forward, 1.8x forward+backward
   there. The tests hold y within 1.25 ulps of the float64 result (1.06 interpreted, where the bf16 store truncates;
