@@ -106,10 +106,9 @@ def test_triton_programs_sum_several_blocks(monkeypatch, dtype):
     from t2t_kernels.ops.performer_attention import triton as performer_triton
 
     monkeypatch.setattr(performer_triton, "TARGET_PROGRAMS", 1)
-    for forward in (True, False):
-        n_blocks, n_chunks, blocks_per_program, meta = performer_triton._launch_config(2, 300, 64, 32, dtype, forward)
-        expected = (64, 5, 4, 2) if dtype == torch.bfloat16 else (32, 10, 4, 3)
-        assert (meta["BLOCK_T"], n_blocks, blocks_per_program, n_chunks) == expected, forward
+    n_blocks, n_chunks, blocks_per_program, meta = performer_triton._launch_config(2, 300, 64, 32, dtype)
+    expected = (64, 5, 4, 2) if dtype == torch.bfloat16 else (32, 10, 4, 3)
+    assert (meta["BLOCK_T"], n_blocks, blocks_per_program, n_chunks) == expected
     _, (q, k, v), w = make_inputs((2,), 300, 64, 32, dtype)
     y, grads, grad_y = run_and_grads("triton", q, k, v, w)
     y_ref, grads_ref = reference_with_grads(q, k, v, w, grad_y)
@@ -159,28 +158,25 @@ def test_tile_override_sets_every_launch_and_rejects_malformed_tiles(monkeypatch
 
     monkeypatch.setenv("T2T_PERFORMER_TILE", "128,2")
     for dtype in (torch.bfloat16, torch.float32):
-        for forward in (True, False):
-            n_blocks, _, _, meta = performer_triton._launch_config(2, 300, 64, 32, dtype, forward)
-            assert (meta["BLOCK_T"], meta["num_warps"], n_blocks) == (128, 2, 3), (dtype, forward)
+        n_blocks, _, _, meta = performer_triton._launch_config(2, 300, 64, 32, dtype)
+        assert (meta["BLOCK_T"], meta["num_warps"], n_blocks) == (128, 2, 3), dtype
     for bad in ("48,4", "64", "64,3", "8,4", "a,b"):
         monkeypatch.setenv("T2T_PERFORMER_TILE", bad)
         with pytest.raises(ValueError, match="T2T_PERFORMER_TILE"):
-            performer_triton._launch_config(2, 300, 64, 32, torch.bfloat16, True)
+            performer_triton._launch_config(2, 300, 64, 32, torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype,E,split_env,forward,tile", [
-    (torch.bfloat16, 64, None, True, (64, 4)),  # split-bf16, both passes: the H100's fastest (_default_tile)
-    (torch.bfloat16, 32, None, True, (64, 4)),
-    (torch.bfloat16, 64, None, False, (64, 4)),
-    (torch.float16, 64, None, False, (32, 8)),  # the FMA path's backward
-    (torch.bfloat16, 64, "0", True, (32, 8)),  # bf16 on the FMA path
-    (torch.float16, 64, None, True, (32, 8)),
-    (torch.float32, 64, None, True, (32, 8)),
-    (torch.bfloat16, 128, None, True, (16, 8)),
-    (torch.float32, 128, None, False, (16, 8)),
+@pytest.mark.parametrize("dtype,E,split_env,tile", [
+    (torch.bfloat16, 64, None, (64, 4)),  # split-bf16, both passes: the H100's fastest (_default_tile)
+    (torch.bfloat16, 32, None, (64, 4)),
+    (torch.bfloat16, 64, "0", (32, 8)),  # bf16 on the FMA path
+    (torch.float16, 64, None, (32, 8)),
+    (torch.float32, 64, None, (32, 8)),
+    (torch.bfloat16, 128, None, (16, 8)),
+    (torch.float32, 128, None, (16, 8)),
 ], ids=str)
-def test_default_tiles(monkeypatch, dtype, E, split_env, forward, tile):
-    """The tile each launch takes without T2T_PERFORMER_TILE, by dtype, width, product path and pass."""
+def test_default_tiles(monkeypatch, dtype, E, split_env, tile):
+    """The tile every launch (both passes) takes without T2T_PERFORMER_TILE, by dtype, width and product path."""
     pytest.importorskip("triton")
     from t2t_kernels.ops.performer_attention import triton as performer_triton
 
@@ -189,7 +185,7 @@ def test_default_tiles(monkeypatch, dtype, E, split_env, forward, tile):
         monkeypatch.delenv("T2T_PERFORMER_SPLIT_BF16", raising=False)
     else:
         monkeypatch.setenv("T2T_PERFORMER_SPLIT_BF16", split_env)
-    _, _, _, meta = performer_triton._launch_config(2, 4096, E, E // 2, dtype, forward)
+    _, _, _, meta = performer_triton._launch_config(2, 4096, E, E // 2, dtype)
     assert (meta["BLOCK_T"], meta["num_warps"]) == tile
     assert meta["SPLIT"] == (dtype == torch.bfloat16 and split_env != "0")
 

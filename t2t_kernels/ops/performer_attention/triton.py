@@ -233,22 +233,21 @@ def _performer_bwd_key_value_kernel(
 TARGET_PROGRAMS = 1024
 
 
-def _default_tile(block_e: int, split: bool, forward: bool) -> tuple[int, int]:
+def _default_tile(block_e: int, split: bool) -> tuple[int, int]:
     """(rows, warps) of a launch when T2T_PERFORMER_TILE is unset. With split-bf16 products at E <= 64 every kernel,
     forward and backward, takes 64 rows and 4 warps: on the H100 (scripts/tune_performer.py, B=128, E=64) the op's
     forward ran 1.90x faster at T=3136 (259 vs 494 us; 2026-11-27, no ptxas spills: 158 and 179 registers), and the
     backward's kernels at that tile too made forward + backward's kernel time 1.97x shorter at T=3136 (493 vs 972
     us) and 1.69x at T=784 (173 vs 293 us; 2026-11-27, late) than with them at 32 rows and 8 warps, though ptxas
-    spilled 36-108 bytes a thread in them then (16-60 since the bf16 rows stay bf16, Triton 3.8). The pass is kept
-    as an argument for tiles that differ by pass."""
+    spilled 36-108 bytes a thread in them then (16-60 since the bf16 rows stay bf16, Triton 3.8)."""
     if split and block_e <= 64:
         return 64, 4
     return (32 if block_e <= 64 else 16), 8
 
 
-def _launch_config(B: int, T: int, E: int, m: int, dtype: torch.dtype, forward: bool):
-    """(blocks of rows, programs of the reducing kernels, blocks per such program, kernel meta) for the shape,
-    input dtype (SPLIT: bf16 inputs take the split-bf16 tensor-core products, see the module doc) and pass.
+def _launch_config(B: int, T: int, E: int, m: int, dtype: torch.dtype):
+    """(blocks of rows, programs of the reducing kernels, blocks per such program, kernel meta) for the shape and
+    input dtype (SPLIT: bf16 inputs take the split-bf16 tensor-core products, see the module doc), both passes.
 
     tl.dot needs every block dim >= 16. The FMA paths' default tiles (32 rows at E <= 64, 16 beyond, and 8 warps)
     compile for sm_90 without register pressure at E <= 64 in every kernel and dtype, with Triton 3.6 and 3.8
@@ -262,7 +261,7 @@ def _launch_config(B: int, T: int, E: int, m: int, dtype: torch.dtype, forward: 
     block_e = max(16, triton.next_power_of_2(E))
     block_m = max(16, triton.next_power_of_2(m))
     split = dtype == torch.bfloat16 and os.environ.get("T2T_PERFORMER_SPLIT_BF16", "1") != "0"
-    rows, warps = tile_override() or _default_tile(block_e, split, forward)
+    rows, warps = tile_override() or _default_tile(block_e, split)
     block_t = max(16, min(rows, triton.next_power_of_2(max(T, 1))))
     n_blocks = max(1, triton.cdiv(T, block_t))
     blocks_per_program = 1 << (max(1, min(4, B * n_blocks // TARGET_PROGRAMS)).bit_length() - 1)  # 1, 2, 4
@@ -306,7 +305,7 @@ def performer_attention_forward(q, k, v, w, eps):
     m = w.shape[0]
     w32 = w.to(torch.float32).contiguous()
     scale = 1.0 / math.sqrt(m)
-    n_blocks, n_chunks, blocks_per_program, meta = _launch_config(B, T, E, m, q.dtype, forward=True)
+    n_blocks, n_chunks, blocks_per_program, meta = _launch_config(B, T, E, m, q.dtype)
     part_kv = torch.empty((B, n_chunks, m, E), device=q.device, dtype=torch.float32)
     part_ksum = torch.empty((B, n_chunks, m), device=q.device, dtype=torch.float32)
     _performer_fwd_state_kernel[(B * n_chunks,)](k, v, w32, part_kv, part_ksum, T, E, m, scale, n_chunks,
@@ -327,7 +326,7 @@ def performer_attention_backward(grad_y, q, k, v, w, kv_state, k_sum, eps):
     w32 = w.to(torch.float32).contiguous()
     kv_state, k_sum = kv_state.to(torch.float32).contiguous(), k_sum.to(torch.float32).contiguous()
     scale = 1.0 / math.sqrt(m)
-    n_blocks, n_chunks, blocks_per_program, meta = _launch_config(B, T, E, m, q.dtype, forward=False)
+    n_blocks, n_chunks, blocks_per_program, meta = _launch_config(B, T, E, m, q.dtype)
     gq, gk, gv = (torch.empty((B, T, E), device=q.device, dtype=q.dtype) for _ in range(3))
     part_gkv = torch.empty((B, n_chunks, m, E), device=q.device, dtype=torch.float32)
     part_gksum = torch.empty((B, n_chunks, m), device=q.device, dtype=torch.float32)
