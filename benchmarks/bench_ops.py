@@ -4,7 +4,8 @@ class says what its eager baseline is):
 
 - soft_split at the model's three splits: the image (B, 3, 224, 224), k7 s4 p2, then the tokens (B, 3136, 64) and
   (B, 784, 64) seen as images through the official transpose + reshape (a free view), k3 s2 p1; soft_split+layer_norm
-  at the first two with the LayerNorm after each (eager: F.unfold then F.layer_norm; ours: the fused op);
+  at the first two with the LayerNorm after each (eager: F.unfold then F.layer_norm; ours: the fused op), and
+  soft_split+layer_norm+linear there up to the next layer's kqv product (forward: the model's inference path);
 - performer_attention at the two Performer layers (T=3136, 784; E=64, m=32), and dropout_add at their residual
   dropout (p = 0.1, CPU training);
 - post_attention at the T2T layers' width (64) and a block's (384, hidden 1152: the kernel's wide path), forward
@@ -27,7 +28,7 @@ from conftest import SETTINGS, case_params, op_cases_per_dtype, run_case_benchma
 
 # the ops with GPU kernels, in each of conftest.OP_DTYPES; the CPU-kernel ops in the run's dtype only
 PER_DTYPE = ("soft_split", "soft_split+layer_norm", "performer_attention", "dropout_add")
-RUN_DTYPE = ("post_attention", "softmax_attention")
+RUN_DTYPE = ("soft_split+layer_norm+linear", "post_attention", "softmax_attention")
 
 
 def cases(pass_):

@@ -32,6 +32,11 @@ TORCH_LIBRARY(t2t_kernels, m) {
       "soft_split_layer_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
       "int[2] kernel_size, int[2] stride, int[2] padding, bool channels_last=False, bool x_grad=True) "
       "-> (Tensor, Tensor, Tensor)");
+  // linear(layer_norm(soft_split(x)), weight, bias) (B, L, N) contiguous, forward only (CPU, float32/float64): the
+  // T2T layers' norm1 -> kqv product from the image, without the split or the normalised tokens in memory
+  m.def(
+      "soft_split_layer_norm_linear(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor weight, Tensor? bias, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, float eps) -> Tensor");
   // q, k, v (..., T, E), w (m, E) -> y (..., T, E) and the fp32 state kept for backward:
   // kv_state = phi(k)^T v (..., m, E) and k_sum = sum_t phi(k) (..., m)
   m.def("performer_attention(Tensor q, Tensor k, Tensor v, Tensor w, float eps) -> (Tensor, Tensor, Tensor)");

@@ -261,6 +261,17 @@ def test_gpu_targets_from_rows():
     assert timm["ratio"] == pytest.approx(0.9) and not timm["met"] and timm["conditions_match"]
 
 
+def provider_outputs(case):
+    """One call's output of each provider of an op case that runs here (compile aside), each built from the same
+    seed: the same inputs (and nn.Linear weights) for every provider."""
+    outputs = {}
+    for provider in case.providers():
+        if provider.reason is None and provider.name != "compile":
+            torch.manual_seed(0)
+            outputs[provider.name] = case.build(provider.name)()
+    return outputs
+
+
 def test_soft_split_layer_norm_case_providers_agree():
     """The split + LayerNorm pair (what a fused op would replace): every provider computes the same tokens, and its
     byte floor is the plain soft split's."""
@@ -270,15 +281,29 @@ def test_soft_split_layer_norm_case_providers_agree():
     plain = op_cases(settings, ops=("soft_split",), passes=(FORWARD,))[0]
     assert pairs[0].byte_floor() == plain.byte_floor()
     for case in pairs:
-        outputs = {}
-        for provider in case.providers():
-            if provider.reason is None and provider.name != "compile":
-                torch.manual_seed(0)  # each build draws its inputs: the same ones for every provider
-                outputs[provider.name] = case.build(provider.name)()
+        outputs = provider_outputs(case)
         tokens = outputs["eager"]
         torch.testing.assert_close(tokens.mean(-1), torch.zeros_like(tokens.mean(-1)), atol=0.2, rtol=0)
         for name, out in outputs.items():
             torch.testing.assert_close(out, tokens, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_soft_split_layer_norm_linear_cases_are_forward_only_and_providers_agree():
+    """Split, LayerNorm and the kqv product: forward cases only (the model's inference path); every provider computes
+    the official formula's product, and the byte floor is the image read and the product written."""
+    settings = Settings(**TINY, compile=False)
+    cases = op_cases(settings, ops=("soft_split+layer_norm+linear",), passes=(FORWARD, FORWARD_BACKWARD))
+    assert [c.name for c in cases] == ["soft_split+layer_norm+linear/stage0/forward",
+                                       "soft_split+layer_norm+linear/stage1/forward"]
+    stage0 = cases[0]
+    assert stage0.byte_floor() == (3 * 32 * 32 + 8 * 8 * 192) * 4
+    for case in cases:
+        outputs = provider_outputs(case)
+        if case.backends.unavailable_reason("cpp", settings.device, settings.dtype) is None:
+            assert "cpp" in outputs
+        assert outputs["eager"].shape == (1, case.out_hw[0] * case.out_hw[1], 192)
+        for name, out in outputs.items():
+            torch.testing.assert_close(out, outputs["eager"], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_post_attention_cases_are_forward_only_and_providers_agree():
@@ -289,11 +314,7 @@ def test_post_attention_cases_are_forward_only_and_providers_agree():
     assert [c.name for c in cases] == ["post_attention/stage1/forward", "post_attention/stage2/forward",
                                          "post_attention/backbone/forward"]
     for case in cases:
-        outputs = {}
-        for provider in case.providers():
-            if provider.reason is None and provider.name != "compile":
-                torch.manual_seed(0)  # nn.Linear's init draws the weights: the same ones for every provider
-                outputs[provider.name] = case.build(provider.name)()
+        outputs = provider_outputs(case)
         assert outputs["eager"].shape == (1, case.T, case.E)
         assert case.E == (384 if case.stage == "backbone" else 64)
         if case.backends.unavailable_reason("cpp", settings.device, settings.dtype) is None:

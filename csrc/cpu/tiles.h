@@ -283,7 +283,7 @@ struct IsaPlain {  // SSE2: 16-byte vectors; 32-byte ones would need twice the 1
   static constexpr int R1 = 6, C1 = 2, R2 = 6, C2 = 2, J3 = 4, C3 = 2;
 };
 
-enum class Epilogue { kPlain, kScaleRows, kMinusXTimesRow };
+enum class Epilogue { kPlain, kScaleRows, kMinusXTimesRow, kPlusX };
 
 // A store that bypasses the caches (the rows of an output, written once): p aligned to the vector size. Inline asm,
 // which is not tied to the function's target; plain stores where the instruction set has no such vector store.
@@ -309,7 +309,8 @@ T2T_INLINE void stream_store(acc_t* p, typename Simd<acc_t, I::kBytes>::vec v) {
 }
 
 // out (n, cols) = P (n, K) M (K, cols), then per row t: kScaleRows multiplies by rs[t], kMinusXTimesRow subtracts
-// X[t] * rs[t] (X rows xs apart, at least cols wide). P rows ps apart, M rows ms apart, out rows os apart.
+// X[t] * rs[t], kPlusX adds X[t] (X rows xs apart, at least cols wide; xs = 0 adds one row to all: a bias).
+// P rows ps apart, M rows ms apart, out rows os apart.
 // A last partial block of rows repeats the last row and drops its extra results. R x C vectors: the register tile.
 template <class I, int R, int C, Epilogue Epi, typename acc_t>
 T2T_INLINE void gemm_tiles(const acc_t* P, int64_t ps, int64_t n, int64_t K, const acc_t* Mm, int64_t ms,
@@ -351,6 +352,7 @@ T2T_INLINE void gemm_tiles(const acc_t* P, int64_t ps, int64_t n, int64_t K, con
           vec o = acc[r][c];
           if constexpr (Epi == Epilogue::kScaleRows) o = o * rs[t];
           if constexpr (Epi == Epilogue::kMinusXTimesRow) o = o - S::load(X + t * xs + c0 + c * L) * rs[t];
+          if constexpr (Epi == Epilogue::kPlusX) o = o + S::load(X + t * xs + c0 + c * L);
           if (stream)
             stream_store<I>(out + t * os + c0 + c * L, o);
           else

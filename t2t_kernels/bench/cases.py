@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..ops import BACKENDS as BACKEND_NAMES
 from ..ops import (dropout_add, performer_attention, post_attention, soft_split, soft_split_layer_norm,
-                   softmax_attention)
+                   soft_split_layer_norm_linear, softmax_attention)
 from ..ops._backends import OpBackends
 from ..ops._onednn import onednn_linear_applies
 from ..ops.dropout_add import BACKENDS as DROPOUT_ADD_BACKENDS
@@ -37,6 +37,7 @@ from ..ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
 from ..ops.soft_split.reference import output_grid
 from ..ops.soft_split.reference import soft_split as soft_split_reference
 from ..ops.soft_split_layer_norm import BACKENDS as SOFT_SPLIT_LAYER_NORM_BACKENDS
+from ..ops.soft_split_layer_norm import LINEAR_BACKENDS as SOFT_SPLIT_LAYER_NORM_LINEAR_BACKENDS
 from ..ops.soft_split_layer_norm.reference import soft_split_layer_norm as soft_split_layer_norm_reference
 
 FORWARD, FORWARD_BACKWARD, TRAIN_STEP = "forward", "forward+backward", "train step"
@@ -311,6 +312,35 @@ class SoftSplitLayerNormCase(SoftSplitCase):
                                                         backend=backend)
 
 
+class SoftSplitLayerNormLinearCase(SoftSplitLayerNormCase):
+    """Stages 0 and 1 from the soft split's input to the next T2T layer's kqv product (192 wide), forward: eager is
+    the official F.unfold + transpose, F.layer_norm and F.linear; the backends run soft_split_layer_norm_linear (cpp:
+    the fused kernel, whose normalised tokens never reach memory). Byte floor: read x, write the product."""
+
+    backends = SOFT_SPLIT_LAYER_NORM_LINEAR_BACKENDS
+    op_name = "soft_split+layer_norm+linear"
+    passes = (FORWARD,)  # the layers run the op for inference only (its backward recomputes the eager formula)
+
+    def __init__(self, settings, stage, pass_):
+        super().__init__(settings, stage, pass_)
+        features, width = self.channels * self.k * self.k, 3 * PERFORMER_E
+        g = torch.Generator().manual_seed(1)
+        self.weight = (torch.randn(width, features, generator=g) / features**0.5).to(settings.device, settings.dtype)
+        self.bias = (0.1 * torch.randn(width, generator=g)).to(settings.device, settings.dtype)
+
+    def official(self, x, k, s, p):
+        return F.linear(super().official(x, k, s, p), self.weight, self.bias)
+
+    def backend_fn(self, backend):
+        return lambda x, k, s, p: soft_split_layer_norm_linear(x, k, s, p, self.norm_weight, self.norm_bias,
+                                                               self.weight, self.bias, 1e-5, backend=backend)
+
+    def byte_floor(self):
+        B, item = self.settings.batch, self.settings.dtype.itemsize
+        x = B * self.channels * self.hw[0] * self.hw[1] * item
+        return x + B * self.out_hw[0] * self.out_hw[1] * self.weight.shape[0] * item
+
+
 def stage_tokens(settings: Settings, stage: str) -> int:
     """Tokens per image of a T2T token layer's stage: the (H/d, W/d) grid."""
     H, W = settings.img_size
@@ -496,6 +526,7 @@ class DropoutAddCase(OpCase):
 def op_cases(settings: Settings, ops=("soft_split", "performer_attention"), passes=(FORWARD, FORWARD_BACKWARD)):
     kinds = {SoftSplitCase.op_name: (SoftSplitCase, SOFT_SPLIT_STAGES),
              SoftSplitLayerNormCase.op_name: (SoftSplitLayerNormCase, ("stage0", "stage1")),  # a LayerNorm follows
+             SoftSplitLayerNormLinearCase.op_name: (SoftSplitLayerNormLinearCase, ("stage0", "stage1")),
              "performer_attention": (PerformerCase, PERFORMER_STAGES),
              "post_attention": (PostAttentionCase, POST_ATTENTION_STAGES),
              "softmax_attention": (SoftmaxAttentionCase, ("backbone",)),

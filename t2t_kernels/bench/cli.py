@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_out", help="folder for results.json, results.md, speedups.png")
     p.add_argument("--no-ops", action="store_true", help="skip the op-level cases")
     p.add_argument("--no-model", action="store_true", help="skip the model-level cases")
-    p.add_argument("--ops", default="soft_split,soft_split+layer_norm,performer_attention,post_attention,"
-                                    "softmax_attention,dropout_add",
+    p.add_argument("--ops", default="soft_split,soft_split+layer_norm,soft_split+layer_norm+linear,"
+                                    "performer_attention,post_attention,softmax_attention,dropout_add",
                    help="which op cases (comma list; soft_split+layer_norm: the split and the LayerNorm after it; "
+                        "soft_split+layer_norm+linear: and the kqv product after that, forward; "
                         "post_attention: a T2T layer's projection, norm2 and MLP, forward; softmax_attention: a "
                         "backbone block's attention after its qkv projection; dropout_add: a Performer "
                         "layer's residual dropout in training)")

@@ -8,8 +8,10 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..ops import performer_attention, soft_split, soft_split_layer_norm, softmax_attention
+from ..ops import (SOFT_SPLIT_LAYER_NORM_LINEAR_BACKENDS, performer_attention, soft_split, soft_split_layer_norm,
+                   soft_split_layer_norm_linear, softmax_attention)
 from ..ops._backends import check_backend_arg
+from ..ops._registry import grad_enabled_for_path
 from .common import (DropPath, Mlp, fill_parameter, fused_post_attention, fuses_post_attention, inference_linear,
                      maybe_checkpoint, mlp_after_fc1, multihead_attention, residual_dropout, runs_as_defined,
                      runs_attention_op, submodules_run_as_defined)
@@ -34,6 +36,23 @@ def split_norm(x: torch.Tensor, split: SoftSplit | None, norm: nn.Module, fuse: 
     if split is None:
         return norm(x)
     return split(x, norm=norm) if fuse else norm(split(x))
+
+
+def split_norm_linear(x: torch.Tensor, split: SoftSplit | None, norm: nn.Module, linear: nn.Module) -> torch.Tensor:
+    """linear(norm(x)), or linear(norm(split(x))) when split is given, in a layer's inference path: from the image
+    as one soft_split_layer_norm_linear op where its CPU kernel applies (the official LayerNorm and Linear, every tensor
+    in x's dtype, no gradient wanted), else the fused split + norm, then the product."""
+    official = type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and type(linear) is nn.Linear
+    if split is not None and official:
+        params = [p for p in (norm.weight, norm.bias, linear.weight, linear.bias) if p is not None]
+        grad_wanted = grad_enabled_for_path() and (x.requires_grad or any(p.requires_grad for p in params))
+        ops = SOFT_SPLIT_LAYER_NORM_LINEAR_BACKENDS
+        runs_kernel = (split.backend == "cpp" and ops.unavailable_reason("cpp", x.device, x.dtype) is None
+                       or split.backend in (None, "auto") and ops.resolve(split.backend, x) == "cpp")
+        if runs_kernel and not grad_wanted and all(p.dtype == x.dtype for p in params):
+            return soft_split_layer_norm_linear(x, split.kernel_size, split.stride, split.padding, norm.weight,
+                                                norm.bias, linear.weight, linear.bias, norm.eps, backend="cpp")
+    return inference_linear(linear, split_norm(x, split, norm, fuse=True))
 
 
 class SoftSplit(nn.Module):
@@ -136,15 +155,16 @@ class Token_performer(nn.Module):  # noqa: N801  (official class name)
             x = residual_dropout(v, self.proj(y), self.dp, self.backend)
             return mlp_after_fc1(self.mlp, norm_linear(self.norm2, fc1, x), self.training, skip=x,
                                  backend=self.backend)
-        x = split_norm(x, split, self.norm1, fuse)
+        # x: the tokens, or the image of split (their dtype and device): inference from it to the layer's output
         if fuse and fuses_post_attention(self.backend, x, self.proj, self.norm2, fc1, act, fc2, self.training,
                                          (self.dp, drop)):
-            kqv = inference_linear(self.kqv, x)
-            # inference: the tokens are freed before the attention allocates. The lower peak also keeps glibc from
+            kqv = split_norm_linear(x, split, self.norm1, self.kqv)
+            # inference: the input is freed before the attention allocates. The lower peak also keeps glibc from
             # returning the heap to the OS after each call (page faults: README, Benchmarks)
             del x
             v, y = self.attend_projected(kqv)
             return fused_post_attention(y, v, self.proj, self.norm2, fc1, fc2)
+        x = split_norm(x, split, self.norm1, fuse)
         if fuse:  # the modules in their order, each residual dropout one op where it applies (checkpointing, no_grad)
             v, y = self.attend(x)
             x = residual_dropout(v, self.proj(y), self.dp, self.backend)
@@ -216,13 +236,13 @@ class Token_transformer(nn.Module):  # noqa: N801  (official class name)
             v, out = attn.attend_projected(recomputed_norm_linear(self.norm1, attn.qkv, x, split), self.backend)
             x = residual_dropout(v, attn.proj(out), attn.proj_drop, self.backend)
             return x + self.drop_path(mlp_after_fc1(mlp, norm_linear(self.norm2, mlp.fc1, x), self.training))
-        x = split_norm(x, split, self.norm1, fuse)
         if fuse and fuses_post_attention(self.backend, x, attn.proj, self.norm2, mlp.fc1, mlp.act, mlp.fc2,
                                          self.training, (attn.proj_drop, mlp.drop, self.drop_path)):
-            qkv = inference_linear(attn.qkv, x)
-            del x  # the tokens are freed before the attention allocates, as in Token_performer.forward
+            qkv = split_norm_linear(x, split, self.norm1, attn.qkv)  # as in Token_performer.forward
+            del x
             v, out = attn.attend_projected(qkv, self.backend)
             return fused_post_attention(out, v, attn.proj, self.norm2, mlp.fc1, mlp.fc2)
+        x = split_norm(x, split, self.norm1, fuse)
         x = attn(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

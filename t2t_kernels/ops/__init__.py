@@ -1,7 +1,7 @@
 """The fused ops of the model: soft_split, performer_attention, soft_split_layer_norm (the soft split with the
-LayerNorm that follows it), post_attention (a layer's projection, skip and residual MLP after its attention),
-softmax_attention (the backbone's multi-head attention of a packed qkv) and dropout_add (a residual sum with dropout,
-for CPU training). Each lives in its own folder: reference.py
+LayerNorm that follows it; soft_split_layer_norm_linear adds the product after it), post_attention (a layer's
+projection, skip and residual MLP after its attention), softmax_attention (the backbone's multi-head attention of a
+packed qkv) and dropout_add (a residual sum with dropout, for CPU training). Each lives in its own folder: reference.py
 (eager, the truth), triton.py (kernels), __init__.py (custom ops, fake kernels, autograd, backend dispatch)."""
 from .._extension import EXTENSION_ERROR, EXTENSION_LOADED
 from ._backends import BACKENDS
@@ -16,9 +16,11 @@ from .softmax_attention import softmax_attention
 from .soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
 from .soft_split import soft_split
 from .soft_split_layer_norm import BACKENDS as SOFT_SPLIT_LAYER_NORM_BACKENDS
-from .soft_split_layer_norm import soft_split_layer_norm
+from .soft_split_layer_norm import LINEAR_BACKENDS as SOFT_SPLIT_LAYER_NORM_LINEAR_BACKENDS
+from .soft_split_layer_norm import soft_split_layer_norm, soft_split_layer_norm_linear
 
-__all__ = ["soft_split", "performer_attention", "soft_split_layer_norm", "post_attention", "softmax_attention",
-           "dropout_add", "BACKENDS", "EXTENSION_LOADED", "EXTENSION_ERROR", "SOFT_SPLIT_BACKENDS",
-           "PERFORMER_BACKENDS", "SOFT_SPLIT_LAYER_NORM_BACKENDS", "POST_ATTENTION_BACKENDS",
-           "SOFTMAX_ATTENTION_BACKENDS", "DROPOUT_ADD_BACKENDS"]
+__all__ = ["soft_split", "performer_attention", "soft_split_layer_norm", "soft_split_layer_norm_linear",
+           "post_attention", "softmax_attention", "dropout_add", "BACKENDS", "EXTENSION_LOADED", "EXTENSION_ERROR",
+           "SOFT_SPLIT_BACKENDS", "PERFORMER_BACKENDS", "SOFT_SPLIT_LAYER_NORM_BACKENDS",
+           "SOFT_SPLIT_LAYER_NORM_LINEAR_BACKENDS", "POST_ATTENTION_BACKENDS", "SOFTMAX_ATTENTION_BACKENDS",
+           "DROPOUT_ADD_BACKENDS"]

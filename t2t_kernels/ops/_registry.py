@@ -77,7 +77,7 @@ def recompute_grads(reference, tensors, rest, grad_out, wanted) -> list:
     it runs on the tensors themselves, so the gradients' graph reaches them; otherwise on detached copies."""
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        inputs = [t if create_graph else t.detach().requires_grad_(w) for t, w in zip(tensors, wanted)]
+        inputs = [t if create_graph or t is None else t.detach().requires_grad_(w) for t, w in zip(tensors, wanted)]
         out = reference(*inputs, *rest)
         grads = iter(torch.autograd.grad(out, [t for t, w in zip(inputs, wanted) if w], grad_out,
                                          create_graph=create_graph))

@@ -106,7 +106,9 @@ def test_hooks_see_every_token(where, monkeypatch):
     assert len(calls) == 1  # not called again
     assert any(shape[:2] == (2, 5) for shape in seen)  # the backbone's tokens, class token and 2x2
     assert not any(len(shape) == 3 and shape[1] == 1 for shape in seen)  # never the class token alone
-    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
+    # a hook also switches off the fused ops of what it watches (every layer's, for a global hook): two fp32 paths,
+    # each within 2.4e-6 of a float64 model here (6 seeds; logits up to ~2), compared at test_backends_agree's tolerance
+    torch.testing.assert_close(hooked, plain, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         model(x)
     assert len(calls) == 2  # hooks removed: the short path again

@@ -104,7 +104,7 @@ def test_aot_inductor_package_of_the_fused_model(tmp_path):
         program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
         if backend == "cpp":
             ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-            assert {"t2t_kernels.soft_split_layer_norm.default", "t2t_kernels.performer_attention.default"} <= ops
+            assert {"t2t_kernels.soft_split_layer_norm_linear.default", "t2t_kernels.performer_attention.default"} <= ops
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "t2t_vit_7.pt2"))
         runner = torch._inductor.aoti_load_package(path)
         for inputs in (x, torch.randn(5, 3, 32, 32)):

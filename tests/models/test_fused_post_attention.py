@@ -1,7 +1,7 @@
-"""In inference on the CPU backends, each T2T layer and each backbone block runs its projection + skip, norm2 and MLP
-as the fused post_attention op, and each block but the last (which attends for the class token alone) its attention
-as the softmax_attention op, the products before them as oneDNN linears (issue 5: the T2T module and whole-model
-forward); wherever an op does not apply
+"""In inference on the CPU backends, each T2T layer runs its soft split, norm1 and kqv product as one op, each T2T
+layer and each backbone block its projection + skip, norm2 and MLP as the fused post_attention op, and each block but
+the last (which attends for the class token alone) its attention as the softmax_attention op, the other products
+before them as oneDNN linears (issue 5: the T2T module and whole-model forward); wherever an op does not apply
 (gradients wanted, dropout active, autocast, the eager backend, a norm or activation other than the official ones,
 the official attention formula) the layers run unfused. Either way the logits are the eager model's."""
 import pytest
@@ -17,6 +17,7 @@ from t2t_kernels.ops._onednn import ONEDNN_ENV, onednn_linear_applies
 FUSED = "t2t_kernels::post_attention"
 ATTENTION = "t2t_kernels::softmax_attention"
 ONEDNN = "mkldnn::_linear_pointwise"
+SPLIT_LINEAR = "t2t_kernels::soft_split_layer_norm_linear"
 requires_cpp = pytest.mark.skipif(
     POST_ATTENTION_BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is not None,
     reason="the compiled post_attention is not available")
@@ -37,8 +38,9 @@ def _logged(model, x):
 @pytest.mark.parametrize("backend,onednn", [("auto", "1"), ("cpp", "1"), ("auto", "0")],
                          ids=["auto", "cpp", "auto-no-onednn"])
 def test_inference_fuses_every_layer_and_matches_eager(name, backend, onednn, monkeypatch):
-    """... and the products before the ops (each T2T layer's kqv, each block's qkv, the T2T module's projection) run
-    as oneDNN linears where those apply (T2T_ONEDNN=0 turns them off)."""
+    """... each T2T layer from its soft split's input to its kqv product as the soft_split_layer_norm_linear op, and
+    the other products before the ops (each block's qkv, the T2T module's projection) as oneDNN linears where those
+    apply (T2T_ONEDNN=0 turns them off)."""
     monkeypatch.setenv(ONEDNN_ENV, onednn)
     model = _perturbed(t2t_kernels.create_model(name, img_size=32, num_classes=10, backend=backend)).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -51,8 +53,9 @@ def test_inference_fuses_every_layer_and_matches_eager(name, backend, onednn, mo
     # the attending blocks, and the t-variants' two T2T layers (Token_transformer: one head over the tokens)
     t2t_attention = 2 if VARIANTS[name][0] == "transformer" else 0
     assert names.count(ATTENTION) == depth - 1 + t2t_attention and ATTENTION not in ref_names
-    # the T2T layers' kqv and projection, the attending blocks' qkv, the last block's class-token query and keys/values
-    assert names.count(ONEDNN) == (4 + depth if onednn_linear_applies(x) else 0) and ONEDNN not in ref_names
+    assert names.count(SPLIT_LINEAR) == 2 and SPLIT_LINEAR not in ref_names
+    # the T2T module's projection, the attending blocks' qkv, the last block's class-token query and keys/values
+    assert names.count(ONEDNN) == (2 + depth if onednn_linear_applies(x) else 0) and ONEDNN not in ref_names
     # every norm2 and GELU went into the op: only the blocks' norm1 and the final norm remain
     assert sum(n.startswith("aten::native_layer_norm") for n in names) == depth + 1
     assert not any(n.startswith("aten::gelu") for n in names)
@@ -197,10 +200,10 @@ def test_compiled_inference_keeps_the_fused_op():
 
 @requires_cpp
 @pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
-def test_inference_frees_the_tokens_before_the_attention(tokens_type):
-    """A fused T2T layer frees its normalised tokens once its kqv projection has read them: the T2T module's peak is
-    then stage 1's projection, attention output and layer output, without the tokens (whose lower peak also keeps
-    glibc from handing the heap back to the OS after every call)."""
+def test_inference_peak_is_without_the_tokens(tokens_type):
+    """A fused T2T layer's normalised tokens never reach memory (soft_split_layer_norm_linear forms its kqv product
+    from the image): the T2T module's peak is stage 1's projection, attention output and layer output (a lower peak
+    also keeps glibc from handing the heap back to the OS after every call)."""
     from t2t_kernels.bench.runner import measure_memory
 
     B, H, W = 2, 64, 64

@@ -1,7 +1,8 @@
-"""The Performer CPU kernel (and the fused soft split + LayerNorm's per-token loops, the post-attention kernel's
-tiles, norm and GELU, and the softmax attention's transposes and softmax) picks AVX-512, AVX2 or plain code when the
-extension loads; CI machines run only the best one the CPU has. T2T_CPU_ISA forces the narrower paths, so each is
-checked against the float64 reference too (in a subprocess: the choice is made once per process)."""
+"""The Performer CPU kernel (and the fused soft split + LayerNorm's per-token loops and its product with a Linear,
+the post-attention kernel's tiles, norm and GELU, and the softmax attention's transposes and softmax) picks AVX-512,
+AVX2 or plain code when the extension loads; CI machines run only the best one the CPU has. T2T_CPU_ISA forces the
+narrower paths, so each is checked against the float64 reference too (in a subprocess: the choice is made once per
+process)."""
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from t2t_kernels.ops.performer_attention import BACKENDS
 SUITES = {  # the kernels built per instruction set, and the tests that check them
     "performer_attention": ("test_performer_attention.py", "cpp and (float64_reference or gradcheck or deterministic)"),
     "soft_split_layer_norm": ("test_soft_split_layer_norm.py", "cpp and (float64 or deterministic)"),
+    "soft_split_layer_norm_linear": ("test_soft_split_layer_norm_linear.py", "cpp and (float64 or deterministic)"),
     "post_attention": ("test_post_attention.py", "cpp and (float64 or deterministic or gelu)"),
     "softmax_attention": ("test_softmax_attention.py", "cpp and (float64 or deterministic)"),
 }

@@ -8,6 +8,12 @@ soft_split_layer_norm_triton, triton.py). There is no fused CUDA kernel: backend
 torch's layer_norm. Under torch.compile on a GPU, "auto" takes the eager formula, whose inductor code measured
 faster (BACKENDS below). Outputs are in x's dtype with statistics in fp32; weight and bias may be fp32 for a
 low-precision x (autocast keeps parameters fp32), and their gradients come back in their own dtype.
+
+soft_split_layer_norm_linear goes one product further, to what a T2T layer computes from the image up to its kqv
+projection: linear(layer_norm(soft_split(x))). Its CPU kernel (t2t_kernels::soft_split_layer_norm_linear) multiplies
+each row of windows' normalised tokens by the weight while they are in cache, so they never reach memory (T2T-ViT-14
+at B=8: 14.7 MB written and read again at stage 1). Forward only, for inference: with a gradient wanted it recomputes
+the eager formula in backward; the layers take it only without one.
 """
 from __future__ import annotations
 
@@ -16,8 +22,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .._backends import OpBackends
-from .._registry import check_eps, needs_eager_autodiff, op_exists, recompute_grads, to_pair
+import torch.nn.functional as F
+
+from .._backends import OpBackends, is_explicit
+from .._registry import (check_eps, needs_eager_autodiff, op_exists, recompute_grads, register_recompute_autograd,
+                         to_pair)
 from ..soft_split import check_soft_split_args, grad_is_channels_last, soft_split
 from . import reference
 
@@ -75,6 +84,66 @@ def soft_split_layer_norm(x: Tensor, kernel_size, stride, padding, weight: Tenso
     op = (torch.ops.t2t_kernels.soft_split_layer_norm_triton if name == "triton"
           else torch.ops.t2t_kernels.soft_split_layer_norm)
     return op(x, weight, bias, k, s, p, float(eps))[0]
+
+
+LINEAR_BACKENDS = OpBackends(
+    name="soft_split_layer_norm_linear",
+    dtypes={"cpp": (torch.float32, torch.float64)},
+    auto_order={"cpu": ("cpp",)},
+)
+
+
+def _check_linear_params(x: Tensor, features: int, weight, bias) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != features:
+        raise ValueError(f"soft_split_layer_norm_linear: weight must be a 2-D Tensor (N, C*kh*kw) = (N, {features}) "
+                         f"for x of shape {tuple(x.shape)}, got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"soft_split_layer_norm_linear: bias must be None or a Tensor of shape ({weight.shape[0]},) "
+                         f"for weight {tuple(weight.shape)}, got "
+                         f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"soft_split_layer_norm_linear: {name} is on {t.device} but x is on {x.device}")
+
+
+def soft_split_layer_norm_linear(x: Tensor, kernel_size, stride, padding, norm_weight: Tensor | None,
+                                 norm_bias: Tensor | None, weight: Tensor, bias: Tensor | None = None,
+                                 eps: float = 1e-5, backend: str | None = None) -> Tensor:
+    """``F.linear(soft_split_layer_norm(x, kernel_size, stride, padding, norm_weight, norm_bias, eps), weight, bias)``.
+
+    x (B, C, H, W) with any strides; norm_weight and norm_bias (C*kh*kw,) or None; weight (N, C*kh*kw) and bias (N,)
+    or None, as nn.Linear keeps them. Returns (B, L, N), contiguous, in x's dtype.
+    backend: "eager" (the formula), "cpp" (the fused CPU kernel: float32 and float64, every tensor in x's dtype), or
+    None/"auto": cpp where it takes the input, else the formula on the best soft_split_layer_norm backend.
+    """
+    k, s, p = to_pair(kernel_size, "kernel_size"), to_pair(stride, "stride"), to_pair(padding, "padding")
+    check_soft_split_args(x, k, s, p, op="soft_split_layer_norm_linear")
+    features = x.shape[1] * k[0] * k[1]
+    _check_param("norm_weight", norm_weight, x, features)
+    _check_param("norm_bias", norm_bias, x, features)
+    _check_linear_params(x, features, weight, bias)
+    check_eps(eps, "soft_split_layer_norm_linear")
+    params = (norm_weight, norm_bias, weight, bias)
+    if backend == "eager":
+        return reference.soft_split_layer_norm_linear(x, k, s, p, *params, eps)
+    if backend in ("cuda", "triton"):  # no fused kernel there: that backend's split and norm, then the product
+        return F.linear(soft_split_layer_norm(x, k, s, p, norm_weight, norm_bias, eps, backend=backend), weight, bias)
+    same_dtype = all(t is None or t.dtype == x.dtype for t in params)
+    if is_explicit(backend):
+        LINEAR_BACKENDS.resolve(backend, x)  # raises when the cpp kernel cannot take x
+        if not same_dtype:
+            raise TypeError("soft_split_layer_norm_linear: backend='cpp' takes every tensor in x's dtype, got "
+                            + ", ".join(f"{n} {t.dtype}" for n, t in zip(("x", "norm_weight", "norm_bias", "weight",
+                                                                              "bias"), (x, *params)) if t is not None))
+    elif not (same_dtype and LINEAR_BACKENDS.resolve(backend, x) == "cpp"):
+        return F.linear(soft_split_layer_norm(x, k, s, p, norm_weight, norm_bias, eps, backend=backend), weight, bias)
+    if x.numel() == 0 or needs_eager_autodiff(x, *params):
+        return reference.soft_split_layer_norm_linear(x, k, s, p, *params, eps)
+    norm_weight = norm_weight if norm_weight is not None else x.new_ones(features)
+    norm_bias = norm_bias if norm_bias is not None else x.new_zeros(features)
+    return torch.ops.t2t_kernels.soft_split_layer_norm_linear(x, norm_weight, norm_bias, weight, bias, k, s, p,
+                                                              float(eps))
 
 
 @torch.library.custom_op("t2t_kernels::soft_split_layer_norm_triton", mutates_args=())
@@ -151,3 +220,15 @@ def _register(suffix: str) -> None:
 
 _register("")
 _register("_triton")
+
+
+def _fake_linear(x, norm_weight, norm_bias, weight, bias, kernel_size, stride, padding, eps):
+    B, _, H, W = x.shape
+    oh, ow = reference.soft_split_reference.output_grid((H, W), kernel_size, stride, padding)
+    return x.new_empty((B, oh * ow, weight.shape[0]))
+
+
+if op_exists("t2t_kernels::soft_split_layer_norm_linear"):
+    torch.library.register_fake("t2t_kernels::soft_split_layer_norm_linear")(_fake_linear)
+    register_recompute_autograd("t2t_kernels::soft_split_layer_norm_linear",
+                                reference.soft_split_layer_norm_linear_op, num_tensors=5)
