@@ -15,7 +15,8 @@ import torch
 import t2t_kernels
 from t2t_kernels import T2TViT, create_model
 from t2t_kernels.__main__ import main as cli_main
-from t2t_kernels.ops import performer_attention, post_attention, soft_split, soft_split_layer_norm, softmax_attention
+from t2t_kernels.ops import (performer_attention, post_attention, soft_split, soft_split_layer_norm,
+                             soft_split_layer_norm_linear, softmax_attention)
 from t2t_kernels.ops.performer_attention import BACKENDS as PERFORMER_BACKENDS
 from t2t_kernels.ops.soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
 
@@ -394,6 +395,8 @@ def test_cli_bad_arguments_in_a_real_process(args, fragment):
 FLOAT8_CALLS = [
     ("soft_split", lambda x, b: soft_split(x, 3, 2, 1, backend=b)),
     ("soft_split_layer_norm", lambda x, b: soft_split_layer_norm(x, 3, 2, 1, backend=b)),
+    ("soft_split_layer_norm_linear", lambda x, b: soft_split_layer_norm_linear(
+        x, 3, 2, 1, None, None, torch.ones(4, 18).to(x.dtype), backend=b)),
     ("performer_attention", lambda x, b: performer_attention(x[0], x[0], x[0], x[0, 0, :4], 1e-8, backend=b)),
     ("post_attention", lambda x, b: post_attention(x[0, 0], x[0, 0], x[0, 0], None, None, None, x[0, 0], None,
                                                    x[0, 0], None, 1e-5, backend=b)),
