@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hardening_utils import (SOFT_SPLIT_LAYOUTS, _pair, backend_params, count_case, examples_for, fuzz_inputs, generator,
-                             randn)
+from hardening_utils import (SOFT_SPLIT_LAYOUTS, _pair, backend_params, count_case, examples_for, fuzz_inputs,
+                             generator, randn)
 from test_fuzz_soft_split_layer_norm import (SoftSplitLayerNormCase, _check, _tolerance, layer_norm_float64,
                                              soft_split_layer_norm_cases)
 from t2t_kernels.ops import soft_split_layer_norm_linear
