@@ -516,8 +516,8 @@ int64_t split_norm_linear_scratch(const Geometry& g, int64_t N, int64_t Np) {
   return n * g.F() + 2 * n + (N < Np ? n * Np : 0);
 }
 
-// the products' register tile: 8 tokens x 3 vectors with AVX-512's 32 registers (measured 4-6% faster than 8 x 2 at
-// the model's 147 -> 192 and 576 -> 192), the instruction set's usual tile otherwise
+// the products' register tile: 8 tokens x 3 vectors with AVX-512's 32 registers (measured 1% and 6% faster than 8 x 2
+// at the model's 147 -> 192 and 576 -> 192), the instruction set's usual tile otherwise
 template <class I>
 constexpr int kSplitNormLinearCols = std::is_same_v<I, IsaAvx512> ? 3 : I::C1;
 

@@ -20,9 +20,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import Tensor
-
 import torch.nn.functional as F
+from torch import Tensor
 
 from .._backends import OpBackends, is_explicit
 from .._registry import (check_eps, needs_eager_autodiff, op_exists, recompute_grads, register_recompute_autograd,
@@ -125,18 +124,19 @@ def soft_split_layer_norm_linear(x: Tensor, kernel_size, stride, padding, norm_w
     _check_linear_params(x, features, weight, bias)
     check_eps(eps, "soft_split_layer_norm_linear")
     params = (norm_weight, norm_bias, weight, bias)
-    if backend in ("cuda", "triton"):  # no fused kernel there: that backend's split and norm, then the product
-        return F.linear(soft_split_layer_norm(x, k, s, p, norm_weight, norm_bias, eps, backend=backend), weight, bias)
-    name = LINEAR_BACKENDS.resolve(backend, x)  # raises for a cpp that cannot take x, or a dtype nothing takes
+    # no fused kernel on cuda or triton; otherwise this raises for a cpp that cannot take x, or a dtype nothing takes
+    name = backend if backend in ("cuda", "triton") else LINEAR_BACKENDS.resolve(backend, x)
+    if backend == "eager":
+        return reference.soft_split_layer_norm_linear(x, k, s, p, *params, eps)
     same_dtype = all(t is None or t.dtype == x.dtype for t in params)
     if name == "cpp" and not same_dtype and is_explicit(backend):
         names = ("x", "norm_weight", "norm_bias", "weight", "bias")
         raise TypeError("soft_split_layer_norm_linear: backend='cpp' takes every tensor in x's dtype, got "
                         + ", ".join(f"{n} {t.dtype}" for n, t in zip(names, (x, *params)) if t is not None))
-    if backend == "eager" or (name == "cpp" and (x.numel() == 0 or needs_eager_autodiff(x, *params))):
-        return reference.soft_split_layer_norm_linear(x, k, s, p, *params, eps)
-    if name != "cpp" or not same_dtype:  # "auto" where the kernel does not apply: the best split + norm, the product
+    if name != "cpp" or not same_dtype:  # that backend's (or the best) split + norm, then the product
         return F.linear(soft_split_layer_norm(x, k, s, p, norm_weight, norm_bias, eps, backend=backend), weight, bias)
+    if x.numel() == 0 or needs_eager_autodiff(x, *params):
+        return reference.soft_split_layer_norm_linear(x, k, s, p, *params, eps)
     norm_weight = norm_weight if norm_weight is not None else x.new_ones(features)
     norm_bias = norm_bias if norm_bias is not None else x.new_zeros(features)
     return torch.ops.t2t_kernels.soft_split_layer_norm_linear(x, norm_weight, norm_bias, weight, bias, k, s, p,
