@@ -11,6 +11,7 @@ A failure prints its case; rerun it with check_soft_split_layer_norm(case, backe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 import torch
@@ -95,9 +96,22 @@ def _check(actual, expected, tol, what, scale=None):
         f"{int((error > tol * scale).sum())} of {error.numel()} elements off, {int(actual.isnan().sum())} NaN")
 
 
-def check_soft_split_layer_norm(case: SoftSplitLayerNormCase, backend: str, device: str = "cpu") -> None:
-    """soft_split_layer_norm on `backend` against the float64 formula on the same rounded x, weight, bias, grad_out:
-    the output, and the gradients of x's base tensor (through the layout's view), weight and bias."""
+@dataclass
+class CaseInputs:
+    """A case's drawn inputs: x's base tensor and the layout's view of it, the norm's weight and bias (None where the
+    case leaves them out), the geometry as pairs, and the generator, to draw more from."""
+    base: torch.Tensor
+    make_view: Callable
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    k: tuple
+    s: tuple
+    p: tuple
+    features: int
+    gen: torch.Generator
+
+
+def case_inputs(case: SoftSplitLayerNormCase, device: str) -> CaseInputs:
     dtype = DTYPE_NAMES[case.dtype]
     param_dtype = dtype if case.param_dtype == "same" else DTYPE_NAMES[case.param_dtype]
     B, C, H, W = case.B, case.C, case.H, case.W
@@ -108,8 +122,19 @@ def check_soft_split_layer_norm(case: SoftSplitLayerNormCase, backend: str, devi
     base = (case.offset + randn(base_shape(B, C, H, W), gen, scale=case.scale)).to(dtype=dtype, device=device)
     weight = (1 + randn(features, gen, scale=0.5)).to(dtype=param_dtype, device=device)
     bias = randn(features, gen, scale=0.5, dtype=param_dtype, device=device)
-    weight = weight if case.params in ("both", "weight") else None
-    bias = bias if case.params in ("both", "bias") else None
+    return CaseInputs(base, make_view, weight if case.params in ("both", "weight") else None,
+                      bias if case.params in ("both", "bias") else None, k, s, p, features, gen)
+
+
+def check_soft_split_layer_norm(case: SoftSplitLayerNormCase, backend: str, device: str = "cpu") -> None:
+    """soft_split_layer_norm on `backend` against the float64 formula on the same rounded x, weight, bias, grad_out:
+    the output, and the gradients of x's base tensor (through the layout's view), weight and bias."""
+    dtype = DTYPE_NAMES[case.dtype]
+    param_dtype = dtype if case.param_dtype == "same" else DTYPE_NAMES[case.param_dtype]
+    B, C, H, W = case.B, case.C, case.H, case.W
+    drawn = case_inputs(case, device)
+    base, make_view, weight, bias = drawn.base, drawn.make_view, drawn.weight, drawn.bias
+    k, s, p, features = drawn.k, drawn.s, drawn.p, drawn.features
     h_out, w_out = ((n + 2 * pp - kk) // ss + 1 for n, kk, ss, pp in zip((H, W), k, s, p))
     out_shape = (B, h_out * w_out, features)
 

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hardening_utils import (SOFT_SPLIT_LAYOUTS, _pair, backend_params, count_case, examples_for, fuzz_inputs,
-                             generator, randn)
-from test_fuzz_soft_split_layer_norm import (SoftSplitLayerNormCase, _check, _tolerance, layer_norm_float64,
-                                             soft_split_layer_norm_cases)
+from hardening_utils import backend_params, count_case, examples_for, fuzz_inputs, randn
+from test_fuzz_soft_split_layer_norm import (SoftSplitLayerNormCase, _check, _tolerance, case_inputs,
+                                             layer_norm_float64, soft_split_layer_norm_cases)
 from t2t_kernels.ops import soft_split_layer_norm_linear
 from t2t_kernels.ops.soft_split_layer_norm import LINEAR_BACKENDS
 
@@ -34,15 +33,9 @@ def check_soft_split_layer_norm_linear(case: SoftSplitLayerNormCase, width: int,
                                        device: str = "cpu") -> None:
     dtype = getattr(torch, case.dtype)
     B, C, H, W = case.B, case.C, case.H, case.W
-    k, s, p = _pair(case.kernel_size), _pair(case.stride), _pair(case.padding)
-    features = C * k[0] * k[1]
-    base_shape, make_view = SOFT_SPLIT_LAYOUTS[case.layout]
-    gen = generator(case.seed)
-    base = (case.offset + randn(base_shape(B, C, H, W), gen, scale=case.scale)).to(dtype=dtype, device=device)
-    norm_weight = (1 + randn(features, gen, scale=0.5)).to(dtype=dtype, device=device)
-    norm_bias = randn(features, gen, scale=0.5, dtype=dtype, device=device)
-    norm_weight = norm_weight if case.params in ("both", "weight") else None
-    norm_bias = norm_bias if case.params in ("both", "bias") else None
+    drawn = case_inputs(case, device)  # x and the norm's parameters as the split + LayerNorm fuzzer draws them
+    base, make_view, norm_weight, norm_bias = drawn.base, drawn.make_view, drawn.weight, drawn.bias
+    k, s, p, features, gen = drawn.k, drawn.s, drawn.p, drawn.features, drawn.gen
     weight = randn((width, features), gen, scale=features**-0.5, dtype=dtype, device=device)
     lin_bias = randn(width, gen, scale=0.5, dtype=dtype, device=device) if bias else None
     context = torch.no_grad() if case.grad_mode == "no_grad" else torch.inference_mode()
