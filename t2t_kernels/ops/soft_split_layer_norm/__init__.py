@@ -11,8 +11,8 @@ low-precision x (autocast keeps parameters fp32), and their gradients come back 
 
 soft_split_layer_norm_linear goes one product further, to what a T2T layer computes from the image up to its kqv
 projection: linear(layer_norm(soft_split(x))). Its CPU kernel (t2t_kernels::soft_split_layer_norm_linear) multiplies
-each row of windows' normalised tokens by the weight while they are in cache, so they never reach memory (T2T-ViT-14
-at B=8: 14.7 MB written and read again at stage 1). Forward only, for inference: with a gradient wanted it recomputes
+a few rows of windows' normalised tokens at a time by the weight while they are in cache, so they never reach memory
+(T2T-ViT-14 at B=8: 14.7 MB written and read again at stage 0, the image's split). Forward only, for inference: with a gradient wanted it recomputes
 the eager formula in backward; the layers take it only without one.
 """
 from __future__ import annotations
