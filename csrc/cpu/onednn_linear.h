@@ -2,7 +2,8 @@
 // calls), whose GEMMs beat MKL's (what at::linear and at::mm call) by 15-35% at the model's shapes on AMD Zen 4
 // (t2t_kernels/ops/_onednn.py; on an Intel Xeon, with prepacked weights, it had shown no gain). Used by
 // post_attention's wide path (with fused epilogues) and by the LayerNorm/GELU -> Linear pairs' forward product and
-// input gradient (recompute.cpp). T2T_ONEDNN=0 or torch.backends.mkldnn.enabled = False turns both off.
+// input gradient (recompute.cpp). By default on every CPU but Intel's, where MKL is the faster (onednn_by_default);
+// T2T_ONEDNN=1 turns both on there too, T2T_ONEDNN=0 or torch.backends.mkldnn.enabled = False turns both off.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,11 +26,28 @@ inline const std::optional<c10::OperatorHandle>& linear_pointwise(bool binary) {
   return binary ? with_other : plain;
 }
 
-// whether x's products may go through oneDNN: float32 on the CPU, torch has it and was not told otherwise
+// Without T2T_ONEDNN: oneDNN except on Intel CPUs. On a 2-core Intel Xeon (AVX-512) MKL's GEMMs ran T2T-ViT-14's
+// forward 2-6% faster (oneDNN's qkv product without bias 8-16% slower) and its train step as fast; on AMD Zen 4
+// oneDNN's were 15-35% faster. The Python side (ops/_onednn.py, intel_cpu) asks the same question of /proc/cpuinfo.
+inline bool onednn_by_default() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return !intel;
+#else
+  return true;
+#endif
+}
+
+// whether x's products may go through oneDNN: float32 on the CPU, torch has it, and T2T_ONEDNN (unset or empty:
+// onednn_by_default; "0": no; anything else: yes) and torch.backends.mkldnn.enabled allow it
 inline bool onednn_enabled_for(const at::Tensor& x) {
   const char* env = std::getenv("T2T_ONEDNN");
-  return linear_pointwise(false) && x.device().is_cpu() && x.scalar_type() == at::kFloat && at::hasMKLDNN() &&
-         at::globalContext().userEnabledMkldnn() && !(env && std::string(env) == "0");
+  const bool wanted = env && *env ? std::string(env) != "0" : onednn_by_default();
+  return wanted && linear_pointwise(false) && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
+         at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
 }
 
 // boxed: the op's C++ signature (string_view, Scalar lists) has changed across torch versions, its schema has not

@@ -104,7 +104,8 @@ def fuses_post_attention(backend, x: torch.Tensor, proj: nn.Module, norm: nn.Mod
 
 def inference_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x) in a fused inference path (whose callers checked that the layer's submodules run as defined): an
-    exact nn.Linear through ops._onednn.linear (oneDNN's GEMM for float32 on the CPU), anything else called."""
+    exact nn.Linear through ops._onednn.linear (oneDNN's GEMM for float32 on the CPU where it is on), anything else
+    called."""
     return linear(x, module.weight, module.bias) if type(module) is nn.Linear else module(x)
 
 

@@ -17,8 +17,8 @@ With the extension, the LayerNorm and GELU pairs run as its C++ autograd ops t2t
 gelu_linear (csrc/recompute.cpp: the same ops as the Function's vjp path, bitwise the same results, without the
 Python Function's host time: about 70 us per pair on a 2-core CPU, where a GPU train step waits on the host); the
 Function below serves the soft split + norm pairs, and every pair without the extension. Both run the Linear's
-product and its input's gradient through oneDNN in float32 on the CPU (ops/_onednn.py; the weight's gradient stays
-ATen's), outside autocast and double backward.
+product and its input's gradient through oneDNN in float32 on the CPU where it is on (ops/_onednn.py: by default
+every CPU but Intel's; the weight's gradient stays ATen's), outside autocast and double backward.
 
 Under torch.compile each pair is a selective activation checkpoint instead (keep the Linear's product, recompute f):
 dynamo does not trace the Function's backward (its torch.autograd.grad; trace_autograd_ops is off by default), and

@@ -1,14 +1,17 @@
 """ops._onednn.linear (F.linear through oneDNN's linear for float32 CPU inference) against the float64 product, and
 where it falls back to F.linear: a gradient wanted, another dtype, T2T_ONEDNN=0, oneDNN off in torch, torch.compile,
-torch.jit.trace. The training pairs' oneDNN products (forward and input gradient) at the end."""
+torch.jit.trace. The training pairs' oneDNN products (forward and input gradient) at the end. The tests turn oneDNN
+on with T2T_ONEDNN=1 (its default is off on Intel CPUs); the default itself, in Python and C++, at the end."""
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from float64_checks import assert_close_to
-from t2t_kernels.ops._onednn import ONEDNN_ENV, ONEDNN_LINEAR_REGISTERED, linear, onednn_linear_applies
+from t2t_kernels.ops._onednn import (ONEDNN_ENV, ONEDNN_LINEAR_REGISTERED, intel_cpu, linear, onednn_linear_applies,
+                                     onednn_wanted)
 
 ONEDNN_OP = "mkldnn::_linear_pointwise"
 # max error / max(1, max |reference|): a dot product of up to 300 fp32 terms with random signs rounds by ~sqrt(K) u
@@ -17,6 +20,12 @@ TOLERANCE = 128 * 2.0**-24
 
 needs_onednn = pytest.mark.skipif(not (ONEDNN_LINEAR_REGISTERED and torch.backends.mkldnn.is_available()),
                                   reason="torch here has no oneDNN linear (mkldnn::_linear_pointwise)")
+
+
+@pytest.fixture(autouse=True)
+def onednn_on(monkeypatch):
+    """oneDNN on whatever the CPU (tests that need it off set T2T_ONEDNN=0 themselves)."""
+    monkeypatch.setenv(ONEDNN_ENV, "1")
 
 
 def products(fn):
@@ -181,7 +190,7 @@ def test_training_pairs_take_onednn_for_the_product_and_the_input_gradient(kind,
 
     monkeypatch.setenv(ONEDNN_ENV, "0")
     assert products(step)[1] == 0
-    monkeypatch.delenv(ONEDNN_ENV)
+    monkeypatch.setenv(ONEDNN_ENV, "1")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert products(step)[1] == 0
 
@@ -191,3 +200,53 @@ def test_training_pairs_take_onednn_for_the_product_and_the_input_gradient(kind,
         return gx.square().sum().backward()
 
     assert products(double_backward)[1] == 1  # the forward product only
+
+
+def vendor_from_cpuinfo() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("value", [None, "", "0", "1"], ids=["unset", "empty", "off", "on"])
+def test_default_is_off_on_intel_cpus_only(value, monkeypatch):
+    """T2T_ONEDNN unset or empty: oneDNN except on an Intel CPU (MKL's GEMMs are the faster there); "0" off, "1" on."""
+    if value is None:
+        monkeypatch.delenv(ONEDNN_ENV)
+    else:
+        monkeypatch.setenv(ONEDNN_ENV, value)
+    vendor = vendor_from_cpuinfo()
+    if vendor is not None:
+        assert intel_cpu() == (vendor == "GenuineIntel"), vendor
+    assert onednn_wanted() == {"0": False, "1": True}.get(value or "", not intel_cpu())
+
+
+@needs_onednn
+@pytest.mark.parametrize("value", [None, "0", "1"], ids=["unset", "off", "on"])
+def test_cpp_ops_follow_the_python_default(value, monkeypatch):
+    """The extension decides for itself (csrc/cpu/onednn_linear.h asks the CPU its vendor): its post_attention wide
+    path takes oneDNN exactly where the Python side's linear() does, with T2T_ONEDNN unset, off and on."""
+    from t2t_kernels.ops import POST_ATTENTION_BACKENDS, post_attention
+
+    reason = POST_ATTENTION_BACKENDS.unavailable_reason("cpp", torch.device("cpu"), torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+    if value is None:
+        monkeypatch.delenv(ONEDNN_ENV)
+    else:
+        monkeypatch.setenv(ONEDNN_ENV, value)
+    assert os.environ.get(ONEDNN_ENV) == value
+    generator = torch.Generator().manual_seed(6)
+    M, D, E, H = 40, 24, 20, 7000  # weights above post_attention's wide bound: whole-matrix products
+    y, skip = torch.randn(M, D, generator=generator), torch.randn(M, E, generator=generator)
+    params = [torch.randn(E, D, generator=generator) / D**0.5, torch.randn(E, generator=generator),
+              torch.ones(E), torch.zeros(E), torch.randn(H, E, generator=generator) / E**0.5,
+              torch.randn(H, generator=generator), torch.randn(E, H, generator=generator) / H**0.5,
+              torch.randn(E, generator=generator)]
+    with torch.inference_mode():
+        _, cpp_onednn, _ = products(lambda: post_attention(y, skip, *params, backend="cpp"))
+        _, python_onednn, _ = products(lambda: linear(y, params[0], params[1]))
+    assert python_onednn == int(onednn_linear_applies(y))
+    assert cpp_onednn == 3 * python_onednn
