@@ -4,8 +4,8 @@ Intel Xeon MKL's are the faster: there oneDNN made T2T-ViT-14's forward 2-6% slo
 2026-11-28; its qkv product without bias 8-16% slower) and its train step no faster, so by default oneDNN is used on
 every CPU but Intel's. The inference paths take it for the products before the fused ops, the training pairs
 (layers/recompute.py) for their forward product and their input's gradient. The post_attention op's wide path and the
-pairs' C++ ops (csrc/cpu/onednn_linear.h) use the same op, with the same switches: T2T_ONEDNN=1 turns all of them on
-on an Intel CPU too, T2T_ONEDNN=0 or torch.backends.mkldnn.enabled = False turns them off everywhere."""
+pairs' C++ ops (csrc/cpu/onednn_linear.h) use the same op, with the same switches: T2T_ONEDNN=1 takes it for all of
+them on an Intel CPU too, T2T_ONEDNN=0 or torch.backends.mkldnn.enabled = False turns them off everywhere."""
 from __future__ import annotations
 
 import functools
