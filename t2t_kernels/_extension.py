@@ -9,11 +9,13 @@ import warnings
 
 import torch
 
+from ._env import env_flag
+
 _DISABLE_ENV = "T2T_KERNELS_DISABLE_EXT"
 
 
 def _load():
-    if os.environ.get(_DISABLE_ENV, "0") not in ("", "0"):
+    if env_flag(_DISABLE_ENV, False):
         return None, f"disabled by {_DISABLE_ENV}={os.environ[_DISABLE_ENV]}"
     try:
         from t2t_kernels import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)

@@ -1,7 +1,10 @@
 // The x86 instruction set the CPU kernels are built for, picked once at load time: AVX-512, AVX2+FMA or plain (the
 // build's baseline, SSE2). Loops that matter are compiled once per set (GCC target attributes) and the best one the
-// CPU supports runs; T2T_CPU_ISA=avx2|plain lowers the choice (to test the fallbacks).
+// CPU supports runs; T2T_CPU_ISA=avx2|plain lowers the choice (to test the fallbacks; avx512 keeps the best; another
+// value is an error naming the variable).
 #pragma once
+
+#include <c10/util/Exception.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -30,7 +33,9 @@ inline Isa detect_isa() {
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
     best = Isa::kAvx512;
 #endif
-  if (const char* env = std::getenv("T2T_CPU_ISA")) {
+  if (const char* env = std::getenv("T2T_CPU_ISA"); env && *env) {
+    TORCH_CHECK(std::strcmp(env, "plain") == 0 || std::strcmp(env, "avx2") == 0 || std::strcmp(env, "avx512") == 0,
+                "T2T_CPU_ISA must be avx512, avx2 or plain (or unset: the best the CPU has), got '", env, "'");
     if (std::strcmp(env, "plain") == 0) best = Isa::kPlain;
     if (std::strcmp(env, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
   }

@@ -10,6 +10,8 @@
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -41,13 +43,27 @@ inline bool onednn_by_default() {
 #endif
 }
 
-// whether x's products may go through oneDNN: float32 on the CPU, torch has it, and T2T_ONEDNN (unset or empty:
-// onednn_by_default; "0": no; anything else: yes) and torch.backends.mkldnn.enabled allow it
-inline bool onednn_enabled_for(const at::Tensor& x) {
+// T2T_ONEDNN as t2t_kernels/_env.py's env_flag reads a switch: unset or empty, onednn_by_default();
+// 0/false/off/no or 1/true/on/yes in any case, spaces around ignored; anything else an error naming it
+inline bool onednn_wanted() {
   const char* env = std::getenv("T2T_ONEDNN");
-  const bool wanted = env && *env ? std::string(env) != "0" : onednn_by_default();
-  return wanted && linear_pointwise(false) && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
-         at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+  std::string value = env ? env : "";
+  const auto space = [](unsigned char c) { return std::isspace(c) != 0; };
+  while (!value.empty() && space(value.back())) value.pop_back();
+  value.erase(value.begin(), std::find_if_not(value.begin(), value.end(), space));
+  std::transform(value.begin(), value.end(), value.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (value.empty()) return onednn_by_default();
+  if (value == "0" || value == "false" || value == "off" || value == "no") return false;
+  if (value == "1" || value == "true" || value == "on" || value == "yes") return true;
+  TORCH_CHECK(false, "T2T_ONEDNN must be one of 0/false/off/no (off) or 1/true/on/yes (on), or unset; got '", env,
+              "'");
+}
+
+// whether x's products may go through oneDNN: float32 on the CPU, torch has it, and T2T_ONEDNN (onednn_wanted)
+// and torch.backends.mkldnn.enabled allow it
+inline bool onednn_enabled_for(const at::Tensor& x) {
+  return linear_pointwise(false) && x.device().is_cpu() && x.scalar_type() == at::kFloat && at::hasMKLDNN() &&
+         at::globalContext().userEnabledMkldnn() && onednn_wanted();
 }
 
 // boxed: the op's C++ signature (string_view, Scalar lists) has changed across torch versions, its schema has not

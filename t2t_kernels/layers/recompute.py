@@ -30,7 +30,6 @@ tokens' gradient as _grads_of_affine_input does (fp32 T2T module train step at B
 """
 from __future__ import annotations
 
-import os
 import threading
 from contextlib import nullcontext
 from functools import partial
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .._env import env_flag
 from .._extension import has_kernel
 from ..ops import _onednn as onednn
 from ..ops._registry import autocast_enabled, autocast_off, grad_enabled_for_path, needs_eager_autodiff
@@ -244,7 +244,7 @@ RECOMPUTE_ENV = "T2T_RECOMPUTE_PAIRS"
 
 def recompute_pairs_enabled() -> bool:
     """T2T_RECOMPUTE_PAIRS=0 turns the lean pairs off: eager's saved activations (more memory), for A/B timing."""
-    return os.environ.get(RECOMPUTE_ENV, "1") != "0"
+    return env_flag(RECOMPUTE_ENV, True)
 
 
 # dynamo should not trace the environment lookup; read when a graph is traced (a change needs a new compile)

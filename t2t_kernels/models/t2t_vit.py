@@ -7,11 +7,11 @@ fused kernels (``backend``), timm-style helpers, and a checkpoint loader that ne
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import nn
 
+from .._env import env_flag
 from ..layers import Attention, Block, T2T_module
 from ..layers.common import fill_parameter, maybe_checkpoint, runs_as_defined, submodules_run_as_defined
 from ..ops._backends import check_backend_arg
@@ -426,7 +426,7 @@ def register_with_timm() -> bool:
     timm.create_model("t2t_vit_14", ...) then builds this package's model."""
     import importlib.util
 
-    if importlib.util.find_spec("timm") is None or os.environ.get("T2T_KERNELS_NO_TIMM") == "1":
+    if importlib.util.find_spec("timm") is None or env_flag("T2T_KERNELS_NO_TIMM", False):
         return False
     try:
         from timm.models import is_model, register_model  # (both exported there since timm 0.3)

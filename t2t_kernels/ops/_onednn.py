@@ -9,12 +9,12 @@ them on an Intel CPU too, T2T_ONEDNN=0 or torch.backends.mkldnn.enabled = False 
 from __future__ import annotations
 
 import functools
-import os
 import platform
 
 import torch
 import torch.nn.functional as F
 
+from .._env import env_flag
 from ._registry import needs_eager_autodiff
 
 ONEDNN_ENV = "T2T_ONEDNN"
@@ -45,9 +45,8 @@ def intel_cpu() -> bool:
 
 
 def onednn_wanted() -> bool:
-    """T2T_ONEDNN's answer: unset or empty, oneDNN except on an Intel CPU; "0", no; anything else, yes."""
-    value = os.environ.get(ONEDNN_ENV, "")
-    return value != "0" if value else not intel_cpu()
+    """T2T_ONEDNN's answer (_env.env_flag): unset or empty, oneDNN except on an Intel CPU; else what it says."""
+    return env_flag(ONEDNN_ENV, not intel_cpu())
 
 
 def onednn_linear_applies(x: torch.Tensor) -> bool:

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._env import env_flag
 from .._backends import triton_interpreting
 
 # fp32 products in full precision (not TF32); a constexpr, the only kind of global a compiled kernel may read
@@ -260,7 +261,7 @@ def _launch_config(B: int, T: int, E: int, m: int, dtype: torch.dtype):
     constexpr: three variants (a runtime loop bound also trips Triton 3.6's interpreter under NumPy 2)."""
     block_e = max(16, triton.next_power_of_2(E))
     block_m = max(16, triton.next_power_of_2(m))
-    split = dtype == torch.bfloat16 and os.environ.get("T2T_PERFORMER_SPLIT_BF16", "1") != "0"
+    split = dtype == torch.bfloat16 and env_flag("T2T_PERFORMER_SPLIT_BF16", True)
     rows, warps = tile_override() or _default_tile(block_e, split)
     block_t = max(16, min(rows, triton.next_power_of_2(max(T, 1))))
     n_blocks = max(1, triton.cdiv(T, block_t))

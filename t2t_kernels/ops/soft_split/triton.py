@@ -14,12 +14,12 @@ large fixed tile keeps the interpreter's per-program overhead low.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..._env import env_flag
 from .._backends import triton_interpreting
 from .reference import output_grid
 
@@ -128,7 +128,7 @@ def _gpu_configs(row_name: str, col_name: str):
 def autotuning() -> bool:
     """T2T_TRITON_AUTOTUNE=0: one fixed tile per launch instead of timing every config per new shape (GPU test and
     sanitizer runs: on an H100 the 9 configs' compiles and timings at each odd test shape took minutes)."""
-    return os.environ.get("T2T_TRITON_AUTOTUNE", "1") != "0"
+    return env_flag("T2T_TRITON_AUTOTUNE", True)
 
 
 def _fixed_tile(n_rows: int, n_cols: int, interpreter_elems: int) -> tuple[int, int]:
