@@ -14,7 +14,7 @@ from ..ops._onednn import linear
 from ..ops.dropout_add import draw_seed
 from ..ops.softmax_attention import backward_kernel_applies
 from ..ops._registry import grad_enabled_for_path, needs_eager_autodiff
-from .recompute import gelu_linear, norm_linear, recomputes, run_checkpointed
+from .recompute import gelu_linear, is_last_dim_layer_norm, norm_linear, recomputes, run_checkpointed
 
 
 def maybe_checkpoint(enabled: bool, layer, x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +88,8 @@ def fuses_post_attention(backend, x: torch.Tensor, proj: nn.Module, norm: nn.Mod
     if grad_enabled_for_path() and x.requires_grad:  # the cheap half of the last check, first (training)
         return False
     linears = (proj, mlp_fc1, mlp_fc2)
-    if not (all(type(m) is nn.Linear for m in linears) and type(norm) is nn.LayerNorm
-            and len(norm.normalized_shape) == 1 and type(act) is nn.GELU and act.approximate == "none"):
+    if not (all(type(m) is nn.Linear for m in linears) and is_last_dim_layer_norm(norm)
+            and type(act) is nn.GELU and act.approximate == "none"):
         return False
     if not all(type(d) in (nn.Dropout, DropPath, nn.Identity) for d in dropouts):
         return False

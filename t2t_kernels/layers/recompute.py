@@ -251,13 +251,18 @@ def recompute_pairs_enabled() -> bool:
 _recompute_pairs_enabled = torch.compiler.assume_constant_result(recompute_pairs_enabled)
 
 
+def is_last_dim_layer_norm(module: nn.Module) -> bool:
+    """Exactly nn.LayerNorm over the last dim: what the fused ops and the lean pairs compute as a layer's norm."""
+    return type(module) is nn.LayerNorm and len(module.normalized_shape) == 1
+
+
 def recomputes(backend: str | None, *norm_linear_pairs: tuple[nn.Module, nn.Module]) -> bool:
     """Whether a layer trains through linear_of_recomputed: a fused backend (not "eager"), each (norm, Linear) pair
     an nn.LayerNorm over the last dim and an nn.Linear, gradients wanted, no gradient checkpointing recomputing
     the whole layer (not tracked under torch.compile, where the pairs' checkpoints nest in the layer's), and
     T2T_RECOMPUTE_PAIRS not 0."""
     return (backend != "eager" and grad_enabled_for_path() and _recompute_pairs_enabled()
-            and all(type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and type(linear) is nn.Linear
+            and all(is_last_dim_layer_norm(norm) and type(linear) is nn.Linear
                     for norm, linear in norm_linear_pairs)
             and (torch.compiler.is_compiling() or not getattr(_checkpointed, "active", False)))
 

@@ -15,7 +15,7 @@ from ..ops._registry import grad_enabled_for_path
 from .common import (DropPath, Mlp, fill_parameter, fused_post_attention, fuses_post_attention, inference_linear,
                      maybe_checkpoint, mlp_after_fc1, multihead_attention, residual_dropout, runs_as_defined,
                      runs_attention_op, submodules_run_as_defined)
-from .recompute import linear_of_recomputed, norm_linear, recomputes
+from .recompute import is_last_dim_layer_norm, linear_of_recomputed, norm_linear, recomputes
 
 
 def recomputed_norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor, split: SoftSplit | None):
@@ -42,7 +42,7 @@ def split_norm_linear(x: torch.Tensor, split: SoftSplit | None, norm: nn.Module,
     """linear(norm(x)), or linear(norm(split(x))) when split is given, in a layer's inference path: from the image
     as one soft_split_layer_norm_linear op where its CPU kernel applies (the official LayerNorm and Linear, every tensor
     in x's dtype, no gradient wanted), else the fused split + norm, then the product."""
-    official = type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and type(linear) is nn.Linear
+    official = is_last_dim_layer_norm(norm) and type(linear) is nn.Linear
     if split is not None and official:
         params = [p for p in (norm.weight, norm.bias, linear.weight, linear.bias) if p is not None]
         grad_wanted = grad_enabled_for_path() and (x.requires_grad or any(p.requires_grad for p in params))

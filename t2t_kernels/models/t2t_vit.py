@@ -14,6 +14,7 @@ from torch import nn
 from .._env import env_flag
 from ..layers import Attention, Block, T2T_module
 from ..layers.common import fill_parameter, maybe_checkpoint, runs_as_defined, submodules_run_as_defined
+from ..layers.recompute import is_last_dim_layer_norm
 from ..ops._backends import check_backend_arg
 from ..ops._registry import autocast_enabled
 
@@ -308,7 +309,7 @@ class T2TViT(nn.Module):
         if (type(last) is not Block or last.backend == "eager" or type(last.attn) is not Attention
                 or type(last.attn.qkv) is not nn.Linear):
             return False
-        if not all(type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 for norm in (last.norm2, self.norm)):
+        if not all(is_last_dim_layer_norm(norm) for norm in (last.norm2, self.norm)):
             return False
         return runs_as_defined(last) and runs_as_defined(self.norm) and submodules_run_as_defined(last)
 
