@@ -15,7 +15,9 @@
 #                   2026-11-27); pytest-xdist workers where installed
 #   3. bench        T2T-ViT-14's whole-model train step with every provider, then timm's ViT-S train step: every GPU
 #                   target of issue 5 in one run, the compile providers with GPU_SESSION_COMPILE_MODE (default
-#                   reduce-overhead: CUDA graphs, since without them both compiled steps wait on the host) (bench/)
+#                   reduce-overhead: CUDA graphs, since without them both compiled steps wait on the host) (bench/);
+#                   the steps' AdamW fused since 2026-11-28 (foreach before: its launches were 2.7-4.0 ms per step
+#                   in the 2026-11-27 profiles, the same for every provider)
 #   4. profile      scripts/profile_step.py on the train step, GPU_SESSION_PROFILE_PROVIDERS (default
 #                   compile-eager,compile-fused): which kernels make the gap (83 s for both on 2026-11-27; the last
 #                   profile predates the Performer's 64-row tiles)

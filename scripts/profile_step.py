@@ -33,12 +33,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--optimizer", choices=("fused", "foreach"), default=None, help="the step's AdamW (bench's)")
     p.add_argument("--out", default=None, help="folder for the full tables and Chrome traces")
     args = p.parse_args(argv)
     model = args.case.split("/")[0].split(".")[0]
     bench_args = argparse.Namespace(device=args.device, dtype=args.dtype, batch=args.batch, img_size=args.img_size,
                                     model=(model,), no_compile=False, compile_backend="inductor", compile_mode=None,
-                                    no_checkpointing=False, timm=False)
+                                    no_checkpointing=False, timm=False, optimizer=args.optimizer)
     settings = settings_from_args(bench_args)
     cases = {c.name: c for c in model_cases(settings)}
     if args.case not in cases:

@@ -466,6 +466,35 @@ def test_compile_mode_reaches_torch_compile_and_the_report(monkeypatch):
     assert "(mode reduce-overhead)" in report.markdown(result)
 
 
+@pytest.mark.parametrize("choice", [None, "foreach"])
+def test_optimizer_choice_reaches_adamw_and_the_report(monkeypatch, choice):
+    """--optimizer picks the train steps' AdamW (default fused, as examples/train.py; foreach as the runs before it
+    took), the step runs with it, and the report says which (foreach for a JSON without the setting)."""
+    from t2t_kernels.bench.cli import build_parser, settings_from_args
+
+    made = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: made.append(kw) or adamw(*a, **kw))
+    settings = settings_from_args(build_parser().parse_args(
+        ["--device", "cpu", "--img-size", "32", "--batch", "1", "--model", "t2t_vit_7"]
+        + (["--optimizer", choice] if choice else [])))
+    expected = choice or "fused"
+    assert settings.optimizer == expected
+    workload = ModelCase(settings, "t2t_vit_7", "t2t_module", TRAIN_STEP).build("fused")
+    assert torch.isfinite(workload())
+    assert made[-1] == {"lr": 1e-4, expected: True}
+    described = settings.describe()
+    assert described["optimizer"] == expected
+    result = {"meta": {"device_name": "cpu", "torch": "x", "t2t_kernels": "x", "extension_loaded": True,
+                       "python": "3", "date": "today", "command": "bench", "settings": described},
+              "copy_bandwidth": {"bytes_per_s": 1e9, "method": "clone", "tensor_bytes": 1 << 20}, "rows": []}
+    assert f"train steps' AdamW {expected}" in report.markdown(result)
+    del described["optimizer"]
+    assert "train steps' AdamW foreach" in report.markdown(result)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--optimizer", "sgd"])
+
+
 def test_cuda_graph_providers_report_no_memory(monkeypatch):
     """Under CUDA graphs (reduce-overhead, max-autotune) a replay allocates from the pool its recording made: the
     compile providers' memory is marked not measured instead of reading near zero (an H100 run read 83 MB peak for

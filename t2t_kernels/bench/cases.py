@@ -73,6 +73,9 @@ class Settings:
     checkpointing: bool = True
     timm: bool = False  # add timm's vit_small_patch16_224 (when timm imports)
     providers: tuple[str, ...] | None = None  # run only these providers (None: all)
+    # the train steps' AdamW: "fused" (one kernel over all parameters, as examples/train.py steps) or "foreach"
+    # (torch's default: a launch per chunk of tensors; the runs recorded before 2026-11-28 took it)
+    optimizer: str = "fused"
 
     @classmethod
     def defaults(cls, device: str | torch.device | None = None, **overrides) -> "Settings":
@@ -91,7 +94,7 @@ class Settings:
         return {"device": str(self.device), "dtype": dtype_name(self.dtype), "batch": self.batch,
                 "img_size": list(self.img_size), "models": list(self.models), "compile": self.compile,
                 "compile_backend": self.compile_backend, "compile_mode": self.compile_mode,
-                "checkpointing": self.checkpointing, "timm": self.timm,
+                "checkpointing": self.checkpointing, "timm": self.timm, "optimizer": self.optimizer,
                 **({"providers": list(self.providers)} if self.providers else {})}
 
 
@@ -541,6 +544,10 @@ def op_cases(settings: Settings, ops=("soft_split", "performer_attention"), pass
     return cases
 
 
+# the train steps' AdamW implementations (Settings.optimizer)
+OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}}
+
+
 # ---- model cases -----------------------------------------------------------------------------------------------
 def autocast(settings: Settings):
     enabled = settings.dtype != torch.float32
@@ -550,7 +557,7 @@ def autocast(settings: Settings):
 def _train_step(module, images, loss_fn, settings: Settings) -> Workload:
     """AdamW step: zero grads (set to None), forward + loss under autocast, backward, step (fp16: GradScaler)."""
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, **OPTIMIZERS[settings.optimizer])
     scaler = torch.amp.GradScaler(settings.device.type) if settings.dtype == torch.float16 else None
 
     def forward_loss():

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the compile providers (default: torch's; 'reduce-overhead' replays CUDA "
                         "graphs, for steps whose GPU waits on the host)")
+    p.add_argument("--optimizer", choices=("fused", "foreach"), default=None,
+                   help="the train steps' AdamW: fused (the default: one kernel over all parameters, as "
+                        "examples/train.py) or foreach (torch's default, which the runs before 2026-11-28 took)")
     p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing providers")
     p.add_argument("--timm", action=argparse.BooleanOptionalAction, default=None,
                    help="add timm's vit_small_patch16_224 (default: on for GPU runs)")
@@ -87,7 +90,7 @@ def settings_from_args(args):
     return Settings.defaults(
         args.device, dtype=DTYPES[args.dtype] if args.dtype else None, batch=args.batch, img_size=args.img_size,
         models=args.model, compile=not args.no_compile, compile_backend=args.compile_backend,
-        compile_mode=args.compile_mode,
+        compile_mode=args.compile_mode, optimizer=args.optimizer,
         checkpointing=not args.no_checkpointing, timm=args.timm,
         providers=_names(getattr(args, "providers", None)) or None)
 

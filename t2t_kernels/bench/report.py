@@ -71,9 +71,11 @@ def skipped_lines(result: dict) -> list[str]:
     return [f"skipped {provider} ({n} case{'s' if n > 1 else ''}): {reason}" for (provider, reason), n in seen.items()]
 
 
-def compile_text(settings: dict) -> str:
+def settings_text(settings: dict) -> str:
+    """The compile backend and mode, and the train steps' AdamW (foreach in the JSONs from before the setting)."""
     mode = settings.get("compile_mode")
-    return f"compile backend {settings['compile_backend']}" + (f" (mode {mode})" if mode else "")
+    return (f"compile backend {settings['compile_backend']}" + (f" (mode {mode})" if mode else "")
+            + f"; train steps' AdamW {settings.get('optimizer', 'foreach')}")
 
 
 def header_lines(result: dict) -> list[str]:
@@ -84,7 +86,7 @@ def header_lines(result: dict) -> list[str]:
         f"device: {m['device_name']}  |  torch {m['torch']}  triton {m.get('triton')}  CUDA {m.get('cuda')}  "
         f"t2t_kernels {m['t2t_kernels']} (extension {'loaded' if m['extension_loaded'] else 'not loaded'})",
         f"date: {m['date']}  |  dtype {s['dtype']}  batch {s['batch']}  image {s['img_size'][0]}x{s['img_size'][1]}  "
-        + compile_text(s),
+        + settings_text(s),
         f"copy bandwidth (measured in this run): {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})",
     ] + note_lines(result)
 
@@ -171,7 +173,7 @@ def markdown(result: dict, note: str | None = None) -> str:
         f"- device: {m['device_name']}; torch {m['torch']}, triton {m.get('triton')}, CUDA {m.get('cuda')}, "
         f"t2t_kernels {m['t2t_kernels']} (extension {'loaded' if m['extension_loaded'] else 'not loaded'}), "
         f"Python {m['python']}" + (f", git {m['git']}" if m.get("git") else ""),
-        f"- date: {m['date']} (UTC); {compile_text(s)}; timing: median of per-call times, "
+        f"- date: {m['date']} (UTC); {settings_text(s)}; timing: median of per-call times, "
         "p20-p80 in brackets, providers interleaved",
         f"- copy bandwidth measured in the same run: {bw['bytes_per_s'] / 1e9:.1f} GB/s (`torch.clone`, "
         f"{bw['tensor_bytes'] / MB:.0f} MB)",
