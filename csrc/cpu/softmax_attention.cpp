@@ -73,7 +73,7 @@ T2T_INLINE void pack_keys(const acc_t* k, int64_t ks, int64_t N, int64_t D, acc_
 }
 
 // s[0, n) = exp(s - max(s)) in place, returns 1 / sum; s has whole vectors up to n rounded up (the padded keys),
-// which the exp pass covers with the lanes past n at -inf (exp gives 0 there). A NaN in the row gives a NaN row,
+// which the passes read whole, with the lanes past n at -inf (exp gives 0 there). A NaN in the row gives a NaN row,
 // an all -inf row (every key masked off) NaN too (inf - inf), as torch's softmax.
 template <class I, typename acc_t>
 T2T_INLINE acc_t softmax_row(acc_t* s, int64_t n, const ScaledExp<acc_t, I::kBytes>& exp1) {
@@ -81,18 +81,19 @@ T2T_INLINE acc_t softmax_row(acc_t* s, int64_t n, const ScaledExp<acc_t, I::kByt
   using vec = typename S::vec;
   constexpr int L = S::kLanes;
   const int64_t full = n / L * L;
-  vec tail = vec{} - std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = full; j < n; ++j) tail[j - full] = s[j];
-  vec mv = tail;
-  for (int64_t j = 0; j < full; j += L) {
-    const vec v = S::load(s + j);
-    mv = v > mv ? v : mv;
-  }
-  acc_t m = mv[0];
-  for (int i = 1; i < L; ++i) m = mv[i] > m ? mv[i] : m;
-  const vec mvec = vec{} + m;
+  const vec minus_inf = vec{} - std::numeric_limits<acc_t>::infinity();
+  const vec tail = full < n ? lanes_below<acc_t, I::kBytes>(S::load(s + full), n - full, minus_inf) : minus_inf;
+  // four running maxima, then halving: one chain of compares, vector after vector and then lane after lane, made
+  // the max the op's slowest part after its products
+  vec mx[4] = {tail, tail, tail, tail};
+  int64_t j = 0;
+  for (; j + 4 * L <= full; j += 4 * L)
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) mx[u] = vmax(S::load(s + j + u * L), mx[u]);
+  for (; j < full; j += L) mx[0] = vmax(S::load(s + j), mx[0]);
+  const vec mvec = vec{} + hmax<acc_t, I::kBytes>(vmax(vmax(mx[0], mx[1]), vmax(mx[2], mx[3])));
   vec sum = vec{};
-  for (int64_t j = 0; j < full; j += L) {
+  for (j = 0; j < full; j += L) {
     const vec e = exp1(S::load(s + j) - mvec);
     S::store(s + j, e);
     sum += e;

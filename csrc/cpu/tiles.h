@@ -121,6 +121,38 @@ struct Simd {
   static T2T_INLINE void store(acc_t* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
 };
 
+// lane-wise max (a NaN in a is passed over, one in b kept)
+template <typename vec>
+T2T_INLINE vec vmax(vec a, vec b) {
+  return a > b ? a : b;
+}
+
+// the largest lane, halving the vector each step
+template <typename acc_t, int Bytes>
+T2T_INLINE acc_t hmax(typename Simd<acc_t, Bytes>::vec v) {
+  if constexpr (Bytes > 16) {
+    typename Simd<acc_t, Bytes / 2>::vec lo, hi;
+    std::memcpy(&lo, &v, Bytes / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return hmax<acc_t, Bytes / 2>(vmax(lo, hi));
+  } else {
+    acc_t m = v[0];
+    for (int i = 1; i < Simd<acc_t, Bytes>::kLanes; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+  }
+}
+
+// v's first `count` lanes, the rest from fill
+template <typename acc_t, int Bytes>
+T2T_INLINE typename Simd<acc_t, Bytes>::vec lanes_below(typename Simd<acc_t, Bytes>::vec v, int64_t count,
+                                                        typename Simd<acc_t, Bytes>::vec fill) {
+  using lane_t = std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t>;
+  typedef lane_t ivec __attribute__((vector_size(Bytes)));
+  ivec index;
+  for (int i = 0; i < Simd<acc_t, Bytes>::kLanes; ++i) index[i] = i;
+  return index < static_cast<lane_t>(count) ? v : fill;
+}
+
 // sum of the lanes, halving the vector each step (fixed order)
 template <typename acc_t, int Bytes>
 T2T_INLINE acc_t hsum(typename Simd<acc_t, Bytes>::vec v) {
