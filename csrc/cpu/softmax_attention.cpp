@@ -92,8 +92,17 @@ T2T_INLINE acc_t softmax_row(acc_t* s, int64_t n, const ScaledExp<acc_t, I::kByt
     for (int u = 0; u < 4; ++u) mx[u] = vmax(S::load(s + j + u * L), mx[u]);
   for (; j < full; j += L) mx[0] = vmax(S::load(s + j), mx[0]);
   const vec mvec = vec{} + hmax<acc_t, I::kBytes>(vmax(vmax(mx[0], mx[1]), vmax(mx[2], mx[3])));
+  // the exponentials four vectors at a time (each_vector), summed in order
   vec sum = vec{};
-  for (j = 0; j < full; j += L) {
+  for (j = 0; j + 4 * L <= full; j += 4 * L) {
+    vec e[4];
+    each_vector<4>([&](int u) { e[u] = exp1(S::load(s + j + u * L) - mvec); });
+    each_vector<4>([&](int u) {
+      S::store(s + j + u * L, e[u]);
+      sum += e[u];
+    });
+  }
+  for (; j < full; j += L) {
     const vec e = exp1(S::load(s + j) - mvec);
     S::store(s + j, e);
     sum += e;

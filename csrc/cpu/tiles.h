@@ -153,6 +153,15 @@ T2T_INLINE typename Simd<acc_t, Bytes>::vec lanes_below(typename Simd<acc_t, Byt
   return index < static_cast<lane_t>(count) ? v : fill;
 }
 
+// f(0), ..., f(U - 1), unrolled: one step of a computation over U independent vectors. Written step by step across
+// the vectors, a long chain (a polynomial, an exp) runs U at a time; one vector's chain after another's leaves the
+// core waiting on each step's latency.
+template <int U, class F>
+T2T_INLINE void each_vector(F&& f) {
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u) f(u);
+}
+
 // sum of the lanes, halving the vector each step (fixed order)
 template <typename acc_t, int Bytes>
 T2T_INLINE acc_t hsum(typename Simd<acc_t, Bytes>::vec v) {
