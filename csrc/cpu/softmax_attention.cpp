@@ -8,7 +8,7 @@
 // kRows queries at a time through the whole chain in cache: S = Q K^T (read straight from qkv), the row softmax in
 // place (max, exp, sum; vectorised), and out = S V / sum written straight into the merged-heads output. Nothing of
 // size (N, N) reaches memory and q, k, v are read in place. At T2T-ViT-14's 197 tokens (B=8, 2-core CPU) it took
-// 2.38 ms against 2.69 for torch's SDPA on the heads' views (the recorded CPU bench). Every row is computed by one
+// 2.38 ms against 2.96 for torch's SDPA on the heads' views (the op bench, 2026-11-28). Every row is computed by one
 // task in a fixed order, so the result does not depend on the number of threads. Math in the input dtype (float32
 // or float64); bfloat16 (CPU autocast's qkv) in float32: the head's keys, values and each block of queries are
 // widened into the scratch, the output rounded once on the way out.

@@ -6,7 +6,8 @@
 The cpp kernel (csrc/cpu/softmax_attention.cpp) takes one head of one image at a time: its keys (transposed,
 scaled) and values packed in cache, then blocks of queries through scores, the row softmax and the value product,
 written straight into the merged heads. q, k, v are read in place from qkv; nothing of size (N, N) reaches memory.
-At the backbone's 197 tokens (T2T-ViT-14, B=8 on a 2-core CPU) it took 2.38 ms against SDPA's 2.69 (BENCHMARKS.md).
+At the backbone's 197 tokens (T2T-ViT-14, B=8 on a 2-core CPU) it took 2.38 ms against SDPA's 2.96 (op bench,
+2026-11-28).
 Backends: "eager" (reference.py: F.scaled_dot_product_attention, what the layers run) and "cpp" (fp32 and fp64,
 and bf16 computed in fp32: CPU autocast's qkv); "auto" picks cpp for CPU tensors it supports and eager otherwise.
 
