@@ -127,19 +127,26 @@ T2T_INLINE vec vmax(vec a, vec b) {
   return a > b ? a : b;
 }
 
-// the largest lane, halving the vector each step
-template <typename acc_t, int Bytes>
-T2T_INLINE acc_t hmax(typename Simd<acc_t, Bytes>::vec v) {
+// v's two halves combined lane-wise by op, again and again down to 16 bytes
+template <typename acc_t, int Bytes, class Op>
+T2T_INLINE typename Simd<acc_t, 16>::vec fold_halves(typename Simd<acc_t, Bytes>::vec v, Op op) {
   if constexpr (Bytes > 16) {
     typename Simd<acc_t, Bytes / 2>::vec lo, hi;
     std::memcpy(&lo, &v, Bytes / 2);
     std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
-    return hmax<acc_t, Bytes / 2>(vmax(lo, hi));
+    return fold_halves<acc_t, Bytes / 2>(op(lo, hi), op);
   } else {
-    acc_t m = v[0];
-    for (int i = 1; i < Simd<acc_t, Bytes>::kLanes; ++i) m = v[i] > m ? v[i] : m;
-    return m;
+    return v;
   }
+}
+
+// the largest lane, halving the vector each step
+template <typename acc_t, int Bytes>
+T2T_INLINE acc_t hmax(typename Simd<acc_t, Bytes>::vec v) {
+  const auto m16 = fold_halves<acc_t, Bytes>(v, [](auto a, auto b) { return vmax(a, b); });
+  acc_t m = m16[0];
+  for (int i = 1; i < Simd<acc_t, 16>::kLanes; ++i) m = m16[i] > m ? m16[i] : m;
+  return m;
 }
 
 // v's first `count` lanes, the rest from fill
@@ -164,20 +171,16 @@ T2T_INLINE void each_vector(F&& f) {
 
 // sum of the lanes, halving the vector each step (fixed order)
 template <typename acc_t, int Bytes>
-T2T_INLINE acc_t hsum(typename Simd<acc_t, Bytes>::vec v) {
-  if constexpr (Bytes > 16) {
-    typename Simd<acc_t, Bytes / 2>::vec lo, hi;
-    std::memcpy(&lo, &v, Bytes / 2);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
-    return hsum<acc_t, Bytes / 2>(lo + hi);
-  } else if constexpr (sizeof(acc_t) == 4) {
+T2T_INLINE acc_t hsum(typename Simd<acc_t, Bytes>::vec v_in) {
+  auto v = fold_halves<acc_t, Bytes>(v_in, [](auto a, auto b) { return a + b; });
+  if constexpr (sizeof(acc_t) == 4) {
     typedef int32_t ivec __attribute__((vector_size(16)));
     v += __builtin_shuffle(v, ivec{2, 3, 0, 1});
     v += __builtin_shuffle(v, ivec{1, 0, 3, 2});
     return v[0];
   } else {
     acc_t s = 0;
-    for (int i = 0; i < Simd<acc_t, Bytes>::kLanes; ++i) s += v[i];
+    for (int i = 0; i < Simd<acc_t, 16>::kLanes; ++i) s += v[i];
     return s;
   }
 }
