@@ -520,6 +520,7 @@ int64_t split_norm_linear_scratch(const Geometry& g, int64_t N, int64_t Np) {
 // at the model's 147 -> 192 and 576 -> 192), the instruction set's usual tile otherwise
 template <class I>
 constexpr int kSplitNormLinearCols = std::is_same_v<I, IsaAvx512> ? 3 : I::C1;
+constexpr int64_t kL1PanelBytes = 32 << 10;  // a column panel of W^T at most this size stays in L1 (48 KB and up)
 
 template <class I>
 struct SplitNormLinearTask {
@@ -535,10 +536,16 @@ struct SplitNormLinearTask {
     T* dst = a->out + r0 * g.ow * N;
     const bool direct = N == Np;
     Prefetcher none;
-    gemm_tiles<I, I::R1, kSplitNormLinearCols<I>, Epilogue::kPlusX>(tokens, F, n, F, a->wt, Np, Np,
-                                                                    direct ? dst : staged, direct ? N : Np,
-                                                                    static_cast<const T*>(nullptr), a->bias, 0, none,
-                                                                    false);
+    // one tile's column panel of W^T at a time over all the tokens where the panel fits in L1 (stage 0's 147 x 48:
+    // 4-7% faster than sweeping every panel for each row tile), else every panel per row tile (stage 1's 576 x 48
+    // fits neither way: the same time)
+    const int64_t panel = kSplitNormLinearCols<I> * Simd<T, I::kBytes>::kLanes;
+    const int64_t cols = F * panel * static_cast<int64_t>(sizeof(T)) <= kL1PanelBytes ? panel : Np;
+    T* out = direct ? dst : staged;
+    for (int64_t c0 = 0; c0 < Np; c0 += cols)
+      gemm_tiles<I, I::R1, kSplitNormLinearCols<I>, Epilogue::kPlusX>(tokens, F, n, F, a->wt + c0, Np, cols, out + c0,
+                                                                      direct ? N : Np, static_cast<const T*>(nullptr),
+                                                                      a->bias + c0, 0, none, false);
     if (!direct)
       for (int64_t t = 0; t < n; ++t) std::copy_n(staged + t * Np, N, dst + t * N);
   }
