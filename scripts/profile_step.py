@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository's package
 
-from t2t_kernels.bench.cases import model_cases  # noqa: E402
+from t2t_kernels.bench.cases import OPTIMIZERS, model_cases  # noqa: E402
 from t2t_kernels.__main__ import _device  # noqa: E402
 from t2t_kernels.bench.cli import DTYPES, settings_from_args  # noqa: E402
 from t2t_kernels.bench.runner import profile_calls  # noqa: E402
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    p.add_argument("--optimizer", choices=("fused", "foreach"), default=None, help="the step's AdamW (bench's)")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="the step's AdamW (bench's)")
     p.add_argument("--out", default=None, help="folder for the full tables and Chrome traces")
     args = p.parse_args(argv)
     model = args.case.split("/")[0].split(".")[0]

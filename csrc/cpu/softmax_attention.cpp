@@ -87,9 +87,7 @@ T2T_INLINE acc_t softmax_row(acc_t* s, int64_t n, const ScaledExp<acc_t, I::kByt
   // the max the op's slowest part after its products
   vec mx[4] = {tail, tail, tail, tail};
   int64_t j = 0;
-  for (; j + 4 * L <= full; j += 4 * L)
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) mx[u] = vmax(S::load(s + j + u * L), mx[u]);
+  for (; j + 4 * L <= full; j += 4 * L) each_vector<4>([&](int u) { mx[u] = vmax(S::load(s + j + u * L), mx[u]); });
   for (; j < full; j += L) mx[0] = vmax(S::load(s + j), mx[0]);
   const vec mvec = vec{} + hmax<acc_t, I::kBytes>(vmax(vmax(mx[0], mx[1]), vmax(mx[2], mx[3])));
   // the exponentials four vectors at a time (each_vector), summed in order

@@ -27,6 +27,7 @@ def _models(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..__main__ import _device, _img_size
+    from .cases import OPTIMIZERS
 
     p = argparse.ArgumentParser(prog="python -m t2t_kernels bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the compile providers (default: torch's; 'reduce-overhead' replays CUDA "
                         "graphs, for steps whose GPU waits on the host)")
-    p.add_argument("--optimizer", choices=("fused", "foreach"), default=None,
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None,
                    help="the train steps' AdamW: fused (the default: one kernel over all parameters, as "
                         "examples/train.py) or foreach (torch's default, which the runs before 2026-11-28 took)")
     p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing providers")
