@@ -122,6 +122,8 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
         return x
     keep = 1.0 - drop_prob
     mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    if keep == 0.0:  # every sample dropped: x / 0 would turn the zeros into NaN
+        return x * mask
     return x.div(keep) * mask
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_PREFIXES = ("module.",)  # DataParallel / DDP wrappers
+_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP wrappers, torch.compile's OptimizedModule
 _RENAMES = (("patch_embed.", "tokens_to_token."),)  # timm's port of the model
 _HEAD_KEYS = ("head.weight", "head.bias")
 
@@ -130,10 +130,14 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_gri
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
         raise CheckpointError(f"pos_embed must be (1, 1 + N, E), got {tuple(pos_embed.shape)}")
     n_old = pos_embed.shape[1] - 1
+    if old_grid is not None and (not isinstance(old_grid, (tuple, list)) or len(old_grid) != 2 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in old_grid)):
+        raise TypeError(f"old_grid must be a pair of positive ints (h, w), got {old_grid!r}")
     if old_grid is None:
         side = math.isqrt(n_old)
         if side * side != n_old:
-            raise CheckpointError(f"pos_embed has {n_old} grid tokens, not a square grid; pass old_grid=(h, w)")
+            raise CheckpointError(f"pos_embed has {n_old} grid tokens, not a square grid; pass the "
+                                  "checkpoint's token grid as old_grid=(h, w)")
         old_grid = (side, side)
     if old_grid[0] * old_grid[1] != n_old:
         raise CheckpointError(f"old_grid {old_grid} does not match the {n_old} grid tokens of pos_embed")
@@ -145,12 +149,15 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_gri
     return torch.cat([cls_pos, grid], dim=1)
 
 
-def adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, set]:
-    """Fits a checkpoint to the model: drops a head of another size, resizes pos_embed to the model's grid, and
-    raises on any other shape mismatch. Returns the state dict and the keys it dropped on purpose."""
+def adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor],
+                     old_grid: tuple[int, int] | None = None) -> tuple[dict, set]:
+    """Fits a checkpoint to the model: drops a head of another size (or the model's head when the checkpoint has
+    none: a backbone), resizes pos_embed to the model's grid (the checkpoint's token grid is old_grid, square when
+    None), and raises on any other shape mismatch. Returns the state dict and the keys it dropped on purpose."""
     own = model.state_dict()
     state, dropped = dict(state), set()
-    head_differs = any(k in state and (k not in own or own[k].shape != state[k].shape) for k in _HEAD_KEYS)
+    head_differs = any(k in state and (k not in own or own[k].shape != state[k].shape) for k in _HEAD_KEYS) or (
+        not any(k in state for k in _HEAD_KEYS) and any(k in own for k in _HEAD_KEYS))
     if head_differs:
         dropped = {k for k in _HEAD_KEYS if k in state or k in own}
         for k in _HEAD_KEYS:
@@ -161,7 +168,7 @@ def adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[
                 f"pos_embed width {state['pos_embed'].shape[-1]} does not match the model's embed_dim "
                 f"{own['pos_embed'].shape[-1]}: the checkpoint is for another variant"
             )
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.tokens_to_token.grid_size)
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.tokens_to_token.grid_size, old_grid)
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if k in own and v.shape != own[k].shape]
     if mismatched:
@@ -169,16 +176,32 @@ def adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[
     return state, dropped
 
 
-def load_pretrained(model: nn.Module, path, use_ema: bool = True, strict: bool = True):
-    """Load an official T2T-ViT checkpoint (.pth.tar with state_dict / state_dict_ema, keys with or without
-    `module.`, timm's `patch_embed.` naming), a plain state dict, or a .safetensors file into ``model``.
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside (Distributed)DataParallel and torch.compile, whose state dicts prefix its keys."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
-    The head is dropped (and stays freshly initialised) when num_classes differs; pos_embed is resized for another
-    image size. The file is read with weights_only=True, so no code from it runs. With strict=True, missing or
-    unexpected keys raise an error that lists them. Returns (missing_keys, unexpected_keys).
+
+def load_pretrained(model: nn.Module, path, use_ema: bool = True, strict: bool = True,
+                    old_grid: tuple[int, int] | None = None):
+    """Load an official T2T-ViT checkpoint (.pth.tar with state_dict / state_dict_ema, keys with or without
+    `module.` or `_orig_mod.`, timm's `patch_embed.` naming), a plain state dict, or a .safetensors file into
+    ``model`` (or the model inside DDP or torch.compile).
+
+    The head is dropped (and stays freshly initialised) when num_classes differs or the checkpoint has none;
+    pos_embed is resized for another image size. A checkpoint trained at a non-square size needs its token grid,
+    old_grid=(H // 16, W // 16) of that size (the file does not record it; None: square). The file is read with
+    weights_only=True, so no code from it runs. With strict=True, missing or unexpected keys raise an error that
+    lists them. Returns (missing_keys, unexpected_keys).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_pretrained: model must be an nn.Module (a T2TViT), got {type(model).__name__}")
+    model = _unwrapped(model)
     state = extract_state_dict(read_checkpoint(path), use_ema=use_ema)
     own = model.state_dict()
     if not own.keys() & state.keys():
@@ -186,7 +209,7 @@ def load_pretrained(model: nn.Module, path, use_ema: bool = True, strict: bool =
             f"checkpoint {os.fspath(path)!r} shares no key with the model: it is not a T2T-ViT checkpoint "
             f"(its first keys: {sorted(state)[:6]}; the model's: {list(own)[:6]})"
         )
-    state, dropped = adapt_state_dict(model, state)
+    state, dropped = adapt_state_dict(model, state, old_grid)
     # every check before the first copy: a load that raises leaves the model as it was, not half loaded
     missing = [k for k in own if k not in state and k not in dropped]
     unexpected = [k for k in state if k not in own]

@@ -7,6 +7,7 @@ fused kernels (``backend``), timm-style helpers, and a checkpoint loader that ne
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 from torch import nn
@@ -39,17 +40,28 @@ def get_sinusoid_encoding(n_position: int, d_hid: int) -> torch.Tensor:
 
 def to_img_size(img_size) -> tuple[int, int]:
     """int or (H, W) -> (H, W), both positive multiples of 16 (the T2T module downsamples by 4, 2, 2)."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size) if isinstance(
+    size = (img_size, img_size) if _is_int(img_size) else tuple(img_size) if isinstance(
         img_size, (tuple, list)) else None
-    if size is None or len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
+    if size is None or len(size) != 2 or not all(map(_is_int, size)):
         raise TypeError(f"img_size must be an int or a pair of ints (H, W), got {img_size!r}")
+    size = tuple(map(int, size))
     if any(s < 16 or s % 16 for s in size):
         raise ValueError(f"img_size sides must be positive multiples of 16, got img_size={img_size!r}")
     return size
 
 
+def _is_int(value) -> bool:
+    """An int, numpy's integers included; not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """An int or a float, numpy's included; not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_int(name: str, value, minimum: int, why: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not _is_int(value) or value < minimum:
         expected = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"{name} must be {expected}{why}, got {value!r}")
 
@@ -87,12 +99,17 @@ class T2TViT(nn.Module):
         _check_int("token_dim", token_dim, 2 if tokens_type == "performer" else 1,
                    " for tokens_type='performer' (it uses token_dim // 2 random features)" if tokens_type == "performer"
                    else "")
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < float("inf"):
+        if not _is_real(mlp_ratio) or not 0 < mlp_ratio < float("inf"):
             raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
         for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
                            ("drop_path_rate", drop_path_rate)):
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            if not _is_real(rate) or not 0 <= rate <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {rate!r}")
+        # plain Python numbers from here on (numpy's pass the checks)
+        num_classes, in_chans, embed_dim, depth, num_heads, token_dim = map(
+            int, (num_classes, in_chans, embed_dim, depth, num_heads, token_dim))
+        mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate = map(
+            float, (mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate))
         self.img_size = to_img_size(img_size)
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -145,9 +162,11 @@ class T2TViT(nn.Module):
             _trunc_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.zeros_(m.bias)
-            nn.init.ones_(m.weight)
+        elif isinstance(m, nn.LayerNorm):  # (elementwise_affine=False or bias=False: no such parameter)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
 
     # ---- timm-style helpers -------------------------------------------------------------------------------------
     @torch.jit.ignore
@@ -173,9 +192,11 @@ class T2TViT(nn.Module):
     def get_classifier(self):
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: str = ""):
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+        _check_int("num_classes", num_classes, 0)
+        if global_pool not in (None, "", "token"):  # the official head reads the class token only
+            raise ValueError(f"global_pool must be None, '' or 'token' (the class token), got {global_pool!r}")
+        num_classes = int(num_classes)
         self.num_classes = num_classes
         ref = self.cls_token  # (the norm may be pruned away)
         self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
@@ -395,11 +416,14 @@ __all__ = ["T2TViT", "T2T_ViT", "VARIANTS", "create_model", "list_models", "regi
 
 def _timm_entrypoint(name: str):
     """timm.create_model's entry for a variant. timm passes every entry its pretrained-config arguments (dropped
-    here: there are no hub weights, so pretrained=True raises and a checkpoint path loads) and may pass device and
+    here: there are no hub weights, so pretrained=True raises unless pretrained_cfg_overlay names a local "file", and a
+    checkpoint path loads) and may pass device and
     dtype; features_only=True wraps the model in timm's FeatureGetterNet, which reads forward_intermediates (out_indices
     as there: the last n blocks for an int n, 3 by default as for timm's ViTs)."""
     def entry(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, device=None,
               dtype=None, features_only=False, out_indices=3, output_fmt="NCHW", **kwargs) -> nn.Module:
+        if pretrained is True and (pretrained_cfg_overlay or {}).get("file"):  # timm's way to name a local file
+            pretrained = pretrained_cfg_overlay["file"]
         with torch.device(device) if device is not None else contextlib.nullcontext():
             model = create_model(name, pretrained=pretrained, **kwargs)
         if dtype is not None:

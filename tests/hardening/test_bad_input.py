@@ -285,6 +285,10 @@ CONSTRUCTOR_TABLE = [
     ("set-backend", lambda: T2TViT(img_size=32, **SMALL).set_backend("fast"), ValueError, ["backend", "'fast'"]),
     ("reset-classifier", lambda: T2TViT(img_size=32, **SMALL).reset_classifier(-2), ValueError,
      ["num_classes", "non-negative"]),
+    ("reset-classifier-bool", lambda: T2TViT(img_size=32, **SMALL).reset_classifier(True), ValueError,
+     ["num_classes", "non-negative int", "True"]),
+    ("reset-classifier-pool", lambda: T2TViT(img_size=32, **SMALL).reset_classifier(3, global_pool="avg"),
+     ValueError, ["global_pool", "class token", "'avg'"]),
 ]
 
 

@@ -85,6 +85,51 @@ def test_other_image_size_resizes_pos_embed(tmp_path, source):
         torch.testing.assert_close(model.pos_embed[:, 1:], expected)
 
 
+def test_backbone_checkpoint_loads_into_a_model_with_a_head(tmp_path, source):
+    """A num_classes=0 checkpoint (a backbone) into a classifier: strict load, the fresh head kept."""
+    backbone = t2t_kernels.t2t_vit_7(img_size=32, num_classes=0)
+    backbone.load_state_dict({k: v for k, v in source.state_dict().items() if not k.startswith("head.")})
+    path = tmp_path / "backbone.pth"
+    torch.save(backbone.state_dict(), path)
+    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=10)
+    fresh_head = model.head.weight.clone()
+    assert load_pretrained(model, path) == ([], [])
+    assert torch.equal(model.head.weight, fresh_head)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert t2t_kernels.t2t_vit_7(pretrained=str(path), img_size=32, num_classes=10) is not None
+
+
+def test_non_square_checkpoint_grid(tmp_path):
+    """A checkpoint trained at (32, 64) (a 2 x 4 token grid): its grid named by old_grid, resized as that grid."""
+    source = _randomised(t2t_kernels.t2t_vit_7(img_size=(32, 64)))
+    path = tmp_path / "wide.pth"
+    torch.save(source.state_dict(), path)
+    model = t2t_kernels.t2t_vit_7(img_size=64)
+    with pytest.raises(CheckpointError, match="old_grid"):  # 8 grid tokens: not square, so not guessed
+        load_pretrained(model, path)
+    assert load_pretrained(model, path, old_grid=(2, 4)) == ([], [])
+    torch.testing.assert_close(model.pos_embed, resize_pos_embed(source.pos_embed, (4, 4), old_grid=(2, 4)))
+    expected = torch.nn.functional.interpolate(
+        source.pos_embed[:, 1:].reshape(1, 2, 4, 256).permute(0, 3, 1, 2), size=(4, 4), mode="bicubic",
+        align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, 256)
+    torch.testing.assert_close(model.pos_embed[:, 1:], expected)
+    with pytest.raises(TypeError, match="old_grid must be a pair of positive ints"):
+        load_pretrained(model, path, old_grid=8)
+
+
+def test_state_of_a_compiled_or_wrapped_model(tmp_path, source):
+    """torch.compile's `_orig_mod.` keys load, and into a compiled model too (its T2TViT gets the weights)."""
+    path = tmp_path / "compiled.pth"
+    torch.save({f"_orig_mod.{k}": v for k, v in source.state_dict().items()}, path)
+    model = t2t_kernels.t2t_vit_7(img_size=32)
+    assert load_pretrained(model, path) == ([], [])
+    compiled = torch.compile(t2t_kernels.t2t_vit_7(img_size=32))  # not run: only its wrapper matters
+    assert load_pretrained(compiled, path) == ([], [])
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+        assert torch.equal(compiled._orig_mod.state_dict()[k], v), k
+
+
 def test_resize_pos_embed_same_grid_is_identity_and_errors():
     pos = torch.randn(1, 1 + 12, 8)
     torch.testing.assert_close(resize_pos_embed(pos, (3, 4), old_grid=(3, 4)), pos)

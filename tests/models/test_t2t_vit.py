@@ -1,6 +1,8 @@
 import copy
 import math
+from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from official_forward import official_forward
@@ -140,6 +142,42 @@ def test_timm_style_helpers():
     assert model(x).shape == (2, 5) and model.default_cfg["num_classes"] == 5
     model.reset_classifier(0)
     assert model(x).shape == (2, 256)
+    model.reset_classifier(np.int64(3), global_pool="token")
+    assert model(x).shape == (2, 3) and type(model.num_classes) is int
+
+
+def test_numpy_numbers_are_accepted():
+    """Sizes and rates from a numpy config (np.int64, np.float32) build the same model as Python's numbers."""
+    torch.manual_seed(0)
+    ours = t2t_kernels.t2t_vit_7(img_size=np.int64(32), num_classes=np.int64(4), drop_path_rate=np.float32(0.1))
+    torch.manual_seed(0)
+    plain = t2t_kernels.t2t_vit_7(img_size=32, num_classes=4, drop_path_rate=0.1)
+    assert ours.img_size == (32, 32) and all(type(s) is int for s in ours.img_size)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), plain.state_dict().values()))
+
+
+def test_drop_path_rate_one_drops_every_residual_branch():
+    """drop_path_rate=1 (the last block's rate): that block's branches are all dropped, not NaN (x / 0 * 0)."""
+    model = t2t_kernels.t2t_vit_7(img_size=32, num_classes=3, drop_path_rate=1.0).train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    block = model.blocks[-1]  # rate 1: its output is its input
+    tokens = torch.randn(2, 5, 256)
+    assert torch.equal(block(tokens), tokens)
+
+
+@pytest.mark.parametrize("norm_layer", [partial(torch.nn.LayerNorm, elementwise_affine=False),
+                                        partial(torch.nn.LayerNorm, bias=False)], ids=["no-affine", "no-bias"])
+def test_norm_layer_without_affine_parameters(norm_layer):
+    """A LayerNorm without weight or bias builds (init skips what is not there) and agrees across backends."""
+    torch.manual_seed(0)
+    fused = t2t_kernels.t2t_vit_7(img_size=32, norm_layer=norm_layer).eval()
+    eager = t2t_kernels.t2t_vit_7(img_size=32, norm_layer=norm_layer, backend="eager").eval()
+    eager.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-4, atol=1e-5)
 
 
 # the first T2T layer's norm1 and kqv weight: without checkpointing (lean pairs) their gradients come from the

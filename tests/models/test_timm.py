@@ -53,6 +53,10 @@ def test_timm_pretrained_is_a_local_checkpoint(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
     with pytest.raises(ValueError, match="pretrained=True: there is nothing to download"):
         timm.create_model("t2t_vit_7", pretrained=True)
+    # timm's way to name a local file for pretrained=True
+    model = timm.create_model("t2t_vit_7", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                              num_classes=4, img_size=32)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
 
 
 def test_timm_device_and_dtype():
