@@ -62,7 +62,9 @@ inline bool onednn_wanted() {
 // whether x's products may go through oneDNN: float32 on the CPU, torch has it, and T2T_ONEDNN (onednn_wanted)
 // and torch.backends.mkldnn.enabled allow it
 inline bool onednn_enabled_for(const at::Tensor& x) {
-  return linear_pointwise(false) && x.device().is_cpu() && x.scalar_type() == at::kFloat && at::hasMKLDNN() &&
+  // (oneDNN has no primitive for an empty reduction: x's last dimension 0 takes ATen's product)
+  return linear_pointwise(false) && x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() > 0 &&
+         x.size(-1) > 0 && at::hasMKLDNN() &&
          at::globalContext().userEnabledMkldnn() && onednn_wanted();
 }
 
@@ -73,18 +75,23 @@ inline at::Tensor call_linear_pointwise(bool binary, std::vector<c10::IValue> ar
   return stack.back().toTensor();
 }
 
+// the bias as oneDNN reads it: dense (it ignores a bias's strides: an expanded or strided one would be misread)
+inline c10::IValue dense_bias(const at::Tensor& b) {
+  return b.defined() ? c10::IValue(b.contiguous()) : c10::IValue();
+}
+
 // x W^T + b (b may be undefined), then epilogue "none" or "gelu" (exact, erf). W may be a transposed view.
 inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                 const char* epilogue = "none") {
   const bool gelu = std::string(epilogue) == "gelu";
-  return call_linear_pointwise(false, {x, w, b.defined() ? c10::IValue(b) : c10::IValue(), std::string(epilogue),
+  return call_linear_pointwise(false, {x, w, dense_bias(b), std::string(epilogue),
                                        c10::List<std::optional<at::Scalar>>(), std::string(gelu ? "none" : "")});
 }
 
 // x W^T + b + other
 inline at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other, const at::Tensor& w,
                                     const at::Tensor& b) {
-  return call_linear_pointwise(true, {x, other, w, b, std::string("add")});
+  return call_linear_pointwise(true, {x, other, w, dense_bias(b), std::string("add")});
 }
 
 }  // namespace t2t_kernels

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._extension import EXTENSION_ERROR, EXTENSION_LOADED, has_kernel
+from ._registry import autocast_enabled
 
 BACKENDS = ("eager", "cpp", "cuda", "triton")
 
@@ -34,11 +35,12 @@ _triton_error = torch.compiler.assume_constant_result(triton_import_error)
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """TRITON_INTERPRET read as triton reads its boolean switches (so "false" or "off" is off)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 
-OP_NAMES = ("soft_split", "soft_split_layer_norm", "performer_attention", "post_attention",
-            "softmax_attention", "dropout_add")
+OP_NAMES = ("soft_split", "soft_split_layer_norm", "soft_split_layer_norm_linear", "performer_attention",
+            "post_attention", "softmax_attention", "dropout_add")
 EAGER_OPS_ENV = "T2T_EAGER_OPS"
 
 
@@ -81,6 +83,13 @@ class OpBackends:
     # device type -> what "auto" tries while torch.compile traces, where inductor's code for the eager formula
     # measured faster than the kernels (empty: the eager formula); device types not named keep auto_order
     compiled_auto_order: dict = field(default_factory=dict)
+    # ops this one fuses whose T2T_EAGER_OPS request covers it too (soft_split_layer_norm_linear holds
+    # soft_split_layer_norm: asking that one's formula must not leave it inside the fused kernel)
+    fuses: tuple = ()
+    # whether the eager formula has products autocast runs in its low dtype: then "auto" leaves float32 inputs under
+    # autocast (on their device) to the formula, so the result is autocast's (its dtype and its products), as the
+    # eager model's; the Performer's kernels keep fp32 inside on purpose (no overflow under fp16) and do not set it
+    follows_autocast: bool = False
 
     def unavailable_reason(self, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when `backend` can run this op on tensors of `device` and `dtype`, else why not."""
@@ -110,7 +119,7 @@ class OpBackends:
 
     def auto_candidates(self, device_type: str, compiling: bool) -> tuple[str, ...]:
         """The backends "auto" tries in order (then eager) on this device type, while torch.compile traces or not."""
-        if _eager_by_request(self.name):
+        if any(_eager_by_request(name) for name in (self.name, *self.fuses)):
             return ()
         orders = self.compiled_auto_order if compiling else {}
         return orders.get(device_type, self.auto_order.get(device_type, ()))
@@ -125,7 +134,9 @@ class OpBackends:
         if _onnx_exporting():
             backend = "eager"
         elif not explicit:
-            for candidate in self.auto_candidates(x.device.type, torch.compiler.is_compiling()):
+            autocast_casts_x = self.follows_autocast and x.dtype == torch.float32 and autocast_enabled(x.device.type)
+            candidates = () if autocast_casts_x else self.auto_candidates(x.device.type, torch.compiler.is_compiling())
+            for candidate in candidates:
                 if self.unavailable_reason(candidate, x.device, x.dtype) is None:
                     return candidate
             backend = "eager"

@@ -55,6 +55,7 @@ def onednn_linear_applies(x: torch.Tensor) -> bool:
     outside torch.compile (whose inductor picks its own GEMMs) and torch.jit.trace (which cannot record the op's
     optional-scalar list argument)."""
     return (ONEDNN_LINEAR_REGISTERED and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.dim() > 0 and x.shape[-1] > 0  # (oneDNN has no primitive for an empty reduction)
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and torch.backends.mkldnn.is_available()
@@ -69,4 +70,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (wants_grad or weight.dtype != x.dtype or not onednn_linear_applies(x)
             or needs_eager_autodiff(x, weight, bias)):
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    # (oneDNN ignores a bias's strides: an expanded or strided one would be misread)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None if bias is None else bias.contiguous(), "none", [], "")

@@ -1,5 +1,6 @@
 """Small helpers the ops share for argument handling and custom-op registration."""
 import math
+import numbers
 from contextlib import nullcontext
 
 import torch
@@ -51,11 +52,15 @@ def autocast_enabled(device_type: str) -> bool:
 
 
 def to_pair(value, name: str) -> tuple[int, int]:
-    """int or pair of ints -> (int, int), with an error that names the argument."""
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else None
-    if pair is None or len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    """int or pair of ints (numpy's too, as F.unfold takes them) -> (int, int), with an error that names the
+    argument."""
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    pair = (value, value) if is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(map(is_int, pair)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
+    return int(pair[0]), int(pair[1])
 
 
 def finite_number(value) -> bool:

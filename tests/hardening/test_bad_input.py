@@ -102,6 +102,26 @@ def test_soft_split_bad_backend(backend, error, fragments):
                           ["soft_split"] + fragments)
 
 
+@pytest.mark.parametrize("op,backend", [("soft_split_layer_norm", "cuda"), ("soft_split_layer_norm_linear", "cuda"),
+                                        ("soft_split_layer_norm_linear", "triton")])
+def test_composed_backends_name_the_op_called(op, backend, monkeypatch):
+    """The ops that compose another op's kernel (no fused one of their own there) raise in their own name."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = image(1, 3, 8, 8)
+    args = (torch.randn(27), torch.randn(27)) + ((torch.randn(5, 27), None) if op.endswith("linear") else ())
+    fn = getattr(t2t_kernels.ops, op)
+    assert_raises_clearly(lambda: fn(x, 3, 1, 0, *args, backend=backend), RuntimeError,
+                          [f"{op}: backend={backend!r} is not available"])
+
+
+def test_numpy_integers_as_geometry():
+    """numpy integers for kernel_size, stride and padding, as F.unfold takes them."""
+    x = image(2, 3, 9, 8)
+    want = soft_split(x, 3, (2, 1), 1, backend="eager")
+    got = soft_split(x, np.int64(3), (np.int32(2), np.int64(1)), np.int16(1))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("shape", [(1, 3, 0, 8), (1, 3, 8, 0)], ids=["H0", "W0"])
 def test_soft_split_rejects_empty_images(shape):
     for backend in SOFT_SPLIT_BACKENDS.available("cpu"):

@@ -143,3 +143,26 @@ def test_unknown_cpu_isa_is_an_error():
         else:
             assert result.returncode != 0
             assert "T2T_CPU_ISA must be avx512, avx2 or plain" in result.stderr and "'sse'" in result.stderr
+
+
+@pytest.mark.parametrize("value,want", [("1", True), ("true", True), ("On", True), ("y", True), ("0", False),
+                                        ("false", False), ("off", False), ("no", False), ("", False), ("2", False)])
+def test_triton_interpret_read_as_triton_reads_it(value, want, monkeypatch):
+    """TRITON_INTERPRET is triton's switch: read with its spellings ("false" is off), so a CPU tensor under
+    TRITON_INTERPRET=false gets this package's error, not the launcher's "0 active drivers"."""
+    from t2t_kernels.ops._backends import triton_interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpreting() is want
+    from t2t_kernels.ops import SOFT_SPLIT_BACKENDS
+
+    reason = SOFT_SPLIT_BACKENDS.unavailable_reason("triton", torch.device("cpu"), torch.float32)
+    if want or "triton is not importable" in (reason or ""):
+        assert reason is None or "triton is not importable" in reason
+    else:
+        assert "TRITON_INTERPRET=1" in reason
+    try:
+        from triton._C.libtriton import getenv_bool
+    except ImportError:
+        return
+    assert getenv_bool("TRITON_INTERPRET", False) is want

@@ -37,16 +37,21 @@ def products(fn):
 
 
 def make(shape, K, N, bias, generator):
+    """x, weight and a bias: dense (bias True or "dense"), None (False), "expanded" (one value, stride 0) or
+    "strided" (every other element of a longer tensor): oneDNN reads a bias as dense, so the last two must be copied."""
     x = torch.randn(*shape, K, generator=generator)
     weight = torch.randn(N, K, generator=generator) / K**0.5
-    b = torch.randn(N, generator=generator) if bias else None
-    return x, weight, b
+    b = {False: None, True: lambda: torch.randn(N, generator=generator),
+         "dense": lambda: torch.randn(N, generator=generator),
+         "expanded": lambda: torch.randn(1, generator=generator).expand(N),
+         "strided": lambda: torch.randn(2 * N, generator=generator)[::2]}[bias]
+    return x, weight, b if b is None else b()
 
 
 # (leading dims, K, N): one row, odd widths (the T2T module's 147 inputs), the backbone's qkv, three leading dims
 @needs_onednn
 @pytest.mark.parametrize("shape,K,N", [((1,), 5, 3), ((37,), 147, 192), ((2, 197), 384, 1152), ((2, 3, 5), 17, 9)])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("bias", ["dense", False, "expanded", "strided"], ids=lambda b: b or "no-bias")
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "column-slice"])
 def test_matches_float64(shape, K, N, bias, layout):
     generator = torch.Generator().manual_seed(K * N + len(shape))
@@ -60,6 +65,36 @@ def test_matches_float64(shape, K, N, bias, layout):
     assert (onednn, aten) == (1, 0)
     want = F.linear(x.double(), weight.double(), None if b is None else b.double())
     assert_close_to(out, want, TOLERANCE, f"{layout} {shape} {K}->{N}")
+
+
+def test_empty_reduction_takes_f_linear():
+    """x's last dimension 0 (oneDNN has no primitive for it): F.linear, the bias broadcast."""
+    x, weight, b = torch.randn(4, 0), torch.randn(3, 0), torch.randn(3)
+    assert not onednn_linear_applies(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, weight, b), b.expand(4, 3), rtol=0, atol=0)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", ["expanded", "strided"])
+@pytest.mark.parametrize("kind", ["layer_norm", "gelu"])
+def test_cpp_pairs_read_a_bias_of_any_layout(kind, bias):
+    """The C++ LayerNorm/GELU -> Linear ops under no_grad (their oneDNN product) with a bias that is not dense."""
+    ops = torch.ops.t2t_kernels
+    if not hasattr(ops, "norm_linear"):
+        pytest.skip("the extension has no norm_linear/gelu_linear ops")
+    generator = torch.Generator().manual_seed(5)
+    x, weight, b = make((3, 11), 24, 40, bias, generator)
+    norm_w, norm_b = torch.randn(24, generator=generator), torch.randn(24, generator=generator)
+    with torch.no_grad():
+        if kind == "layer_norm":
+            out, onednn, _ = products(lambda: ops.norm_linear(x, norm_w, norm_b, [24], 1e-5, weight, b))
+            act = F.layer_norm(x.double(), (24,), norm_w.double(), norm_b.double(), 1e-5)
+        else:
+            out, onednn, _ = products(lambda: ops.gelu_linear(x, weight, b))
+            act = F.gelu(x.double())
+    assert onednn == 1
+    assert_close_to(out, F.linear(act, weight.double(), b.double()), TOLERANCE, f"{kind} {bias} bias")
 
 
 @needs_onednn

@@ -456,7 +456,7 @@ def test_wide_layers_run_whole_matrix_products(dtype, onednn, monkeypatch):
     skip_unless_available("cpp", dtype)
     monkeypatch.setenv(ONEDNN_ENV, "0" if onednn == "env-off" else "1")
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn != "torch-off")
-    on_onednn = onednn_linear_applies(torch.empty((), dtype=dtype))
+    on_onednn = onednn_linear_applies(torch.empty((1, 1), dtype=dtype))
     assert on_onednn == (dtype == torch.float32 and onednn == "on" and ONEDNN_LINEAR_REGISTERED
                          and torch.backends.mkldnn.is_available())
     product = "mkldnn::_linear_pointwise" if on_onednn else "aten::mm"

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from float64_checks import assert_close_to
+from op_log import OpLog
 from op_params import backend_dtype_params, dtype_name
 from op_params import skip_unless_available as skip_unless
 from soft_split_layouts import LAYOUTS, STAGE_IDS, STAGES, make_input, shape_id
@@ -221,6 +222,35 @@ def test_auto_composes_what_the_kernel_does_not_take(dtype):
     params = make_params(147, 64, dtype)
     want = F.linear(soft_split_layer_norm(x, 7, 4, 2, *params[:2]), *params[2:])
     torch.testing.assert_close(soft_split_layer_norm_linear(x, 7, 4, 2, *params), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("request_", ["soft_split_layer_norm_linear", "soft_split_layer_norm", "all"])
+def test_eager_ops_switch_reaches_the_fused_kernel(request_, monkeypatch):
+    """T2T_EAGER_OPS naming this op runs soft_split_layer_norm (auto) and then the product; naming
+    soft_split_layer_norm (which this op fuses) or all runs the formula (no custom op); another op's name leaves the
+    kernel."""
+    skip_unless_available("cpp")
+    x = torch.randn(2, 3, 16, 16)
+    params = make_params(147, 64, torch.float32)
+    with OpLog() as log:
+        fused = soft_split_layer_norm_linear(x, 7, 4, 2, *params)
+    assert "t2t_kernels::soft_split_layer_norm_linear" in log.names
+    monkeypatch.setenv("T2T_EAGER_OPS", request_)
+    with OpLog() as log:
+        out = soft_split_layer_norm_linear(x, 7, 4, 2, *params)
+    kernels = [n for n in log.names if n.startswith("t2t_kernels::")]
+    if request_ == "soft_split_layer_norm_linear":
+        assert kernels == ["t2t_kernels::soft_split_layer_norm"], log.names
+        want = F.linear(soft_split_layer_norm(x, 7, 4, 2, *params[:2]), *params[2:])
+    else:
+        assert not kernels, log.names
+        want = soft_split_layer_norm_linear(x, 7, 4, 2, *params, backend="eager")
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(out, fused, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("T2T_EAGER_OPS", "performer_attention")
+    with OpLog() as log:
+        soft_split_layer_norm_linear(x, 7, 4, 2, *params)
+    assert "t2t_kernels::soft_split_layer_norm_linear" in log.names
 
 
 def test_bad_arguments_name_the_argument_and_shapes():

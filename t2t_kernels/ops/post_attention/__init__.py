@@ -32,6 +32,7 @@ BACKENDS = OpBackends(
     name="post_attention",
     dtypes={"cpp": (torch.float32, torch.float64)},
     auto_order={"cpu": ("cpp",)},
+    follows_autocast=True,
 )
 
 # (name, shape as a function of (D, E, H)), in argument order after y and skip; biases and norm parameters may be None

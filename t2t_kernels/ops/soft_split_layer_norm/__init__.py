@@ -26,6 +26,7 @@ from torch import Tensor
 from .._backends import OpBackends, is_explicit
 from .._registry import (check_eps, needs_eager_autodiff, op_exists, recompute_grads, register_recompute_autograd,
                          to_pair)
+from ..soft_split import BACKENDS as SOFT_SPLIT_BACKENDS
 from ..soft_split import check_soft_split_args, grad_is_channels_last, soft_split
 from . import reference
 
@@ -42,17 +43,26 @@ BACKENDS = OpBackends(
 )
 
 
-def _check_param(name: str, t, x: Tensor, features: int) -> None:
+def _check_param(name: str, t, x: Tensor, features: int, op: str = "soft_split_layer_norm") -> None:
     if t is None:
         return
     if not isinstance(t, Tensor) or not t.is_floating_point():
-        raise TypeError(f"soft_split_layer_norm: {name} must be a floating-point Tensor or None, got "
+        raise TypeError(f"{op}: {name} must be a floating-point Tensor or None, got "
                         f"{getattr(t, 'dtype', type(t).__name__)}")
     if tuple(t.shape) != (features,):
-        raise ValueError(f"soft_split_layer_norm: {name} must have shape (C*kh*kw,) = ({features},) for x of shape "
+        raise ValueError(f"{op}: {name} must have shape (C*kh*kw,) = ({features},) for x of shape "
                          f"{tuple(x.shape)}, got {tuple(t.shape)}")
     if t.device != x.device:
-        raise ValueError(f"soft_split_layer_norm: {name} is on {t.device} but x is on {x.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
+def _check_composed_backend(backend: str, x: Tensor, op: str) -> None:
+    """backend='cuda' (the CUDA soft split, then torch's layer_norm) or, for the Linear op, 'triton' (this file's
+    op, then the product): raises in `op`'s name where the part that needs a kernel cannot take x."""
+    part = SOFT_SPLIT_BACKENDS if backend == "cuda" else BACKENDS
+    reason = part.unavailable_reason(backend, x.device, x.dtype)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend={backend!r} is not available: {reason}")
 
 
 def soft_split_layer_norm(x: Tensor, kernel_size, stride, padding, weight: Tensor | None = None,
@@ -70,6 +80,7 @@ def soft_split_layer_norm(x: Tensor, kernel_size, stride, padding, weight: Tenso
     _check_param("bias", bias, x, features)
     check_eps(eps, "soft_split_layer_norm")
     if backend == "cuda":  # no fused CUDA kernel: the CUDA soft split, then torch's layer norm
+        _check_composed_backend(backend, x, "soft_split_layer_norm")
         return reference.layer_norm(soft_split(x, k, s, p, backend="cuda"), weight, bias, eps)
     name = BACKENDS.resolve(backend, x)
     if name == "eager" or needs_eager_autodiff(x, weight, bias):
@@ -89,6 +100,8 @@ LINEAR_BACKENDS = OpBackends(
     name="soft_split_layer_norm_linear",
     dtypes={"cpp": (torch.float32, torch.float64)},
     auto_order={"cpu": ("cpp",)},
+    fuses=("soft_split_layer_norm",),
+    follows_autocast=True,
 )
 
 
@@ -119,12 +132,14 @@ def soft_split_layer_norm_linear(x: Tensor, kernel_size, stride, padding, norm_w
     k, s, p = to_pair(kernel_size, "kernel_size"), to_pair(stride, "stride"), to_pair(padding, "padding")
     check_soft_split_args(x, k, s, p, op="soft_split_layer_norm_linear")
     features = x.shape[1] * k[0] * k[1]
-    _check_param("norm_weight", norm_weight, x, features)
-    _check_param("norm_bias", norm_bias, x, features)
+    _check_param("norm_weight", norm_weight, x, features, "soft_split_layer_norm_linear")
+    _check_param("norm_bias", norm_bias, x, features, "soft_split_layer_norm_linear")
     _check_linear_params(x, features, weight, bias)
     check_eps(eps, "soft_split_layer_norm_linear")
     params = (norm_weight, norm_bias, weight, bias)
     # no fused kernel on cuda or triton; otherwise this raises for a cpp that cannot take x, or a dtype nothing takes
+    if backend in ("cuda", "triton"):
+        _check_composed_backend(backend, x, "soft_split_layer_norm_linear")
     name = backend if backend in ("cuda", "triton") else LINEAR_BACKENDS.resolve(backend, x)
     if backend == "eager":
         return reference.soft_split_layer_norm_linear(x, k, s, p, *params, eps)

@@ -16,8 +16,10 @@ Backward: for float32/float64 with at most BACKWARD_MAX_TOKENS tokens, a second 
 kept) and writes the three gradients straight into one packed grad_qkv; otherwise (bf16, longer sequences, and a
 double backward) the eager formula is recomputed and differentiated. At the backbone's 197 tokens (B=8, 2-core EPYC)
 forward + backward took 11 ms against SDPA's 16.6-18 (with the stack and copy of its q, k, v gradients), so the
-blocks train through the op on CPU too (Attention.attend_projected). Like SDPA it has no second derivative; the
-layers' official formula (Attention.fused_attn = False) never takes the op.
+blocks train through the op on CPU too (Attention.attend_projected). A double backward through the kernels
+differentiates the written-out formula (q k^T, softmax, v), which has the second derivative SDPA's CPU kernel lacks
+(the eager backend is SDPA: none there); the layers' official formula (Attention.fused_attn = False) never takes
+the op.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ BACKENDS = OpBackends(
     name="softmax_attention",
     dtypes={"cpp": (torch.float32, torch.float64, torch.bfloat16)},
     auto_order={"cpu": ("cpp",)},
+    follows_autocast=True,
 )
 
 
@@ -90,8 +93,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     qkv, = ctx.saved_tensors
-    if torch.is_grad_enabled() or not backward_kernel_applies(qkv):
-        # a double backward (create_graph) differentiates the recomputed formula; so do inputs the kernel does not take
+    if torch.is_grad_enabled():  # create_graph: the written-out formula, which (unlike SDPA) has a second derivative
+        grad, = recompute_grads(reference.softmax_attention_formula, (qkv,), (ctx.num_heads, ctx.scale), grad_out,
+                                (True,))
+    elif not backward_kernel_applies(qkv):  # inputs the kernel does not take: SDPA's backward
         grad, = recompute_grads(reference.softmax_attention, (qkv,), (ctx.num_heads, ctx.scale), grad_out, (True,))
     else:
         grad = torch.ops.t2t_kernels.softmax_attention_backward(grad_out, qkv, ctx.num_heads, ctx.scale)
