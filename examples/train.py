@@ -6,7 +6,8 @@ no download), upsampled to --img-size. `--data DIR` trains on an ImageFolder (DI
 torchvision is installed.
 
     python examples/train.py                          # digits, a few CPU minutes
-    python examples/train.py --epochs 2 --resume ckpt.pt
+    python examples/train.py --max-steps 40           # stop early (checkpoint t2t_train_ckpt.pt) ...
+    python examples/train.py --resume t2t_train_ckpt.pt   # ... and finish: on the CPU bitwise the uninterrupted run
     python examples/train.py --compile reduce-overhead --img-size 224 --batch-size 128   # on a GPU
 
 On a GPU, --compile trains through torch.compile (reduce-overhead: CUDA graphs too), the fastest way to run the
@@ -15,6 +16,7 @@ fused model there (README); the checkpoint holds the model's own state dict eith
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import time
@@ -44,23 +46,26 @@ def digits_datasets(img_size: int, seed: int = 0):
 
 
 def folder_datasets(root: str, img_size: int):
-    try:
-        from torchvision import datasets, transforms
-    except ImportError as err:
-        raise SystemExit(f"--data needs torchvision ({err})")
+    from torchvision import datasets, transforms  # parse_args checked that it is installed
+
     norm = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     train_tf = transforms.Compose([transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), norm])
     val_tf = transforms.Compose([transforms.Resize(int(img_size / 0.9)), transforms.CenterCrop(img_size),
                                  transforms.ToTensor(), norm])
     train = datasets.ImageFolder(os.path.join(root, "train"), train_tf)
-    return train, datasets.ImageFolder(os.path.join(root, "val"), val_tf), len(train.classes)
+    val = datasets.ImageFolder(os.path.join(root, "val"), val_tf)
+    if val.class_to_idx != train.class_to_idx:  # each numbers its own sorted folders: labels would disagree
+        raise SystemExit(f"--data {root}: val classes {val.classes} differ from train classes {train.classes}")
+    return train, val, len(train.classes)
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warmup, then cosine decay to zero."""
+    """LR multiplier: linear warmup (at most half the run) up to the peak at step `warmup`, then cosine decay to
+    zero at step `total`."""
+    warmup = min(warmup, total // 2)
     if step < warmup:
-        return (step + 1) / warmup
+        return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -89,25 +94,42 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="t2t_vit_7", choices=list_models())
     p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/ (needs torchvision)")
-    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=32, help="a multiple of 16")
     p.add_argument("--epochs", type=positive_int, default=6)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, at most half the run")
     p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="t2t_kernels backend of the T2T module")
     p.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
                    help="train and evaluate through torch.compile with this mode (off: eager)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"], help="autocast dtype on GPU")
-    p.add_argument("--checkpoint", default="t2t_train_ckpt.pt", help="saved after every epoch")
+    p.add_argument("--checkpoint", default="t2t_train_ckpt.pt", help="saved after every epoch and at --max-steps")
     p.add_argument("--resume", default=None, help="a checkpoint written by this script")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke tests)")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many steps in all (counting those before --resume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    # checked here, before minutes of data loading, as argparse errors
+    if args.img_size < 16 or args.img_size % 16:
+        p.error(f"argument --img-size: must be a positive multiple of 16, got {args.img_size}")
+    if args.warmup_epochs < 0:
+        p.error(f"argument --warmup-epochs: must be at least 0, got {args.warmup_epochs}")
+    if not 0.0 <= args.drop_path < 1.0:
+        p.error(f"argument --drop-path: must be in [0, 1), got {args.drop_path}")
+    if args.data is not None:
+        missing = [d for d in ("train", "val") if not os.path.isdir(os.path.join(args.data, d))]
+        if missing:
+            p.error(f"argument --data: {args.data} has no {' or '.join(missing)} folder")
+        if importlib.util.find_spec("torchvision") is None:
+            p.error("argument --data: needs torchvision")
+    if args.resume is not None and not os.path.isfile(args.resume):
+        p.error(f"argument --resume: no file {args.resume}")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available")
     return args
@@ -121,13 +143,15 @@ def main(argv=None) -> float:
         train_set, val_set, num_classes = folder_datasets(args.data, args.img_size)
     else:
         train_set, val_set, num_classes = digits_datasets(args.img_size, args.seed)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True)
-    val_loader = DataLoader(val_set, batch_size=256)
-    if len(train_loader) == 0:  # drop_last would leave nothing to train on
+    steps_per_epoch = len(train_set) // args.batch_size  # the last partial batch is dropped
+    if steps_per_epoch == 0:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
+    # loaders get their own generator: iterating one draws a seed, which must not move the global RNG (dropout's)
+    val_loader = DataLoader(val_set, batch_size=256, generator=torch.Generator())
 
     # the drop-in: a T2T-ViT from t2t_kernels instead of the official model
-    model = create_model(args.model, img_size=args.img_size, num_classes=num_classes, backend=args.backend)
+    model = create_model(args.model, img_size=args.img_size, num_classes=num_classes, backend=args.backend,
+                         drop_path_rate=args.drop_path)
     model.to(device)
     # the compiled module shares the model's parameters; state dicts come from the model (no _orig_mod. prefix)
     run = model if args.compile == "off" else torch.compile(model, mode=None if args.compile == "default"
@@ -138,8 +162,8 @@ def main(argv=None) -> float:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
                                   fused=device.type in ("cpu", "cuda"))
-    total_steps = args.epochs * len(train_loader)
-    warmup_steps = int(args.warmup_epochs * len(train_loader))
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
 
     on_gpu = device.type == "cuda"
@@ -149,20 +173,33 @@ def main(argv=None) -> float:
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=on_gpu)
 
-    start_epoch, step = 0, 0
+    step = 0
     if args.resume:
         state = torch.load(args.resume, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        print(f"resumed from {args.resume} at epoch {start_epoch}")
+        if state["scaler"]:  # empty when saved without float16 scaling (bf16, CPU): start from a fresh scale
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"].cpu())
+        if on_gpu and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        step = state["step"]
+        print(f"resumed from {args.resume} at step {step} of {total_steps}")
 
+    stop = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
     began, accuracy = time.perf_counter(), None
-    for epoch in range(start_epoch, args.epochs):
+    while step < stop:  # an epoch, or the rest of one after --resume, or up to --max-steps
+        epoch, done = divmod(step, steps_per_epoch)
+        end = min(steps_per_epoch, done + stop - step)
+        # the epoch's order comes from (seed, epoch) alone, so a resumed run needs no sampler state and slices off
+        # the batches done before it without loading them
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order[done * args.batch_size:
+                            end * args.batch_size].tolist(), generator=torch.Generator())
         model.train()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", initial=done, total=steps_per_epoch,
+                   disable=args.no_progress)
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast():
@@ -176,16 +213,14 @@ def main(argv=None) -> float:
             scheduler.step()
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if args.max_steps is not None and step >= args.max_steps:
-                break
         accuracy = evaluate(run, val_loader, device, autocast)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                    "step": step, "args": vars(args)}, args.checkpoint)
-        print(f"epoch {epoch + 1}: val accuracy {accuracy:.4f}  (checkpoint {args.checkpoint})")
-        if args.max_steps is not None and step >= args.max_steps:
-            break
-    if accuracy is None:  # resumed after the last epoch
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                    "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if on_gpu else None,
+                    "args": vars(args)}, args.checkpoint)
+        where = f"epoch {epoch + 1}" + ("" if end == steps_per_epoch else f" (step {end}/{steps_per_epoch})")
+        print(f"{where}: val accuracy {accuracy:.4f}  (checkpoint {args.checkpoint})")
+    if accuracy is None:  # nothing left to train after --resume
         accuracy = evaluate(run, val_loader, device, autocast)
     print(f"final val accuracy {accuracy:.4f} ({num_classes} classes, chance {1 / num_classes:.3f}) after "
           f"{step} steps in {time.perf_counter() - began:.0f}s")
