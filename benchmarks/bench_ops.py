@@ -26,7 +26,8 @@ from t2t_kernels.bench.cases import FORWARD, FORWARD_BACKWARD, op_cases
 
 from conftest import SETTINGS, case_params, op_cases_per_dtype, run_case_benchmark
 
-# the ops with GPU kernels, in each of conftest.OP_DTYPES; the CPU-kernel ops in the run's dtype only
+# the ops with GPU kernels, in each of conftest.OP_DTYPES (T2T_BENCH_DTYPE's alone when set); the CPU-kernel ops in
+# the run's dtype only
 PER_DTYPE = ("soft_split", "soft_split+layer_norm", "performer_attention", "dropout_add")
 RUN_DTYPE = ("soft_split+layer_norm+linear", "post_attention", "softmax_attention")
 

@@ -2,8 +2,9 @@
 
 GPU shapes are the full T2T-ViT-14 ones (B=128, 224^2); CPU shapes are small enough to finish in minutes.
 The cases themselves live in t2t_kernels/bench/cases.py, shared with `python -m t2t_kernels bench`.
-Environment: T2T_BENCH_DEVICE, T2T_BENCH_BATCH, T2T_BENCH_IMG, T2T_BENCH_DTYPE, T2T_BENCH_MODELS (comma list),
-T2T_BENCH_COMPILE_BACKEND.
+Environment (spelt as the CLI's options): T2T_BENCH_DEVICE, T2T_BENCH_BATCH, T2T_BENCH_IMG (224 or H,W),
+T2T_BENCH_DTYPE (e.g. bf16: every case in it; unset on a GPU: bf16, and the ops with GPU kernels in fp32 too),
+T2T_BENCH_MODELS (comma list), T2T_BENCH_COMPILE_BACKEND.
 """
 import dataclasses
 import functools
@@ -15,30 +16,16 @@ import torch
 from t2t_kernels.bench import runner
 from t2t_kernels.bench.cases import env_settings, op_cases
 
-DEVICE = torch.device(os.environ.get("T2T_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+SETTINGS = env_settings()  # device, dtype, batch, image size, models of the shared cases
+DEVICE, BATCH = SETTINGS.device, SETTINGS.batch
 ON_GPU = DEVICE.type == "cuda"
-BATCH = int(os.environ.get("T2T_BENCH_BATCH", 128 if ON_GPU else 8))
-SETTINGS = env_settings(device=DEVICE, batch=BATCH)  # device, dtype, batch, image size, models of the shared cases
-OP_DTYPES = (torch.bfloat16, torch.float32) if ON_GPU else (torch.float32,)  # the dtypes of op_cases_per_dtype
+# the dtypes of op_cases_per_dtype: the one asked for, else both of a GPU's
+OP_DTYPES = (SETTINGS.dtype,) if os.environ.get("T2T_BENCH_DTYPE") or not ON_GPU else (torch.bfloat16, torch.float32)
 
 
 def synchronize():
     if ON_GPU:
         torch.cuda.synchronize()
-
-
-def backend_params(op_backends, dtype, providers=("eager", "cpp", "cuda", "triton", "compile")):
-    """pytest params for the providers of one op: unavailable backends are skipped with the reason."""
-    params = []
-    for name in providers:
-        reason = None
-        if name == "compile":
-            reason = None
-        elif name != "eager":
-            reason = op_backends.unavailable_reason(name, DEVICE, dtype)
-        marks = [pytest.mark.skip(reason=reason)] if reason else []
-        params.append(pytest.param(name, id=name, marks=marks))
-    return params
 
 
 def run_timed(benchmark, fn, *args, rounds=None):

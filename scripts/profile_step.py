@@ -18,20 +18,21 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository's package
 
 from t2t_kernels.bench.cases import OPTIMIZERS, model_cases  # noqa: E402
-from t2t_kernels.__main__ import _device  # noqa: E402
+from t2t_kernels.__main__ import _count, _device, _img_size  # noqa: E402
 from t2t_kernels.bench.cli import DTYPES, settings_from_args  # noqa: E402
 from t2t_kernels.bench.runner import profile_calls  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", default="t2t_vit_14/train step", help="a model case name of the benchmark")
-    p.add_argument("--providers", default="eager,fused")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--providers", default="eager,fused", help="comma list of the case's providers")
+    p.add_argument("--steps", type=_count(1, "positive"), default=3)
+    p.add_argument("--rows", type=_count(1, "positive"), default=25)
     p.add_argument("--device", type=_device, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batch", type=_count(1, "positive"), default=None)
+    p.add_argument("--img-size", type=_img_size, default=None, help="224 or H,W (multiples of 16); default 224")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="the step's AdamW (bench's)")
     p.add_argument("--out", default=None, help="folder for the full tables and Chrome traces")
@@ -43,12 +44,18 @@ def main(argv=None) -> int:
     settings = settings_from_args(bench_args)
     cases = {c.name: c for c in model_cases(settings)}
     if args.case not in cases:
-        raise SystemExit(f"--case {args.case!r}: not one of {sorted(cases)}")
+        p.error(f"argument --case: {args.case!r} is not one of {sorted(cases)}")
     case, device = cases[args.case], settings.device
+    providers = [name for name in args.providers.split(",") if name]
+    reasons = {provider.name: provider.reason for provider in case.providers()}  # None: it runs here
+    bad = [f"{name} ({reasons.get(name, 'not offered')})" for name in providers if reasons.get(name, True)]
+    if bad or not providers:
+        p.error(f"argument --providers: {', '.join(bad) or 'none named'}; {args.case!r} runs "
+                f"{[name for name, reason in reasons.items() if reason is None]} here")
     on_gpu = device.type == "cuda"
     sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     summary = []
-    for name in args.providers.split(","):
+    for name in providers:
         workload = case.build(name)
         for _ in range(2):  # compile, autotune, allocator caches
             workload()

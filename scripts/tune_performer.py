@@ -28,16 +28,18 @@ KERNEL_CALLS = 10  # calls per tile profiled for the kernels' time (CUDA)
 
 
 def parse_args(argv):
+    from t2t_kernels.__main__ import _count, _device, _img_size
     from t2t_kernels.bench.cli import DTYPES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiles", default="16,4 32,4 64,4 64,8 128,8",
                    help="'rows,warps' candidates (the default tiles, _default_tile in the op's triton.py, are "
                         "timed beside them)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batch", type=_count(1, "positive"), default=None)
+    p.add_argument("--img-size", type=_img_size, default=None, help="224 or H,W (multiples of 16); default 224")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per case, at least")
     p.add_argument("--out", default=None, help="folder for tune_performer.json")
     return p.parse_args(argv)

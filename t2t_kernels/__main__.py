@@ -31,11 +31,13 @@ def _count(minimum: int, what: str):
 
 
 def _device(text: str) -> torch.device:
-    """An argparse type: a torch device this machine has (a CUDA one only where torch sees a GPU)."""
+    """An argparse type: a CPU or CUDA device this machine has (a CUDA one only where torch sees a GPU)."""
     try:
         device = torch.device(text)
     except RuntimeError as err:
         raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({err})") from err
+    if device.type not in ("cpu", "cuda"):  # the benchmarks and the info command know these two
+        raise argparse.ArgumentTypeError(f"{text!r}: choose cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available (torch {torch.__version__})")
     return device
@@ -112,34 +114,45 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import list_models
     from .ops import BACKENDS
 
-    parser = argparse.ArgumentParser(prog="python -m t2t_kernels", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m t2t_kernels", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command")
-    info = sub.add_parser("info", help="parameters, GMACs, backends and a short throughput measurement")
+    # the subcommand's copies of the options default to nothing (SUPPRESS), so that they do not overwrite the values
+    # of options given before the word `info`
+    info = sub.add_parser("info", help="parameters, GMACs, backends and a short throughput measurement",
+                          allow_abbrev=False, argument_default=argparse.SUPPRESS)
     # listed here for --help; main() hands `bench ...` to its own parser (t2t_kernels/bench/cli.py)
     sub.add_parser("bench", add_help=False,
                    help="benchmark ops and models vs eager and torch.compile: table, JSON, PNG (bench --help)")
     for p in (parser, info):  # `info` is the default command, so its options also work without the word
-        p.add_argument("--model", default="t2t_vit_14", choices=list_models())
-        p.add_argument("--img-size", type=_img_size, default=224, help="224 or 224,320 (H,W); multiples of 16")
-        p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
-        p.add_argument("--batch", type=_count(1, "positive"), default=8)
-        p.add_argument("--steps", type=_count(0, "non-negative"), default=5, help="timed forwards (0: skip the measurement)")
+        p.add_argument("--model", choices=list_models())
+        p.add_argument("--img-size", type=_img_size, help="224 or 224,320 (H,W); multiples of 16")
+        p.add_argument("--device", type=_device)
+        p.add_argument("--backend", choices=["auto", *BACKENDS])
+        p.add_argument("--batch", type=_count(1, "positive"))
+        p.add_argument("--steps", type=_count(0, "non-negative"), help="timed forwards (0: skip the measurement)")
         p.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(model="t2t_vit_14", img_size=224, device="cuda" if torch.cuda.is_available() else "cpu",
+                        backend="auto", batch=8, steps=5, no_progress=False)
     return parser
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)  # `bench ...` leaves its options unparsed, for its own parser
+    if args.command == "bench":
         from .bench.cli import main as bench_main
 
+        before = argv[:argv.index("bench")]  # no option of the parser above takes the value "bench"
+        if before:
+            parser.error(f"{' '.join(before)}: options go after the word bench (python -m t2t_kernels bench --help)")
         try:
             return bench_main(argv[1:])
         except (ValueError, RuntimeError, TypeError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    args = build_parser().parse_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return cmd_info(args)
     except (ValueError, RuntimeError, TypeError) as err:

@@ -16,6 +16,21 @@ from t2t_kernels.ops._backends import OpBackends
 
 TINY = dict(device=torch.device("cpu"), batch=1, img_size=(32, 32), models=("t2t_vit_7",))
 FAST = dict(warmup=1, min_reps=1, max_reps=1, min_time=0.0)
+CPU = torch.device("cpu")
+# a tiny model-case run: T2T-ViT-7 forward at B=1, 32x32, eager only, no memory, one call
+TINY_RUN = ["bench", "--model", "t2t_vit_7", "--img-size", "32", "--batch", "1", "--no-ops", "--no-memory",
+            "--min-reps", "1", "--max-reps", "1", "--min-time", "0", "--no-progress", "--bandwidth-mb", "1",
+            "--cases", "t2t_vit_7/forward", "--providers", "eager"]
+
+
+def exit_status(argv, capsys):
+    """main(argv)'s exit status (argparse's SystemExit included) and its stderr."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
 
 
 def test_cli_bench_writes_json_markdown_and_png(tmp_path, capsys):
@@ -45,6 +60,9 @@ def test_cli_bench_writes_json_markdown_and_png(tmp_path, capsys):
     assert cuda["status"] == "skipped" and "cuda" in cuda["reason"]
     train = rows[("t2t_vit_7/train step", "fused")]
     assert train["items_per_s"] > 0 and train["activation_bytes"] > 0 and train["state_bytes"] > 0
+    # the step's peak above its start: the gradients it frees and allocates again are not new memory (they were
+    # a quarter of the state, params + grads + AdamW's two moments, when the CPU peak counted them)
+    assert 0 < train["peak_bytes"] < train["state_bytes"] / 16
     ckpt = rows[("t2t_vit_7/train step", "fused+ckpt")]
     assert ckpt["activation_bytes"] < train["activation_bytes"]  # checkpointing keeps less for backward
     assert not [r for r in result["rows"] if r["status"] == "failed"]
@@ -361,9 +379,8 @@ def test_cli_cases_picks_cases_by_name(tmp_path, capsys):
     assert main(argv) == 0
     cases = {r["case"] for r in json.loads((out / "results.json").read_text())["rows"]}
     assert cases == {"t2t_vit_7/forward", "performer_attention/stage1/forward+backward"}
-    capsys.readouterr()
-    assert main(argv[:-1] + ["nothing"]) != 0
-    assert "--cases 'nothing' matches none of the cases [" in capsys.readouterr().err
+    code, err = exit_status(argv[:-1] + ["nothing"], capsys)
+    assert code == 2 and "argument --cases: 'nothing' matches none of the cases [" in err
 
 
 def test_cli_providers_runs_only_the_named_providers(tmp_path, capsys):
@@ -379,10 +396,9 @@ def test_cli_providers_runs_only_the_named_providers(tmp_path, capsys):
     assert status["fused"] == ("ok", None)
     assert status["eager"] == status["compile-fused"] == ("skipped", "not selected (--providers)")
     assert result["meta"]["settings"]["providers"] == ["fused"]
-    capsys.readouterr()
-    assert main(argv[:-1] + ["fused,compiled-fused"]) != 0
-    assert "--providers 'fused,compiled-fused': ['compiled-fused'] not offered by the selected cases" in \
-        capsys.readouterr().err
+    code, err = exit_status(argv[:-1] + ["fused,compiled-fused"], capsys)
+    assert code == 2
+    assert "--providers: 'fused,compiled-fused': ['compiled-fused'] not offered by the selected cases" in err
 
 
 def test_profile_step_script_prints_each_providers_table(capsys):
@@ -393,13 +409,14 @@ def test_profile_step_script_prints_each_providers_table(capsys):
     module = runpy.run_path("scripts/profile_step.py", run_name="profile_step")
     argv = sys.argv
     try:
-        assert module["main"](["--case", "t2t_vit_7/train step", "--batch", "1", "--img-size", "32", "--steps", "1",
-                               "--rows", "3", "--device", "cpu"]) == 0
+        assert module["main"](["--case", "t2t_vit_7/train step", "--batch", "1", "--img-size", "32,48", "--steps",
+                               "1", "--rows", "3", "--device", "cpu"]) == 0
     finally:
         sys.argv = argv
     printed = capsys.readouterr().out
     assert "=== t2t_vit_7/train step / eager: wall" in printed and "=== t2t_vit_7/train step / fused: wall" in printed
     assert "Self CPU time total" in printed
+    assert "'img_size': [32, 48]" in printed  # --img-size H,W, as the bench takes it
 
 
 def test_a_run_cut_short_keeps_the_cases_it_finished(tmp_path, monkeypatch):
@@ -551,3 +568,133 @@ def test_pytest_benchmark_suites_run(tmp_path):
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     passed = re.search(r"(\d+) passed", ran.stdout)
     assert passed and int(passed.group(1)) >= 20 and " failed" not in ran.stdout, ran.stdout[-3000:]
+
+
+# ---- found by the audit of 2026-11-28 ----------------------------------------------------------------------------
+def test_cpu_peak_of_a_train_step_excludes_the_gradients_it_reallocates():
+    """A train step frees the previous step's gradients (zero_grad(set_to_none=True)) and backward allocates them
+    again: its peak above its start is about its activations, as CUDA's max_memory_allocated - before says. The CPU
+    replay read 32 MB here, exactly the gradients: torch.profiler drops the frees of blocks allocated before it
+    started. A forward's numbers are what they were."""
+    from t2t_kernels.bench.cases import _forward, _train_step
+
+    torch.manual_seed(0)
+    settings = Settings(**TINY)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 2048))
+    x = torch.randn(4, 2048)
+    step = _train_step(model, x, lambda out: out.square().mean(), settings)
+    step()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    activations = runner.measure_memory(step.probe, CPU, exclude_result=True)[1]
+    assert activations == 2 * 4 * 2048 * 4  # the first Linear's output and the second's, which square keeps
+    for _ in range(2):  # the same each time
+        peak, held = runner.measure_memory(step, CPU)
+        assert 0 < peak <= 2 * activations and grads > 200 * peak
+        assert held < 4096  # the gradients replaced one for one; the loss
+
+    # no grad: the first Linear's output, then the second's while the first is alive; the first is freed
+    peak, held = runner.measure_memory(_forward(model, x, settings), CPU)
+    assert (peak, held) == (2 * 4 * 2048 * 4, 4 * 2048 * 4)
+
+
+def test_abbreviated_options_are_refused(capsys):
+    """An abbreviation (--rec for --record) went into the recorded command and the --record key: a re-run added a
+    section instead of replacing its own."""
+    for argv, message in ((["bench", "--rec", "B.md"], "unrecognized arguments: --rec B.md"),
+                          (["bench", "--ou", "r7"], "unrecognized arguments: --ou r7"),
+                          (["info", "--mod", "t2t_vit_7", "--steps", "0"], "unrecognized arguments: --mod t2t_vit_7")):
+        code, err = exit_status(argv, capsys)
+        assert code == 2 and message in err, argv
+    with pytest.raises(SystemExit):
+        report.main(["results.json", "--rec", "B.md"])
+    assert "unrecognized arguments: --rec B.md" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-reps", "0"], "argument --max-reps: must be positive, got 0"),
+    (["--min-reps", "5", "--max-reps", "2"], "argument --max-reps: 2 is below --min-reps 5"),
+    (["--bandwidth-mb", "-1"], "argument --bandwidth-mb: must be positive, got -1"),
+    (["--bandwidth-mb", "0"], "argument --bandwidth-mb: must be positive, got 0"),
+    (["--device", "xpu"], "argument --device: 'xpu': choose cpu or cuda"),
+    (["--batch", "0"], "argument --batch: must be positive, got 0"),
+    (["--threads", "0"], "argument --threads: must be positive, got 0"),
+    (["--warmup", "-1"], "argument --warmup: must be non-negative, got -1"),
+    (["--model", ","], "argument --model: no model named in ','"),
+    (["--no-compile", "--providers", "compile-fused"],
+     "argument --providers: 'compile-fused': compile-fused is skipped in every selected case (torch.compile "
+     "providers are off (--no-compile))"),
+])
+def test_bench_argument_errors_name_the_argument(extra, message, capsys):
+    code, err = exit_status(TINY_RUN[:-4] + extra, capsys)
+    assert code == 2 and message in err, err
+
+
+def test_an_unknown_provider_is_an_error_not_the_fused_model(capsys):
+    """ModelCase.build read any name as fused (profile_step.py --providers bogus,eagr profiled it twice)."""
+    import runpy
+
+    case = ModelCase(Settings(**TINY), "t2t_vit_7", "model", FORWARD)
+    with pytest.raises(ValueError, match="unknown provider 'eagr'"):
+        case.build("eagr")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    profile_step = runpy.run_path(os.path.join(root, "scripts", "profile_step.py"), run_name="profile_step")["main"]
+    with pytest.raises(SystemExit):
+        profile_step(["--case", "t2t_vit_7/forward", "--providers", "bogus,eager", "--batch", "1", "--img-size", "32",
+                      "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "argument --providers: bogus (not offered)" in err and "eager (" not in err
+    tune = runpy.run_path(os.path.join(root, "scripts", "tune_performer.py"), run_name="tune_performer")
+    args = tune["parse_args"](["--img-size", "32,48", "--device", "cpu"])
+    assert (args.img_size, args.device) == ((32, 48), CPU)
+    with pytest.raises(SystemExit):
+        tune["parse_args"](["--device", "xpu"])
+
+
+def test_benchmark_suite_environment_is_parsed_as_the_cli_options(monkeypatch):
+    """T2T_BENCH_DTYPE=bf16 (the CLI's spelling) crashed the suites' collection, T2T_BENCH_IMG=224,320 too, and the
+    ops with GPU kernels ran in fp32 (on a GPU bf16 and fp32) whatever T2T_BENCH_DTYPE said."""
+    import importlib.util
+
+    from t2t_kernels.bench.cases import env_settings
+
+    for name in [n for n in os.environ if n.startswith("T2T_BENCH_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("T2T_BENCH_DEVICE", "cpu")
+    monkeypatch.setenv("T2T_BENCH_DTYPE", "bf16")
+    monkeypatch.setenv("T2T_BENCH_IMG", "32,48")
+    monkeypatch.setenv("T2T_BENCH_MODELS", "t2t_vit_7")
+    settings = env_settings()
+    assert (settings.dtype, settings.img_size, settings.models) == (torch.bfloat16, (32, 48), ("t2t_vit_7",))
+    assert env_settings(batch=3).batch == 3
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_conftest", os.path.join(root, "benchmarks", "conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    ops = ("soft_split", "soft_split+layer_norm", "performer_attention", "dropout_add")
+    cases = conftest.op_cases_per_dtype(ops, FORWARD_BACKWARD)
+    assert {case.op for case in cases} == set(ops)
+    assert {case.settings.dtype for case in cases} == {torch.bfloat16}
+
+    monkeypatch.setenv("T2T_BENCH_DTYPE", "bf17")
+    with pytest.raises(ValueError, match="T2T_BENCH_DTYPE='bf17': choose from"):
+        env_settings()
+
+
+def test_without_matplotlib_the_run_keeps_its_json_markdown_and_record(tmp_path, monkeypatch, capsys):
+    """matplotlib is optional: without it the bench skips the plot with a note (and removes an older run's plot)
+    instead of failing after the timing."""
+    import sys
+
+    out, record = tmp_path / "out", tmp_path / "B.md"
+    out.mkdir()
+    (out / "speedups.png").write_bytes(b"an older run's")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert main(TINY_RUN + ["--out", str(out), "--record", str(record)]) == 0
+    captured = capsys.readouterr()
+    assert "no plot: matplotlib is not importable" in captured.err
+    assert "results.md" in captured.out and "speedups.png" not in captured.out
+    assert not (out / "speedups.png").exists()
+    assert json.loads((out / "results.json").read_text())["rows"][0]["status"] == "ok"
+    assert "| t2t_vit_7 forward" in (out / "results.md").read_text()
+    assert "| t2t_vit_7 forward" in record.read_text()

@@ -55,7 +55,7 @@ def test_info_bad_arguments(capsys):
 def test_bad_devices_are_argument_errors(command, capsys):
     """An unknown device string, or CUDA where torch sees no GPU: an argument error naming --device, before any work
     (info had printed its table, then torch's driver error)."""
-    devices = ["tpu:x"] + ([] if torch.cuda.is_available() else ["cuda"])
+    devices = ["tpu:x", "xpu"] + ([] if torch.cuda.is_available() else ["cuda"])
     for device in devices:
         try:
             code = main([*command, "--device", device])
@@ -63,6 +63,24 @@ def test_bad_devices_are_argument_errors(command, capsys):
             code = exit_.code
         err = capsys.readouterr()
         assert code == 2 and "argument --device" in err.err and err.out == "", (device, err)
+
+
+def test_info_takes_its_options_before_the_word_info(capsys):
+    """`--model t2t_vit_7 --img-size 32 --steps 0 info`: the subcommand's defaults overwrote the values given before
+    the word (T2T-ViT-14 at 224 was described); options after the word win."""
+    assert main(["--model", "t2t_vit_7", "--img-size", "32", "--steps", "0", "info"]) == 0
+    assert "t2t_vit_7  img_size (32, 32)" in capsys.readouterr().out
+    assert main(["--model", "t2t_vit_14", "--img-size", "32", "--steps", "0", "info", "--model", "t2t_vit_7"]) == 0
+    assert "t2t_vit_7  img_size (32, 32)" in capsys.readouterr().out
+
+
+def test_options_before_bench_are_an_error_not_info(capsys):
+    """`--steps 0 bench` ran info (only argv[0] == "bench" went to the bench); the bench's options go after it."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--steps", "0", "bench", "--no-progress"])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == ""
+    assert "--steps 0: options go after the word bench" in captured.err
 
 
 def test_package_works_without_the_extension(tmp_path):

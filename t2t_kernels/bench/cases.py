@@ -10,6 +10,7 @@ call (forward, forward+backward, or a full optimizer step) without any device sy
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import math
@@ -666,6 +667,9 @@ class ModelCase(Case):
         return copy.deepcopy(_initial_model(self.model, tuple(self.settings.img_size)))
 
     def build(self, provider):
+        offered = [p.name for p in self.providers()]
+        if provider not in offered:  # the name parsing below would take any name for one of these
+            raise ValueError(f"{self.name}: unknown provider {provider!r}; choose from {offered}")
         s = self.settings
         model = self.make_model().to(s.device)
         base = provider.removeprefix("compile-").removesuffix("+ckpt")
@@ -751,16 +755,30 @@ def all_cases(settings: Settings, ops: bool = True, models: bool = True) -> list
 
 def env_settings(**overrides) -> Settings:
     """Settings of the pytest suites: defaults per device, overridable by T2T_BENCH_DEVICE, T2T_BENCH_BATCH,
-    T2T_BENCH_IMG, T2T_BENCH_DTYPE, T2T_BENCH_MODELS (comma list), T2T_BENCH_COMPILE_BACKEND."""
-    env = os.environ.get
-    device = overrides.pop("device", None) or env("T2T_BENCH_DEVICE")
-    kw = dict(batch=int(env("T2T_BENCH_BATCH")) if env("T2T_BENCH_BATCH") else None,
-              img_size=int(env("T2T_BENCH_IMG")) if env("T2T_BENCH_IMG") else None,
-              dtype=getattr(torch, env("T2T_BENCH_DTYPE")) if env("T2T_BENCH_DTYPE") else None,
-              models=tuple(env("T2T_BENCH_MODELS").split(",")) if env("T2T_BENCH_MODELS") else None,
-              compile_backend=env("T2T_BENCH_COMPILE_BACKEND"))
-    kw.update(overrides)
-    return Settings.defaults(device, **kw)
+    T2T_BENCH_IMG, T2T_BENCH_DTYPE, T2T_BENCH_MODELS (comma list), T2T_BENCH_COMPILE_BACKEND, each spelt as the
+    CLI's option (T2T_BENCH_DTYPE=bf16, T2T_BENCH_IMG=224,320) and parsed by the CLI's own parsers."""
+    from ..__main__ import _count, _device, _img_size
+    from .cli import DTYPES, _models
+
+    def dtype(text):
+        if text not in DTYPES:
+            raise ValueError(f"choose from {sorted(DTYPES)}")
+        return DTYPES[text]
+
+    def parse(name, parser):
+        text = os.environ.get(name)
+        if not text:
+            return None
+        try:
+            return parser(text)
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            raise ValueError(f"{name}={text!r}: {err}") from err
+
+    kw = dict(device=parse("T2T_BENCH_DEVICE", _device), batch=parse("T2T_BENCH_BATCH", _count(1, "positive")),
+              img_size=parse("T2T_BENCH_IMG", _img_size), dtype=parse("T2T_BENCH_DTYPE", dtype),
+              models=parse("T2T_BENCH_MODELS", _models), compile_backend=os.environ.get("T2T_BENCH_COMPILE_BACKEND"))
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings.defaults(kw.pop("device"), **kw)
 
 
 __all__ = ["Settings", "Provider", "Workload", "Case", "OpCase", "SoftSplitCase", "PerformerCase", "ModelCase",

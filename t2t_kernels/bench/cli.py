@@ -19,6 +19,8 @@ def _models(text: str) -> tuple[str, ...]:
     from ..models import list_models
 
     names = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_24") if text == "all" else _names(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"no model named in {text!r}; choose from {list_models()} or 'all'")
     bad = [n for n in names if n not in list_models()]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown model(s) {bad}; choose from {list_models()} or 'all'")
@@ -26,14 +28,15 @@ def _models(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..__main__ import _device, _img_size
+    from ..__main__ import _count, _device, _img_size
     from .cases import OPTIMIZERS
 
-    p = argparse.ArgumentParser(prog="python -m t2t_kernels bench", description=__doc__,
+    # allow_abbrev=False: an abbreviated option (--rec) would go into the recorded command and the --record key
+    p = argparse.ArgumentParser(prog="python -m t2t_kernels bench", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=_models, default=None,
                    help="comma list of variants or 'all' (t2t_vit_7,14,24); default: t2t_vit_14 on CPU, all on GPU")
-    p.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 128 on GPU")
+    p.add_argument("--batch", type=_count(1, "positive"), default=None, help="default 8 on CPU, 128 on GPU")
     p.add_argument("--img-size", type=_img_size, default=None, help="224 or H,W (multiples of 16); default 224")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -67,14 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing providers")
     p.add_argument("--timm", action=argparse.BooleanOptionalAction, default=None,
                    help="add timm's vit_small_patch16_224 (default: on for GPU runs)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per provider (compile, autotune, caches)")
-    p.add_argument("--min-reps", type=int, default=3, help="timed calls per provider, at least")
-    p.add_argument("--max-reps", type=int, default=50, help="timed calls per provider, at most")
+    p.add_argument("--warmup", type=_count(0, "non-negative"), default=1,
+                   help="untimed calls per provider (compile, autotune, caches)")
+    p.add_argument("--min-reps", type=_count(1, "positive"), default=3, help="timed calls per provider, at least")
+    p.add_argument("--max-reps", type=_count(1, "positive"), default=50,
+                   help="timed calls per provider, at most (at least --min-reps)")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per case, at least")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
-    p.add_argument("--bandwidth-mb", type=int, default=None,
+    p.add_argument("--bandwidth-mb", type=_count(1, "positive"), default=None,
                    help="size of the tensor whose clone measures the copy bandwidth (default 256 CPU, 1024 GPU)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_count(1, "positive"), default=None,
                    help="torch CPU threads (torch.set_num_threads); on a shared machine 1 thread can be steadier")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--markdown", action="store_true", help="print the markdown section instead of the text table")
@@ -107,12 +112,11 @@ def main(argv=None) -> int:
     from .runner import run
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.batch is not None and args.batch < 1:
-        raise ValueError(f"--batch must be positive, got {args.batch}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_reps < args.min_reps:
+        parser.error(f"argument --max-reps: {args.max_reps} is below --min-reps {args.min_reps}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
     from ..models.t2t_vit import to_img_size
@@ -125,13 +129,20 @@ def main(argv=None) -> int:
         names = [case.name for case in cases]
         cases = [case for case in cases if any(w in case.name for w in wanted)]
         if not cases:
-            raise ValueError(f"--cases {args.cases!r} matches none of the cases {names}")
+            parser.error(f"argument --cases: {args.cases!r} matches none of the cases {names}")
     if settings.providers:
-        offered = {p.name for case in cases for p in case.providers()}
-        unknown = sorted(set(settings.providers) - offered)
+        offered = [p for case in cases for p in case.providers()]
+        unknown = sorted(set(settings.providers) - {p.name for p in offered})
         if unknown:
-            raise ValueError(f"--providers {args.providers!r}: {unknown} not offered by the selected cases "
-                             f"(they offer {sorted(offered)})")
+            parser.error(f"argument --providers: {args.providers!r}: {unknown} not offered by the selected cases "
+                         f"(they offer {sorted({p.name for p in offered})})")
+        # a provider no selected case runs (compile-fused with --no-compile, cuda on a CPU) would time nothing
+        runs = {p.name for p in offered if p.reason is None}
+        idle = {p.name: p.reason for p in offered if p.name in settings.providers and p.name not in runs}
+        if idle:
+            parser.error(f"argument --providers: {args.providers!r}: "
+                         + "; ".join(f"{name} is skipped in every selected case ({reason})"
+                                     for name, reason in sorted(idle.items())))
     if settings.timm and TimmCase.unavailable_reason():
         print(f"note: {TimmCase.unavailable_reason()}; its rows are skipped", file=sys.stderr)
     result = run(settings, cases, argv=_recorded_argv(argv), warmup=args.warmup, min_reps=args.min_reps,
@@ -140,7 +151,9 @@ def main(argv=None) -> int:
                  progress=not args.no_progress, on_case=lambda partial: report.write_json(partial, args.out))
     paths = report.write_all(result, args.out, args.note)
     print(report.markdown(result, args.note) if args.markdown else report.text_table(result))
-    print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    print(f"\nwrote {', '.join(paths[k] for k in ('json', 'markdown', 'plot') if paths[k])}")
+    if paths.get("plot_skipped"):
+        print(paths["plot_skipped"], file=sys.stderr)
     if args.record:
         print(f"recorded in {args.record} (section: {report.record(args.record, result, args.note)})")
     return 0

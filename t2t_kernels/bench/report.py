@@ -294,18 +294,24 @@ def write_json(result: dict, out_dir: str) -> str:
 
 
 def write_all(result: dict, out_dir: str, note: str | None = None) -> dict[str, str]:
-    """results.json, results.md and speedups.png in out_dir."""
+    """results.json, results.md and speedups.png in out_dir. Without matplotlib (an optional dependency) there is no
+    plot: paths["plot"] is None, paths["plot_skipped"] says why, and an earlier run's speedups.png is removed."""
     paths = {"json": write_json(result, out_dir), "markdown": os.path.join(out_dir, "results.md"),
              "plot": os.path.join(out_dir, "speedups.png")}
     with open(paths["markdown"], "w") as f:
         f.write(markdown(result, note))
-    plot(result, paths["plot"])
+    try:
+        plot(result, paths["plot"])
+    except ImportError as err:
+        if os.path.exists(paths["plot"]):
+            os.remove(paths["plot"])  # an older run's plot next to this run's numbers would mislead
+        paths["plot"], paths["plot_skipped"] = None, f"no plot: matplotlib is not importable ({err})"
     return paths
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m t2t_kernels.bench.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", help="results.json written by `python -m t2t_kernels bench`")
     parser.add_argument("--record", metavar="MARKDOWN", help="update this file's section for the run (BENCHMARKS.md)")
     parser.add_argument("--note", help="a line added to the section (e.g. 'shared machine, noisy')")

@@ -5,11 +5,12 @@ happen there, outside the timing); then the providers are timed in rounds, one c
 ending in a device synchronisation inside the timed region. Interleaving the providers spreads slow drifts of a
 shared machine's load over all of them instead of penalising whichever ran during a busy spell.
 
-Memory, measured in one extra call after the timing:
+Memory, measured in one extra call after the timing (two on CPU, see below):
 - ``peak_bytes``: the most memory allocated during one call above what was allocated just before it (so model
   weights and optimizer state, allocated before the step, are excluded; ``state_bytes`` gives them for train
   steps). CUDA: ``torch.cuda.max_memory_allocated``. CPU: replay of the allocator events that
-  ``torch.profiler`` (``profile_memory=True``) records, i.e. every tensor allocation and free of the call.
+  ``torch.profiler`` (``profile_memory=True``) records, i.e. every tensor allocation and free of the call (the
+  second of two profiled calls: the profiler cannot size the frees of blocks allocated before it started).
 - ``activation_bytes`` (calls with a backward): memory allocated by the forward and still held when it returns,
   beyond the forward's own output, i.e. what the graph keeps for backward (the metric gradient checkpointing
   reduces). Same two sources.
@@ -131,16 +132,28 @@ def _quiet_fd2():
         os.close(devnull)
 
 
+_SECOND_CALL = "t2t_bench: measured call"
+
+
 def _cpu_memory(fn):
-    """(result, peak, net): the allocator events of fn() on CPU, replayed in time order."""
-    from torch.profiler import ProfilerActivity, profile
+    """(result, peak, net): the allocator events of fn() on CPU, replayed in time order. torch.profiler drops the free
+    of a block allocated before profiling began (its size is unknown to it), so a call that frees the previous call's
+    tensors and allocates them anew (zero_grad(set_to_none=True), then backward) would count them as new memory: fn
+    runs twice under the profiler and only the second call's events are replayed, whose frees of the first call's
+    blocks are known. The numbers then mean what CUDA's do (max_memory_allocated - memory_allocated before)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU)
+        fn()  # its result is dropped here, before the measured call, as between the timed calls
+        with record_function(_SECOND_CALL):
+            result = fn()
+    events = prof.profiler.kineto_results.events()
+    mark = next(e for e in events if e.name() == _SECOND_CALL)
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events
+                    if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU
+                    and mark.start_ns() <= e.start_ns() <= mark.end_ns())
     running = peak = 0
-    for _, nbytes in events:
+    for _, nbytes in memory:
         running += nbytes
         peak = max(peak, running)
     return result, peak, running
