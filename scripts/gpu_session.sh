@@ -74,7 +74,7 @@ run() {  # run STEP COMMAND...: under the step's limit, logged; prints the log's
   [[ "$STEPS" == *" $name "* ]] || return 0
   echo "=== $name (limit ${LIMIT[$name]} s): $*"
   local start=$SECONDS
-  timeout -s INT -k 15 "${LIMIT[$name]}" "$@" >"$WORK/$name.log" 2>&1
+  timeout -s INT -k 5 "${LIMIT[$name]}" "$@" >"$WORK/$name.log" 2>&1  # (5 s grace: the defaults' 560 s + 5 x 5 fit 600)
   echo "exit $? after $((SECONDS - start)) s" | tee -a "$WORK/$name.log"
   tail -n 25 "$WORK/$name.log"
   tar czf "$OUT_DIR/session.tgz" -C "$WORK" .
