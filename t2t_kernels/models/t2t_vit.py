@@ -17,7 +17,7 @@ from ..layers import Attention, Block, T2T_module
 from ..layers.common import fill_parameter, maybe_checkpoint, runs_as_defined, submodules_run_as_defined
 from ..layers.recompute import is_last_dim_layer_norm
 from ..ops._backends import check_backend_arg
-from ..ops._registry import autocast_enabled
+from ..ops._registry import autocast_enabled, is_int
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -40,19 +40,14 @@ def get_sinusoid_encoding(n_position: int, d_hid: int) -> torch.Tensor:
 
 def to_img_size(img_size) -> tuple[int, int]:
     """int or (H, W) -> (H, W), both positive multiples of 16 (the T2T module downsamples by 4, 2, 2)."""
-    size = (img_size, img_size) if _is_int(img_size) else tuple(img_size) if isinstance(
+    size = (img_size, img_size) if is_int(img_size) else tuple(img_size) if isinstance(
         img_size, (tuple, list)) else None
-    if size is None or len(size) != 2 or not all(map(_is_int, size)):
+    if size is None or len(size) != 2 or not all(map(is_int, size)):
         raise TypeError(f"img_size must be an int or a pair of ints (H, W), got {img_size!r}")
     size = tuple(map(int, size))
     if any(s < 16 or s % 16 for s in size):
         raise ValueError(f"img_size sides must be positive multiples of 16, got img_size={img_size!r}")
     return size
-
-
-def _is_int(value) -> bool:
-    """An int, numpy's integers included; not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value) -> bool:
@@ -61,7 +56,7 @@ def _is_real(value) -> bool:
 
 
 def _check_int(name: str, value, minimum: int, why: str = "") -> None:
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         expected = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"{name} must be {expected}{why}, got {value!r}")
 
@@ -416,9 +411,8 @@ __all__ = ["T2TViT", "T2T_ViT", "VARIANTS", "create_model", "list_models", "regi
 
 def _timm_entrypoint(name: str):
     """timm.create_model's entry for a variant. timm passes every entry its pretrained-config arguments (dropped
-    here: there are no hub weights, so pretrained=True raises unless pretrained_cfg_overlay names a local "file", and a
-    checkpoint path loads) and may pass device and
-    dtype; features_only=True wraps the model in timm's FeatureGetterNet, which reads forward_intermediates (out_indices
+    here: there are no hub weights, so pretrained=True raises unless pretrained_cfg_overlay names a local "file", and
+    a checkpoint path loads) and may pass device and dtype; features_only=True wraps the model in timm's FeatureGetterNet, which reads forward_intermediates (out_indices
     as there: the last n blocks for an int n, 3 by default as for timm's ViTs)."""
     def entry(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, device=None,
               dtype=None, features_only=False, out_indices=3, output_fmt="NCHW", **kwargs) -> nn.Module:

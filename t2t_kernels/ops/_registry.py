@@ -51,12 +51,13 @@ def autocast_enabled(device_type: str) -> bool:
     return has_autocast(device_type) and torch.is_autocast_enabled(device_type)
 
 
-def to_pair(value, name: str) -> tuple[int, int]:
-    """int or pair of ints (numpy's too, as F.unfold takes them) -> (int, int), with an error that names the
-    argument."""
-    def is_int(v):
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+def is_int(value) -> bool:
+    """An int, numpy's integers included (F.unfold takes them); not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
+
+def to_pair(value, name: str) -> tuple[int, int]:
+    """int or pair of ints (numpy's too) -> (int, int), with an error that names the argument."""
     pair = (value, value) if is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else None
     if pair is None or len(pair) != 2 or not all(map(is_int, pair)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")

@@ -137,10 +137,11 @@ def soft_split_layer_norm_linear(x: Tensor, kernel_size, stride, padding, norm_w
     _check_linear_params(x, features, weight, bias)
     check_eps(eps, "soft_split_layer_norm_linear")
     params = (norm_weight, norm_bias, weight, bias)
-    # no fused kernel on cuda or triton; otherwise this raises for a cpp that cannot take x, or a dtype nothing takes
-    if backend in ("cuda", "triton"):
+    if backend in ("cuda", "triton"):  # no fused kernel there: that backend's split + norm, then the product
         _check_composed_backend(backend, x, "soft_split_layer_norm_linear")
-    name = backend if backend in ("cuda", "triton") else LINEAR_BACKENDS.resolve(backend, x)
+        name = backend
+    else:  # raises for a cpp that cannot take x, or a dtype nothing takes
+        name = LINEAR_BACKENDS.resolve(backend, x)
     if backend == "eager":
         return reference.soft_split_layer_norm_linear(x, k, s, p, *params, eps)
     same_dtype = all(t is None or t.dtype == x.dtype for t in params)

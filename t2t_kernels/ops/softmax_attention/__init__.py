@@ -13,8 +13,8 @@ and bf16 computed in fp32: CPU autocast's qkv); "auto" picks cpp for CPU tensors
 
 Backward: for float32/float64 with at most BACKWARD_MAX_TOKENS tokens, a second cpp kernel
 (t2t_kernels::softmax_attention_backward) recomputes each head's probabilities from the saved qkv (nothing else is
-kept) and writes the three gradients straight into one packed grad_qkv; otherwise (bf16, longer sequences, and a
-double backward) the eager formula is recomputed and differentiated. At the backbone's 197 tokens (B=8, 2-core EPYC)
+kept) and writes the three gradients straight into one packed grad_qkv; otherwise (bf16, longer sequences) the
+eager formula is recomputed and differentiated. At the backbone's 197 tokens (B=8, 2-core EPYC)
 forward + backward took 11 ms against SDPA's 16.6-18 (with the stack and copy of its q, k, v gradients), so the
 blocks train through the op on CPU too (Attention.attend_projected). A double backward through the kernels
 differentiates the written-out formula (q k^T, softmax, v), which has the second derivative SDPA's CPU kernel lacks
